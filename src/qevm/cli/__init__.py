@@ -1,0 +1,1 @@
+"""The ``qevm`` command line: one small module per verb."""

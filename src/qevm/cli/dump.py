@@ -1,0 +1,58 @@
+"""``qevm dump STREAM``: the decoded state as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..memory import RamImage
+from ..reader import read_stream
+from ..report import dump_document
+from .common import add_input_options, read_options
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("dump", help="decoded sections and device fields as JSON")
+    add_input_options(p)
+    p.add_argument("--format", choices=("qevm", "analyze-migration"), default="qevm",
+                   help="qevm's JSON (default) or exactly what QEMU's scripts/analyze-migration.py prints")
+    p.add_argument("--memory", action="store_true", help="include RAM page contents")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = read_options(args)
+    image: RamImage | None = None
+    try:
+        if args.memory:
+            image = _image(args, opts)
+        an = read_stream(args.stream, memory=image, **opts)
+        out = sys.stdout
+        if args.format == "analyze-migration":
+            from ..analyze_format import render
+
+            for chunk in render(an, memory=image):
+                out.write(chunk)
+            return 0
+        doc = dump_document(an, args.page_size)
+        if image is None:
+            json.dump(doc, out, indent=2)
+            out.write("\n")
+            return 0
+        text = json.dumps(doc, indent=2)
+        out.write(text[:-2] + ',\n  "memory": {')
+        for bi, block in enumerate(image.blocks()):
+            out.write(("," if bi else "") + f"\n    {json.dumps(block)}: {{")
+            for pi, addr in enumerate(image.sent_pages(block)):
+                out.write(("," if pi else "") + f'\n      "0x{addr:x}": "{image.read(block, addr).hex()}"')
+            out.write("\n    }")
+        out.write("\n  }\n}\n")
+        return 0
+    finally:
+        if image is not None:
+            image.close()
+
+
+def _image(args: argparse.Namespace, opts: dict) -> RamImage:  # type: ignore[type-arg]
+    return RamImage(opts["page_size"] or 4096)

@@ -1,0 +1,48 @@
+"""Entry point: dispatch to a verb module; every qevm error becomes one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import QevmError
+from . import desc, dump, info
+
+VERBS = (dump, desc, info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qevm", description="Read QEMU VM-state (savevm / migration) streams.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for mod in VERBS:
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except QevmError as e:
+        print(f"qevm: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader of our output went away (e.g. `| head`): not an error of ours
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (MemoryError, RecursionError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        if os.environ.get("QEVM_DEBUG"):
+            raise
+        print(f"qevm: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,691 @@
+"""The sans-I/O stream parser: bytes in, events out.
+
+    p = Parser()
+    p.feed(chunk) ...; p.close()          # close() when the input has ended
+    for ev in p.events(): ...             # stops when more input is needed
+
+``next_event()`` returns an event or ``NEED_DATA``; after ``close()`` it returns ``DONE``
+at the end, or raises ``TruncatedError`` if the input ended inside a record.  Nothing here
+does I/O, so the same parser serves files, pipes, sockets and the live engine.
+
+Delimiting device sections: nothing in the stream gives a payload's length.  When section
+footers are on (every QEMU >= 2.4 machine type) the payload ends at the first
+``0x7E + be32(section id)`` that is followed by a plausible record; otherwise the
+vmdesc entry for the section (``schema``) is needed to size it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from enum import Enum, auto
+from typing import Any
+
+from .errors import DecodeError, TruncatedError
+from .events import (
+    MAGIC,
+    CommandEvent,
+    ConfigSubsection,
+    Configuration,
+    DeviceState,
+    EndOfFile,
+    Event,
+    FileHeader,
+    Footer,
+    MappedRamBitmap,
+    MappedRamData,
+    MappedRamHeader,
+    RamBlock,
+    RamControl,
+    RamFlag,
+    RamMemSize,
+    RamPage,
+    Section,
+    SectionHeader,
+    SectionKind,
+    Trailing,
+    VmDescription,
+)
+from .live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
+from .vmsd import decode_vmsd
+from .wire import Cursor, Incomplete
+
+__all__ = ["Parser", "NEED_DATA", "DONE", "Schema", "page_size_for_machine"]
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+DONE = _Sentinel("DONE")
+
+#: vmdesc device entries by (idstr, instance_id)
+Schema = dict[tuple[str, int], dict[str, Any]]
+
+MAX_DEVICE_SECTION = 256 << 20
+MAX_VMDESC = 256 << 20
+_PAGE_KINDS = (RamFlag.ZERO, RamFlag.PAGE, RamFlag.XBZRLE, RamFlag.COMPRESS_PAGE)
+_CONTROL = (RamFlag.EOS, RamFlag.MULTIFD_FLUSH, RamFlag.HOOK)
+_CONFIG_SUBSECTIONS = {
+    "configuration/target-page-bits": 4,
+    "configuration/uuid": 16,
+    "configuration/capabilities": -1,
+}
+
+
+def page_size_for_machine(machine: str) -> int:
+    """The minimum target page size implied by a machine type name (QEMU target-page-bits rules)."""
+    m = machine.lower()
+    for prefix, size in (("sun4u", 8192), ("sun4v", 8192), ("niagara", 8192), ("clipper", 8192),
+                         ("loongarch", 16384), ("virt-loongarch", 16384), ("arduino", 256)):
+        if m.startswith(prefix):
+            return size
+    return 4096
+
+
+class _St(Enum):
+    HEADER = auto()
+    CONFIG = auto()
+    TOP = auto()
+    RAM = auto()
+    RAM_BLOCKS = auto()
+    MAPPED = auto()
+    LIVE = auto()
+    DEVICE = auto()
+    FOOTER = auto()
+    TRAILER = auto()
+    AFTER = auto()
+    DONE = auto()
+
+
+class Parser:
+    """Incremental parser of one QEVM stream."""
+
+    def __init__(self, *, schema: Schema | None = None, page_size: int | None = None,
+                 file_offset: int = 0) -> None:
+        self.schema: Schema = dict(schema or {})
+        self.page_size: int | None = page_size
+        self._page_size_fixed = page_size is not None
+        self.file_offset = file_offset
+        self._buf = bytearray()
+        self._pos = 0
+        self._base = 0  # stream offset of _buf[0]
+        self._closed = False
+        self._state = _St.HEADER
+        self._queue: deque[Event] = deque()
+        self.sections: dict[int, Section] = {}
+        self.configuration: Configuration | None = None
+        self.footers: bool | None = None
+        self.capabilities: set[str] = set()
+        self.postcopy_advise: tuple[int, int] | None = None
+        self.ram_blocks: dict[str, int] = {}  # name -> used_length
+        self._cur: Section | None = None  # section whose payload is being parsed
+        self._kind: SectionKind = SectionKind.FULL
+        self._ram_block: str | None = None  # CONTINUE context (main channel)
+        self._ram_left = 0  # MEM_SIZE bytes not yet covered by block entries
+        self._mapped: list[tuple[int, str, str]] = []  # pending region marks: (end offset, block, what)
+        self._live: dict[int, LiveState] = {}
+        self._scan = 0  # footer scan resume position (relative to payload start)
+        self._pkg_end: list[int] = []  # stream offsets where PACKAGED blobs end
+
+    # -- input ---------------------------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise ValueError("feed() after close()")
+        if self._pos > (1 << 20) or (self._pos and self._pos >= len(self._buf) // 2):
+            del self._buf[:self._pos]
+            self._base += self._pos
+            self._pos = 0
+        self._buf += data
+
+    def close(self) -> None:
+        self._closed = True
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next unparsed byte."""
+        return self._base + self._pos
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def skippable(self) -> int:
+        """Bytes the parser would pass over unread (inside a mapped-ram region).  A seekable
+        source may call ``skip(n)`` for up to this many instead of feeding them."""
+        if self._state is not _St.MAPPED or self.buffered() or not self._mapped or self._mapped[0][2] != "gap":
+            return 0
+        return max(0, self._mapped[0][0] - self.offset)
+
+    def skip(self, n: int) -> None:
+        if n > self.skippable():
+            raise ValueError("skip() beyond what the parser can pass over")
+        if n:
+            block = self._mapped[0][1]
+            self._queue.append(MappedRamData(self.offset, block, n, None))
+            self._base += n
+
+    # -- output --------------------------------------------------------------------------
+    def next_event(self) -> Event | _Sentinel:
+        while not self._queue:
+            if self._state is _St.DONE:
+                return DONE
+            try:
+                self._step()
+            except Incomplete:
+                if self._closed:  # pragma: no cover - Cursor raises TruncatedError when closed
+                    raise TruncatedError("input ended inside a record", self.offset) from None
+                return NEED_DATA
+        return self._queue.popleft()
+
+    def events(self) -> Iterator[Event]:
+        while True:
+            ev = self.next_event()
+            if isinstance(ev, _Sentinel):
+                return
+            yield ev
+
+    # -- helpers -------------------------------------------------------------------------
+    def _cursor(self) -> Cursor:
+        return Cursor(self._buf, self._pos, len(self._buf), self._base, self._closed, self._path())
+
+    def _path(self) -> str:
+        s = self._cur
+        if s is None:
+            return ""
+        return f"section {s.idstr!r} (id {s.section_id}, instance {s.instance_id}, version {s.version})"
+
+    def _err(self, msg: str, offset: int | None = None) -> DecodeError:
+        return DecodeError(msg, self.offset if offset is None else offset, self._path())
+
+    def _emit(self, ev: Event, cur: Cursor) -> None:
+        self._queue.append(ev)
+        self._pos = cur.pos
+
+    def _page(self) -> int:
+        if self.page_size is None:
+            self.page_size = page_size_for_machine(self.configuration.machine if self.configuration else "")
+        return self.page_size
+
+    # -- the state machine ---------------------------------------------------------------
+    def _step(self) -> None:
+        st = self._state
+        if st is _St.RAM:
+            self._step_ram()
+        elif st is _St.TOP:
+            self._step_top()
+        elif st is _St.FOOTER:
+            self._step_footer()
+        elif st is _St.DEVICE:
+            self._step_device()
+        elif st is _St.RAM_BLOCKS:
+            self._step_ram_block()
+        elif st is _St.MAPPED:
+            self._step_mapped()
+        elif st is _St.LIVE:
+            self._step_live()
+        elif st is _St.HEADER:
+            self._step_header()
+        elif st is _St.CONFIG:
+            self._step_config()
+        elif st is _St.TRAILER:
+            self._step_trailer()
+        elif st is _St.AFTER:
+            self._step_after()
+
+    def _step_header(self) -> None:
+        cur = self._cursor()
+        magic = cur.be32()
+        if magic != MAGIC:
+            raise self._err(f"not a QEMU VM-state stream: magic 0x{magic:08x}, expected 0x{MAGIC:08x} ('QEVM')", 0)
+        version = cur.be32()
+        if version != 3:
+            raise self._err(f"unsupported stream version {version} (only 3 exists since QEMU 2.x)", 4)
+        self._emit(FileHeader(0, magic, version), cur)
+        self._state = _St.CONFIG
+
+    def _step_config(self) -> None:
+        cur = self._cursor()
+        if cur.peek8() != 0x07:
+            self._state = _St.TOP
+            return
+        off = cur.offset
+        cur.pos += 1
+        n = cur.be32()
+        if n > 255:
+            raise self._err(f"machine type name of {n} bytes is absurd", off + 1)
+        machine = cur.take(n).decode("latin-1")
+        subs: list[ConfigSubsection] = []
+        while True:
+            if cur.remaining() == 0 and cur.closed:
+                break
+            if cur.peek8() != 0x05:
+                break
+            ln = cur.peek8(1)
+            cur.need(2 + ln)
+            name = bytes(cur.buf[cur.pos + 2:cur.pos + 2 + ln]).decode("latin-1")
+            if not name.startswith("configuration/"):
+                break
+            sub_off = cur.offset
+            cur.pos += 2 + ln
+            version = cur.be32()
+            body_start = cur.pos
+            size = _CONFIG_SUBSECTIONS.get(name)
+            if size is None:
+                desc = self._config_schema_sub(name)
+                if desc is None:
+                    raise self._err(f"unknown configuration subsection {name!r} (no vmdesc to size it)", sub_off)
+                decode_vmsd(cur, desc, name)
+            elif size >= 0:
+                cur.take(size)
+            else:
+                count = cur.be32()
+                if count > 1024:
+                    raise self._err(f"{count} capabilities is absurd", cur.offset - 4)
+                for _ in range(count):
+                    cur.cstr()
+            subs.append(ConfigSubsection(name, version, bytes(cur.buf[body_start:cur.pos])))
+        conf = Configuration(off, machine, subs)
+        self.configuration = conf
+        self.capabilities = set(conf.capabilities)
+        if not self._page_size_fixed:
+            bits = conf.page_bits
+            if bits is not None:
+                if not 8 <= bits <= 30:
+                    raise self._err(f"target page bits {bits} is absurd", off)
+                self.page_size = 1 << bits
+        self._emit(conf, cur)
+        self._state = _St.TOP
+
+    def _config_schema_sub(self, name: str) -> dict[str, Any] | None:
+        desc = self.schema.get(("configuration", 0))
+        for sd in (desc or {}).get("subsections", []):
+            if sd.get("vmsd_name") == name:
+                return sd
+        return None
+
+    def _step_top(self) -> None:
+        if self._pkg_end and self.offset >= self._pkg_end[-1]:
+            if self.offset > self._pkg_end[-1]:
+                raise self._err(f"a record crosses the end of the PACKAGED blob at {self._pkg_end[-1]}")
+            self._pkg_end.pop()
+        cur = self._cursor()
+        off = cur.offset
+        t = cur.u8()
+        if t in (SectionKind.START, SectionKind.FULL):
+            sid = cur.be32()
+            idstr = cur.cstr()
+            instance = cur.be32()
+            version = cur.be32()
+            kind = SectionKind(t)
+            handler = "device"
+            if kind == SectionKind.START:
+                handler = "ram" if idstr == "ram" else idstr if idstr in LIVE_HANDLERS else "opaque"
+            sec = Section(sid, idstr, instance, version, handler)
+            self.sections[sid] = sec
+            self._emit(SectionHeader(off, kind, sec), cur)
+            self._begin_payload(sec, kind)
+        elif t in (SectionKind.PART, SectionKind.END):
+            sid = cur.be32()
+            sec = self.sections.get(sid)
+            if sec is None:
+                raise self._err(f"{SectionKind(t).name} for unknown section id {sid}", off)
+            self._emit(SectionHeader(off, SectionKind(t), sec), cur)
+            self._begin_payload(sec, SectionKind(t))
+        elif t == 0x08:
+            self._command(cur, off)
+        elif t == 0x00:
+            if self._pkg_end:
+                raise self._err("EOF inside a PACKAGED blob", off)
+            self._emit(EndOfFile(off), cur)
+            self._state = _St.TRAILER
+        else:
+            raise self._err(f"unknown top-level record type 0x{t:02x}", off)
+
+    def _command(self, cur: Cursor, off: int) -> None:
+        cmd = cur.be16()
+        ln = cur.be16()
+        fixed = COMMAND_LENGTHS.get(cmd, -1)
+        if fixed == -1:
+            raise self._err(f"unknown command {cmd}", off)
+        if fixed is not None and ln != fixed:
+            raise self._err(f"command {cmd} with argument length {ln}, expected {fixed}", off)
+        data = cur.take(ln)
+        ev = CommandEvent(off, cmd, data, len(self._pkg_end))
+        if cmd == 3 and ln == 16:
+            self.postcopy_advise = (int.from_bytes(data[:8], "big"), int.from_bytes(data[8:], "big"))
+        elif cmd == 3 and ln not in (0, 16):
+            raise self._err(f"POSTCOPY_ADVISE with argument length {ln}, expected 0 or 16", off)
+        self._emit(ev, cur)
+        if cmd == 7:
+            self._pkg_end.append(self.offset + int.from_bytes(data, "big"))
+
+    def _begin_payload(self, sec: Section, kind: SectionKind) -> None:
+        self._cur = sec
+        self._kind = kind
+        self._scan = 0
+        if sec.handler == "ram":
+            if sec.version != 4:
+                raise self._err(f"RAM section version {sec.version}, only 4 exists")
+            self._state = _St.RAM
+        elif sec.handler in LIVE_HANDLERS:
+            ls = self._live.get(sec.section_id)
+            if ls is None:
+                ls = self._live[sec.section_id] = LiveState(sec.handler)
+            ls.page_size = self._page()
+            ls.kind = kind
+            ls.started = False
+            ls.runs = False
+            self._state = _St.LIVE
+        else:
+            self._state = _St.DEVICE
+
+    def _end_payload(self) -> None:
+        self._state = _St.FOOTER
+
+    def _step_footer(self) -> None:
+        sec = self._cur
+        assert sec is not None
+        cur = self._cursor()
+        if self.footers is None:
+            if cur.remaining() < 5 and not cur.closed:
+                raise Incomplete
+            self.footers = (cur.remaining() >= 5 and cur.buf[cur.pos] == 0x7E
+                            and int.from_bytes(cur.buf[cur.pos + 1:cur.pos + 5], "big") == sec.section_id)
+        if self.footers:
+            off = cur.offset
+            b = cur.u8()
+            sid = cur.be32()
+            if b != 0x7E:
+                raise self._err(f"section footer expected (0x7e), found 0x{b:02x}", off)
+            if sid != sec.section_id:
+                raise self._err(f"footer names section id {sid}, expected {sec.section_id}", off)
+            self._emit(Footer(off, sid), cur)
+        self._cur = None
+        self._state = _St.TOP
+
+    # -- RAM -------------------------------------------------------------------------------
+    def _step_ram(self) -> None:
+        buf = self._buf
+        page = self._page()
+        mask = page - 1
+        end = len(buf)
+        pos = self._pos
+        base = self._base
+        q = self._queue
+        blocks = self.ram_blocks
+        made = 0
+        while made < 4096:
+            if pos + 8 > end:
+                break
+            w = int.from_bytes(buf[pos:pos + 8], "big")
+            flags = w & mask
+            addr = w & ~mask
+            kind = flags & ~RamFlag.CONTINUE
+            if kind in _PAGE_KINDS:
+                p = pos + 8
+                if flags & RamFlag.CONTINUE:
+                    block = self._ram_block
+                    if block is None:
+                        raise self._err("RAM page with CONTINUE but no previous block", base + pos)
+                else:
+                    if p >= end:
+                        break
+                    n = buf[p]
+                    if p + 1 + n > end:
+                        break
+                    block = buf[p + 1:p + 1 + n].decode("latin-1")
+                    p += 1 + n
+                if kind == RamFlag.PAGE:
+                    ln = page
+                elif kind == RamFlag.ZERO:
+                    ln = 1
+                elif kind == RamFlag.XBZRLE:
+                    if p + 3 > end:
+                        break
+                    if buf[p] != 0x01:
+                        raise self._err(f"XBZRLE page with encoding byte 0x{buf[p]:02x}, expected 0x01", base + p)
+                    dl = int.from_bytes(buf[p + 1:p + 3], "big")
+                    if dl > page:
+                        raise self._err(f"XBZRLE delta of {dl} bytes exceeds the page size {page}", base + p + 1)
+                    ln = 3 + dl
+                else:
+                    if p + 4 > end:
+                        break
+                    cl = int.from_bytes(buf[p:p + 4], "big")
+                    if cl > 2 * page + 64:
+                        raise self._err(f"compressed page of {cl} bytes is absurd (page size {page})", base + p)
+                    ln = 4 + cl
+                if p + ln > end:
+                    break
+                used = blocks.get(block)
+                if used is None:
+                    if blocks:
+                        raise self._err(f"RAM page for unknown block {block!r}", base + pos)
+                elif addr + page > used:
+                    raise self._err(f"RAM page at 0x{addr:x} beyond the end of block {block!r} "
+                                    f"(0x{used:x} bytes)", base + pos)
+                self._ram_block = block
+                q.append(RamPage(base + pos, flags, addr, block, bytes(buf[p:p + ln])))
+                pos = p + ln
+                made += 1
+            elif flags == RamFlag.EOS:
+                q.append(RamControl(base + pos, flags, addr))
+                pos += 8
+                self._pos = pos
+                self._end_payload()
+                return
+            elif flags in _CONTROL:
+                q.append(RamControl(base + pos, flags, addr))
+                pos += 8
+                made += 1
+            elif flags == RamFlag.MEM_SIZE:
+                q.append(RamMemSize(base + pos, addr))
+                pos += 8
+                self._pos = pos
+                self._ram_left = addr
+                self.ram_blocks = {}
+                self._state = _St.RAM_BLOCKS
+                return
+            else:
+                raise self._err(f"unknown combination of RAM flags 0x{flags:x}", base + pos)
+        self._pos = pos
+        if not made:
+            if self._closed:
+                raise TruncatedError("input ended inside a RAM record", base + pos, self._path())
+            raise Incomplete
+
+    def _step_ram_block(self) -> None:
+        if self._ram_left == 0:
+            self._state = _St.RAM
+            return
+        cur = self._cursor()
+        off = cur.offset
+        name = cur.cstr()
+        if not name:
+            raise self._err("RAM block with an empty name", off)
+        used = cur.be64()
+        if used > self._ram_left:
+            raise self._err(f"RAM block {name!r} of 0x{used:x} bytes exceeds the 0x{self._ram_left:x} "
+                            "left of the MEM_SIZE total", off)
+        left = self._ram_left - used
+        page_size = addr = None
+        if self.postcopy_advise is not None:
+            if left:
+                if cur.peek8() == 0:
+                    page_size = cur.be64()
+            else:
+                cur.need(8)
+                v = int.from_bytes(cur.buf[cur.pos:cur.pos + 8], "big")
+                if v >= self._page() and v & (v - 1) == 0:
+                    page_size = cur.be64()
+        if "x-ignore-shared" in self.capabilities:
+            addr = cur.be64()
+        mapped = None
+        if "mapped-ram" in self.capabilities:
+            hoff = cur.offset
+            mapped = MappedRamHeader(cur.be32(), cur.be64(), cur.be64(), cur.be64())
+            if mapped.version != 1:
+                raise self._err(f"mapped-ram header version {mapped.version}, only 1 exists", hoff)
+        self.ram_blocks[name] = used
+        self._ram_left = left
+        self._emit(RamBlock(off, name, used, page_size, addr, mapped), cur)
+        if mapped is not None and mapped.pages_offset:
+            self._start_mapped(name, used, mapped, cur.offset)
+
+    def _start_mapped(self, name: str, used: int, h: MappedRamHeader, here: int) -> None:
+        fo = self.file_offset
+        page = h.page_size or self._page()
+        npages = used // page
+        bmsize = (npages + 63) // 64 * 8
+        bm = h.bitmap_offset - fo
+        pages = h.pages_offset - fo
+        region_end = pages + used
+        if not here <= bm <= bm + bmsize <= pages or pages % page:
+            raise self._err(f"mapped-ram header of block {name!r} has an impossible layout "
+                            f"(bitmap at 0x{h.bitmap_offset:x}, pages at 0x{h.pages_offset:x})", here - 28)
+        self._mapped = [(bm, name, "gap"), (bm + bmsize, name, "bitmap"), (region_end, name, "gap")]
+        self._state = _St.MAPPED
+
+    def _step_mapped(self) -> None:
+        while self._mapped and self._mapped[0][0] <= self.offset and self._mapped[0][2] == "gap":
+            self._mapped.pop(0)
+        if not self._mapped:
+            self._state = _St.RAM_BLOCKS
+            return
+        mark, name, what = self._mapped[0]
+        cur = self._cursor()
+        if what == "bitmap":
+            n = mark - cur.offset
+            off = cur.offset
+            data = cur.take(n)
+            self._mapped.pop(0)
+            self._emit(MappedRamBitmap(off, name, data), cur)
+            return
+        n = min(mark - cur.offset, cur.remaining(), 1 << 20)
+        if n <= 0:
+            cur.need(1)
+        off = cur.offset
+        self._emit(MappedRamData(off, name, n, cur.take(n)), cur)
+
+    # -- special live sections ---------------------------------------------------------------
+    def _step_live(self) -> None:
+        sec = self._cur
+        assert sec is not None
+        ls = self._live[sec.section_id]
+        cur = self._cursor()
+        rec, end = parse_live_record(cur, ls)
+        self._emit(rec, cur)
+        if end:
+            self._end_payload()
+
+    # -- device sections -------------------------------------------------------------------------
+    def _step_device(self) -> None:
+        sec = self._cur
+        assert sec is not None
+        if self.footers is None:
+            self.footers = self.configuration is not None
+        start = self._pos
+        if self.footers:
+            n = self._find_footer(sec)
+        else:
+            desc = self.schema.get((sec.idstr, sec.instance_id))
+            if desc is None:
+                raise self._err(f"cannot find the end of section {sec.idstr!r}: the stream has no section "
+                                "footers and no vmdesc entry describes it (pass a schema)")
+            cur = self._cursor()
+            decode_vmsd(cur, desc, self._path())
+            n = cur.pos - start
+        data = bytes(self._buf[start:start + n])
+        self._queue.append(DeviceState(self._base + start, sec, data))
+        self._pos = start + n
+        self._end_payload()
+
+    def _find_footer(self, sec: Section) -> int:
+        buf = self._buf
+        start = self._pos
+        pat = b"\x7e" + sec.section_id.to_bytes(4, "big")
+        i = start + self._scan
+        while True:
+            j = buf.find(pat, i)
+            if j < 0:
+                self._scan = max(0, len(buf) - start - 4)
+                if len(buf) - start > MAX_DEVICE_SECTION:
+                    raise self._err(f"no section footer within {MAX_DEVICE_SECTION} bytes", self._base + start)
+                if self._closed:
+                    raise TruncatedError("input ended before the section footer", self._base + len(buf),
+                                         self._path())
+                raise Incomplete
+            verdict = self._plausible_next(j + 5)
+            if verdict is None:
+                self._scan = j - start
+                raise Incomplete
+            if verdict:
+                return j - start
+            i = j + 1
+
+    def _plausible_next(self, p: int) -> bool | None:
+        """Is there a plausible record at buffer position p?  None = cannot tell yet."""
+        buf = self._buf
+        end = len(buf)
+        if p >= end:
+            return False if self._closed else None
+        t = buf[p]
+        if t == 0x00:
+            if p + 1 == end:
+                return True if self._closed else None
+            return buf[p + 1] == 0x06
+        if t in (1, 4):
+            if p + 6 > end:
+                return False if self._closed else None
+            n = buf[p + 5]
+            if n == 0 or p + 6 + n + 8 > end:
+                return False if (self._closed or n == 0) else None
+            name = buf[p + 6:p + 6 + n]
+            return all(0x20 <= c < 0x7F for c in name)
+        if t in (2, 3):
+            if p + 5 > end:
+                return False if self._closed else None
+            return int.from_bytes(buf[p + 1:p + 5], "big") in self.sections
+        if t == 8:
+            if p + 5 > end:
+                return False if self._closed else None
+            cmd = int.from_bytes(buf[p + 1:p + 3], "big")
+            return cmd in COMMAND_LENGTHS
+        return False
+
+    # -- the end ---------------------------------------------------------------------------------
+    def _step_trailer(self) -> None:
+        cur = self._cursor()
+        if cur.remaining() == 0:
+            if cur.closed:
+                self._state = _St.DONE
+                return
+            raise Incomplete
+        off = cur.offset
+        if cur.peek8() != 0x06:
+            self._state = _St.AFTER
+            return
+        cur.pos += 1
+        n = cur.be32()
+        if n > MAX_VMDESC:
+            raise self._err(f"vmdesc of {n} bytes is absurd", off + 1)
+        raw = cur.take(n)
+        self._emit(VmDescription(off, raw), cur)
+        self._state = _St.AFTER
+
+    def _step_after(self) -> None:
+        cur = self._cursor()
+        n = cur.remaining()
+        if n == 0:
+            if cur.closed:
+                self._state = _St.DONE
+                return
+            raise Incomplete
+        n = min(n, 1 << 20)
+        off = cur.offset
+        self._emit(Trailing(off, cur.take(n)), cur)

@@ -1,0 +1,146 @@
+"""The I/O edge: open a path or standard input, undo an outer compression, find the vmdesc.
+
+Nothing in the core reads files; these helpers hand bytes to the parser.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .errors import UsageError
+
+__all__ = ["Input", "open_input", "find_vmdesc", "CHUNK"]
+
+CHUNK = 1 << 20
+
+_WRAPPERS = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"BZh", "bzip2"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+
+
+@dataclass
+class Input:
+    name: str
+    file: IO[bytes]
+    seekable: bool  # a regular file read raw: random access to the stream's own offsets
+    compression: str | None
+    size: int | None
+
+    def close(self) -> None:
+        if self.file is not sys.stdin.buffer:
+            self.file.close()
+
+
+def open_input(path: str) -> Input:
+    """Open ``path`` (``-`` = standard input).  gzip/xz/bzip2 wrappers are undone on the fly."""
+    if path == "-":
+        raw: Any = sys.stdin.buffer
+        name = "<stdin>"
+    else:
+        name = path
+        try:
+            raw = open(path, "rb", buffering=0)  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(raw.fileno())
+        regular = stat.S_ISREG(st.st_mode)
+    except (OSError, ValueError):
+        regular = False
+        st = None
+    head = _peek(raw, regular)
+    for magic, kind in _WRAPPERS:
+        if head.startswith(magic):
+            return Input(name, _decompressor(kind, raw, head, regular, name), False, kind, None)
+    if not regular:
+        return Input(name, _Prefixed(head, raw), False, None, None)
+    return Input(name, raw, True, None, st.st_size if st else None)
+
+
+def _peek(raw: Any, regular: bool) -> bytes:
+    if regular:
+        head = raw.read(8)
+        raw.seek(0)
+        return head
+    head = b""
+    while len(head) < 8:
+        b = raw.read(8 - len(head))
+        if not b:
+            break
+        head += b
+    return head
+
+
+class _Prefixed:
+    """A non-seekable file whose first bytes were already read."""
+
+    def __init__(self, head: bytes, raw: Any) -> None:
+        self._head = head
+        self._raw = raw
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            h, self._head = self._head, b""
+            if n < 0:
+                return h + self._raw.read()
+            return h if len(h) >= n else h + (self._raw.read(n - len(h)) or b"")
+        return self._raw.read(n)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def _decompressor(kind: str, raw: Any, head: bytes, regular: bool, name: str) -> Any:
+    src = raw if regular else _Prefixed(head, raw)
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=src, mode="rb")
+    if kind == "xz":
+        return lzma.LZMAFile(src, "rb")
+    if kind == "bzip2":
+        return bz2.BZ2File(src, "rb")
+    try:
+        import zstandard  # type: ignore[import-not-found]
+    except ImportError:
+        raise UsageError(f"{name} is zstd-compressed; install the 'zstandard' package or decompress it "
+                         "first (zstd -dc FILE | qevm ... -)") from None
+    return zstandard.ZstdDecompressor().stream_reader(src)
+
+
+def find_vmdesc(f: IO[bytes], size: int) -> tuple[int, bytes] | None:
+    """Locate a vmdesc trailer that ends exactly at the end of a seekable file.
+
+    Returns (offset of the 0x06 byte, JSON bytes), or None.  Tries every ``00 06 len``
+    candidate in the last 64 MiB whose length reaches exactly the end of the file.
+    """
+    if size < 7:
+        return None
+    tail_len = min(size, 64 << 20)
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    f.seek(0)
+    end = len(tail)
+    while True:
+        i = tail.rfind(b"\x00\x06", 0, end)
+        if i < 0:
+            return None
+        j = i + 1  # the 0x06 byte
+        if j + 5 <= len(tail):
+            n = int.from_bytes(tail[j + 1:j + 5], "big")
+            if j + 5 + n == len(tail) and tail[j + 5:j + 6] == b"{":
+                return size - tail_len + j, tail[j + 5:]
+        end = i + 1
