@@ -213,15 +213,15 @@ class RamPage(Event):
 
     @property
     def kind(self) -> int:
-        return self.flags & ~RamFlag.CONTINUE
+        return self.flags & ~0x20  # without CONTINUE
 
     @property
     def named(self) -> bool:
-        return not self.flags & RamFlag.CONTINUE
+        return not self.flags & 0x20
 
     def encode(self) -> bytes:
         w = be64(self.addr | self.flags)
-        if self.flags & RamFlag.CONTINUE:
+        if self.flags & 0x20:
             return w + self.payload
         return w + cstr(self.block) + self.payload
 

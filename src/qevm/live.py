@@ -59,7 +59,7 @@ def _stattr(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
         return "eos", {}, True
     if flags == 0x02:
         count = cur.be64()
-        if count > (1 << 32):
+        if count > (1 << 28):
             raise cur.error(f"storage attribute count {count} is absurd", cur.offset - 8)
         cur.take(count)
         return "more", {"start_gfn": addr // st.page_size, "count": count}, False

@@ -40,7 +40,7 @@ class RamImage:
         align = 1 << 20
         self._base[name] = self._end
         self._size[name] = used_length
-        self._sent[name] = bytearray((used_length // self.page_size + 7) // 8)
+        self._sent[name] = bytearray()  # grows with the highest page written
         self._end += (used_length + align - 1) // align * align
 
     def blocks(self) -> dict[str, int]:
@@ -56,7 +56,10 @@ class RamImage:
             raise DecodeError(f"page for unknown RAM block {block!r}")
         os.pwrite(self._fd, data, self._base[block] + addr)
         i = addr // self.page_size
-        self._sent[block][i >> 3] |= 1 << (i & 7)
+        bm = self._sent[block]
+        if (i >> 3) >= len(bm):
+            bm.extend(bytes((i >> 3) + 1 - len(bm)))
+        bm[i >> 3] |= 1 << (i & 7)
 
     def apply(self, ev: RamPage) -> None:
         kind = ev.kind

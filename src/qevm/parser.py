@@ -47,10 +47,11 @@ from .events import (
     VmDescription,
 )
 from .live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
+from .schema import Schema
 from .vmsd import decode_vmsd
 from .wire import Cursor, Incomplete
 
-__all__ = ["Parser", "NEED_DATA", "DONE", "Schema", "page_size_for_machine"]
+__all__ = ["Parser", "NEED_DATA", "DONE", "page_size_for_machine"]
 
 
 class _Sentinel:
@@ -64,13 +65,15 @@ class _Sentinel:
 NEED_DATA = _Sentinel("NEED_DATA")
 DONE = _Sentinel("DONE")
 
-#: vmdesc device entries by (idstr, instance_id)
-Schema = dict[tuple[str, int], dict[str, Any]]
 
-MAX_DEVICE_SECTION = 256 << 20
-MAX_VMDESC = 256 << 20
-_PAGE_KINDS = (RamFlag.ZERO, RamFlag.PAGE, RamFlag.XBZRLE, RamFlag.COMPRESS_PAGE)
-_CONTROL = (RamFlag.EOS, RamFlag.MULTIFD_FLUSH, RamFlag.HOOK)
+MAX_DEVICE_SECTION = 128 << 20
+MAX_VMDESC = 64 << 20
+MAX_RAM_TOTAL = 1 << 44  # 16 TiB
+MAX_BITMAP = 64 << 20
+# plain ints: the RAM loop is the hot path and IntEnum arithmetic is slow
+_ZERO, _MEM_SIZE, _PAGE, _EOS, _CONT, _XBZRLE, _COMPRESS = 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x100
+_PAGE_KINDS = frozenset((_ZERO, _PAGE, _XBZRLE, _COMPRESS))
+_CONTROL = frozenset((int(RamFlag.MULTIFD_FLUSH), int(RamFlag.HOOK)))
 _CONFIG_SUBSECTIONS = {
     "configuration/target-page-bits": 4,
     "configuration/uuid": 16,
@@ -108,7 +111,7 @@ class Parser:
 
     def __init__(self, *, schema: Schema | None = None, page_size: int | None = None,
                  file_offset: int = 0) -> None:
-        self.schema: Schema = dict(schema or {})
+        self.schema: Schema = schema if schema is not None else Schema()
         self.page_size: int | None = page_size
         self._page_size_fixed = page_size is not None
         self.file_offset = file_offset
@@ -131,6 +134,7 @@ class Parser:
         self._mapped: list[tuple[int, str, str]] = []  # pending region marks: (end offset, block, what)
         self._live: dict[int, LiveState] = {}
         self._scan = 0  # footer scan resume position (relative to payload start)
+        self._rejected: int | None = None  # first footer candidate followed by an implausible record
         self._pkg_end: list[int] = []  # stream offsets where PACKAGED blobs end
 
     # -- input ---------------------------------------------------------------------------
@@ -368,6 +372,7 @@ class Parser:
         self._cur = sec
         self._kind = kind
         self._scan = 0
+        self._rejected = None
         if sec.handler == "ram":
             if sec.version != 4:
                 raise self._err(f"RAM section version {sec.version}, only 4 exists")
@@ -419,16 +424,16 @@ class Parser:
         q = self._queue
         blocks = self.ram_blocks
         made = 0
-        while made < 4096:
+        while made < 256:
             if pos + 8 > end:
                 break
             w = int.from_bytes(buf[pos:pos + 8], "big")
             flags = w & mask
             addr = w & ~mask
-            kind = flags & ~RamFlag.CONTINUE
+            kind = flags & ~_CONT
             if kind in _PAGE_KINDS:
                 p = pos + 8
-                if flags & RamFlag.CONTINUE:
+                if flags & _CONT:
                     block = self._ram_block
                     if block is None:
                         raise self._err("RAM page with CONTINUE but no previous block", base + pos)
@@ -440,11 +445,11 @@ class Parser:
                         break
                     block = buf[p + 1:p + 1 + n].decode("latin-1")
                     p += 1 + n
-                if kind == RamFlag.PAGE:
+                if kind == _PAGE:
                     ln = page
-                elif kind == RamFlag.ZERO:
+                elif kind == _ZERO:
                     ln = 1
-                elif kind == RamFlag.XBZRLE:
+                elif kind == _XBZRLE:
                     if p + 3 > end:
                         break
                     if buf[p] != 0x01:
@@ -473,7 +478,7 @@ class Parser:
                 q.append(RamPage(base + pos, flags, addr, block, bytes(buf[p:p + ln])))
                 pos = p + ln
                 made += 1
-            elif flags == RamFlag.EOS:
+            elif flags == _EOS:
                 q.append(RamControl(base + pos, flags, addr))
                 pos += 8
                 self._pos = pos
@@ -483,7 +488,9 @@ class Parser:
                 q.append(RamControl(base + pos, flags, addr))
                 pos += 8
                 made += 1
-            elif flags == RamFlag.MEM_SIZE:
+            elif flags == _MEM_SIZE:
+                if addr > MAX_RAM_TOTAL:
+                    raise self._err(f"MEM_SIZE total of 0x{addr:x} bytes is absurd", base + pos)
                 q.append(RamMemSize(base + pos, addr))
                 pos += 8
                 self._pos = pos
@@ -542,6 +549,9 @@ class Parser:
         page = h.page_size or self._page()
         npages = used // page
         bmsize = (npages + 63) // 64 * 8
+        if bmsize > MAX_BITMAP or page < 256 or page & (page - 1):
+            raise self._err(f"mapped-ram block {name!r}: page size {page} / bitmap of {bmsize} bytes is absurd",
+                            here - 28)
         bm = h.bitmap_offset - fo
         pages = h.pages_offset - fo
         region_end = pages + used
@@ -617,6 +627,11 @@ class Parser:
                 if len(buf) - start > MAX_DEVICE_SECTION:
                     raise self._err(f"no section footer within {MAX_DEVICE_SECTION} bytes", self._base + start)
                 if self._closed:
+                    if self._rejected is not None:
+                        r = self._rejected
+                        raise DecodeError(f"the footer of this section at offset {r} is followed by an "
+                                          f"invalid record (type byte 0x{buf[r - self._base + 5]:02x})",
+                                          r + 5, self._path())
                     raise TruncatedError("input ended before the section footer", self._base + len(buf),
                                          self._path())
                 raise Incomplete
@@ -625,7 +640,10 @@ class Parser:
                 self._scan = j - start
                 raise Incomplete
             if verdict:
+                self._rejected = None
                 return j - start
+            if self._rejected is None:
+                self._rejected = self._base + j
             i = j + 1
 
     def _plausible_next(self, p: int) -> bool | None:

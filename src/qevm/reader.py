@@ -9,7 +9,7 @@ named fields.  RAM pages are counted and streamed past (or applied to a ``RamIma
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,8 @@ from .events import (
 )
 from .live import decode_command
 from .memory import RamImage
-from .parser import DONE, NEED_DATA, Parser, Schema
+from .parser import DONE, NEED_DATA, Parser
+from .schema import Schema
 from .sources import CHUNK, Input, find_vmdesc, open_input
 from .vmsd import Struct, decode_vmsd
 from .wire import Cursor
@@ -53,6 +54,9 @@ PAGE_KIND_NAMES = {
     RamFlag.XBZRLE: "xbzrle",
     RamFlag.COMPRESS_PAGE: "compressed",
 }
+
+
+_KIND_NAME = {int(k): v for k, v in PAGE_KIND_NAMES.items()}
 
 
 @dataclass
@@ -84,24 +88,16 @@ class Device:
     error: str | None = None
 
 
-def schema_from_vmdesc(vmdesc: dict[str, Any]) -> Schema:
-    if not isinstance(vmdesc, dict) or not isinstance(vmdesc.get("devices", []), list):
-        raise SchemaError("vmdesc is not an object with a 'devices' list")
-    out: Schema = {}
-    for d in vmdesc.get("devices", []):
-        if not isinstance(d, dict) or "name" not in d:
-            raise SchemaError("vmdesc device entry without a name")
-        out[(str(d["name"]), int(d.get("instance_id", 0)))] = d
-    if isinstance(vmdesc.get("configuration"), dict):
-        out[("configuration", 0)] = vmdesc["configuration"]
-    return out
+def schema_from_vmdesc(vmdesc: Any) -> Schema:
+    return Schema.from_vmdesc(vmdesc)
 
 
 class Analysis:
     """Consumes events; holds the summary of one stream."""
 
     def __init__(self, schema: Schema | None = None, memory: RamImage | None = None,
-                 on_page: Callable[[RamPage], None] | None = None) -> None:
+                 on_page: Callable[[RamPage], None] | None = None,
+                 page_size: int | Callable[[], int] = 4096) -> None:
         self.user_schema = schema
         self.memory = memory
         self.on_page = on_page
@@ -117,12 +113,14 @@ class Analysis:
         self.vmdesc_raw: bytes | None = None
         self.vmdesc: dict[str, Any] | None = None
         self.trailing = 0
+        self.stream_page_size: int | None = None  # the page size the parser used
         self.eof_offset: int | None = None
         self.size = 0
         self.passes = 0
         self.ram_flushes = 0
         self.ram_chunks = 0
-        self._last_key: tuple[int, int] = (-1, -1)
+        self._seen: dict[str, bytearray] = {}  # pages sent in the current pass, per block
+        self._page_size: Callable[[], int] = page_size if callable(page_size) else (lambda: page_size)
         self._open: SectionStats | None = None
         self._open_at = 0
 
@@ -131,11 +129,18 @@ class Analysis:
         if type(ev) is RamPage:
             b = self.blocks.get(ev.block)
             if b is not None:
-                b.pages[PAGE_KIND_NAMES[ev.kind]] += 1
-                key = (self.block_index[ev.block], ev.addr)
-                if key <= self._last_key or not self.passes:
+                b.pages[_KIND_NAME[ev.flags & 0x1DF]] += 1
+                # a pass over RAM ends when a page already sent in it is sent again
+                seen = self._seen[ev.block]
+                i = ev.addr // self._page_size()
+                bit = 1 << (i & 7)
+                if (i >> 3) >= len(seen):
+                    seen.extend(bytes((i >> 3) + 1 - len(seen)))
+                if seen[i >> 3] & bit or not self.passes:
                     self.passes += 1
-                self._last_key = key
+                    for bm in self._seen.values():
+                        bm[:] = bytes(len(bm))
+                seen[i >> 3] |= bit
             if self.memory is not None:
                 self.memory.apply(ev)
             if self.on_page is not None:
@@ -165,6 +170,7 @@ class Analysis:
             assert isinstance(ev, RamBlock)
             self.block_index.setdefault(ev.name, len(self.block_index))
             self.blocks[ev.name] = BlockStats(ev.name, ev.used_length, ev.addr, ev.page_size, ev.mapped)
+            self._seen[ev.name] = bytearray()
             if self.memory is not None:
                 self.memory.add_block(ev.name, ev.used_length)
         elif t is DeviceState:
@@ -193,7 +199,7 @@ class Analysis:
             self.vmdesc_raw = ev.raw
             try:
                 self.vmdesc = json.loads(ev.raw)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise DecodeError(f"vmdesc is not valid JSON: {e}", ev.offset + 5, "vmdesc") from None
             if not isinstance(self.vmdesc, dict):
                 raise DecodeError("vmdesc JSON is not an object", ev.offset + 5, "vmdesc")
@@ -228,7 +234,7 @@ class Analysis:
     def schema(self) -> Schema:
         if self.user_schema is not None:
             return self.user_schema
-        return schema_from_vmdesc(self.vmdesc) if self.vmdesc is not None else {}
+        return schema_from_vmdesc(self.vmdesc) if self.vmdesc is not None else Schema()
 
     def decode_devices(self, strict: bool = True) -> None:
         """Decode every held device payload with the vmdesc (or user) schema."""
@@ -238,9 +244,11 @@ class Analysis:
             raise DecodeError(str(e), None, "vmdesc") from None
         for d in self.devices:
             sec = d.section
-            d.desc = schema.get((sec.idstr, sec.instance_id))
+            d.desc, exact = schema.describe(sec.idstr, sec.instance_id, sec.version)
             if d.desc is None:
                 continue
+            if not exact:
+                strict_here, strict = strict, False
             path = f"section {sec.idstr!r} (id {sec.section_id}, instance {sec.instance_id}, version {sec.version})"
             cur = Cursor(d.data, 0, len(d.data), d.offset, True, path)
             try:
@@ -249,8 +257,8 @@ class Analysis:
                     raise DecodeError(f"vmdesc describes {cur.pos} bytes but the section holds {len(d.data)}",
                                       d.offset + cur.pos, path)
             except DecodeError as e:
-                if not e.path.startswith("section"):
-                    e.path = f"{path}/{e.path}" if e.path else path
+                if not e.path:
+                    e.path = path
                 if strict:
                     raise
                 d.struct, d.error = None, str(e)
@@ -258,12 +266,17 @@ class Analysis:
                 if strict:
                     raise DecodeError(f"unusable vmdesc entry: {e}", d.offset, path) from None
                 d.struct, d.error = None, str(e)
+            finally:
+                if not exact:
+                    strict = strict_here
+            if not exact and d.error:
+                d.error = f"the -dump-vmstate description does not account for this section: {d.error}"
 
     @property
     def page_size(self) -> int | None:
         if self.vmdesc and isinstance(self.vmdesc.get("page_size"), int):
             return int(self.vmdesc["page_size"])
-        return None
+        return self.stream_page_size
 
     def command_list(self) -> list[dict[str, Any]]:
         return [{"offset": c.offset, "name": c.name, "cmd": c.cmd, "nested": c.depth > 0,
@@ -287,9 +300,12 @@ def load_schema(path: str) -> Schema:
         raise UsageError(f"cannot read schema {path}: {e.strerror}") from None
     except ValueError as e:
         raise UsageError(f"schema {path} is not JSON: {e}") from None
-    if isinstance(data, dict) and "devices" in data:
-        return schema_from_vmdesc(data)
-    raise UsageError(f"schema {path} is neither a stream nor a vmdesc JSON ('devices' missing)")
+    try:
+        if isinstance(data, dict) and "devices" in data:
+            return schema_from_vmdesc(data)
+        return Schema.from_dump_vmstate(data)
+    except SchemaError as e:
+        raise UsageError(f"schema {path}: {e}") from None
 
 
 def read_stream(source: str | Input, *, schema: Schema | None = None, page_size: int | None = None,
@@ -313,9 +329,10 @@ def read_stream(source: str | Input, *, schema: Schema | None = None, page_size:
                 except (ValueError, SchemaError, AttributeError):
                     parse_schema = None  # reported when the parser reaches the trailer
         parser = Parser(schema=parse_schema, page_size=page_size)
-        an = Analysis(schema=schema, memory=memory)
+        an = Analysis(schema=schema, memory=memory, page_size=lambda: parser.page_size or 4096)
         drive(parser, inp, _chain(an.handle, on_event))
         an.size = parser.offset
+        an.stream_page_size = parser.page_size
         an.decode_devices(strict=strict)
         return an
     finally:
@@ -333,8 +350,11 @@ def _chain(a: Callable[[Event], None], b: Callable[[Event], None] | None) -> Cal
     return both
 
 
-def drive(parser: Parser, inp: Input, handle: Callable[[Event], None]) -> None:
-    """Feed ``inp`` to ``parser`` until the stream ends, passing every event to ``handle``."""
+def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regions: bool = True) -> None:
+    """Feed ``inp`` to ``parser`` until the stream ends, passing every event to ``handle``.
+
+    With ``skip_regions`` a seekable input seeks over mapped-ram page regions instead of
+    reading them (their events then carry no data)."""
     f = inp.file
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -342,7 +362,7 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None]) -> None:
     while True:
         ev = parser.next_event()
         if ev is NEED_DATA:
-            n = parser.skippable() if inp.seekable else 0
+            n = parser.skippable() if inp.seekable and skip_regions else 0
             if n:
                 f.seek(n, 1)
                 parser.skip(n)
@@ -362,13 +382,29 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None]) -> None:
             handle(ev)  # type: ignore[arg-type]
 
 
-def iter_events(source: str | Input, **kw: Any) -> Iterable[Event]:
-    """All events of a stream (convenience for small streams and tests)."""
-    out: list[Event] = []
+def iter_events(source: str | Input, skip_regions: bool = False, **kw: Any) -> Iterator[Event]:
+    """Every event of a stream, lazily (the input is read as the iterator advances)."""
     inp = open_input(source) if isinstance(source, str) else source
+    parser = Parser(**kw)
     try:
-        drive(Parser(**kw), inp, out.append)
+        f = inp.file
+        while True:
+            ev = parser.next_event()
+            if ev is NEED_DATA:
+                n = parser.skippable() if inp.seekable and skip_regions else 0
+                if n:
+                    f.seek(n, 1)
+                    parser.skip(n)
+                    continue
+                data = f.read(CHUNK)
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.close()
+            elif ev is DONE:
+                return
+            else:
+                yield ev  # type: ignore[misc]
     finally:
         if isinstance(source, str):
             inp.close()
-    return out

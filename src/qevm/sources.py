@@ -121,26 +121,37 @@ def _decompressor(kind: str, raw: Any, head: bytes, regular: bool, name: str) ->
     return zstandard.ZstdDecompressor().stream_reader(src)
 
 
-def find_vmdesc(f: IO[bytes], size: int) -> tuple[int, bytes] | None:
+def find_vmdesc(f: IO[bytes], size: int, limit: int = 64 << 20) -> tuple[int, bytes] | None:
     """Locate a vmdesc trailer that ends exactly at the end of a seekable file.
 
-    Returns (offset of the 0x06 byte, JSON bytes), or None.  Tries every ``00 06 len``
-    candidate in the last 64 MiB whose length reaches exactly the end of the file.
+    Returns (offset of the 0x06 byte, JSON bytes), or None.  Scans backwards in 1 MiB
+    steps (at most ``limit`` bytes) for ``00 06 be32(N)`` whose N reaches exactly the end
+    of the file and whose JSON starts with ``{``; memory stays bounded by the chunk size.
     """
-    if size < 7:
+    try:
+        lo_limit = max(0, size - limit)
+        end = size
+        while end > lo_limit:
+            start = max(lo_limit, end - CHUNK)
+            f.seek(start)
+            chunk = f.read(end - start + 1)  # one byte of overlap with the previous chunk
+            i = len(chunk)
+            while True:
+                i = chunk.rfind(b"\x00\x06", 0, i + 1)
+                if i < 0:
+                    break
+                j = start + i + 1  # offset of the 0x06 byte
+                if j + 5 < size:
+                    f.seek(j + 1)
+                    head = f.read(5)
+                    n = int.from_bytes(head[:4], "big")
+                    if j + 5 + n == size and head[4:5] == b"{":
+                        f.seek(j + 5)
+                        return j, f.read(n)
+                i -= 1
+                if i < 0:
+                    break
+            end = start
         return None
-    tail_len = min(size, 64 << 20)
-    f.seek(size - tail_len)
-    tail = f.read(tail_len)
-    f.seek(0)
-    end = len(tail)
-    while True:
-        i = tail.rfind(b"\x00\x06", 0, end)
-        if i < 0:
-            return None
-        j = i + 1  # the 0x06 byte
-        if j + 5 <= len(tail):
-            n = int.from_bytes(tail[j + 1:j + 5], "big")
-            if j + 5 + n == len(tail) and tail[j + 5:j + 6] == b"{":
-                return size - tail_len + j, tail[j + 5:]
-        end = i + 1
+    finally:
+        f.seek(0)

@@ -25,6 +25,8 @@ class TypeCodec:
     name: str = ""
     #: natural element size in bytes, or None when the vmdesc ``size`` decides
     natural_size: int | None = None
+    #: a vmdesc size other than ``natural_size`` is an error (generic types), not raw bytes
+    strict_size: bool = False
 
     def fits(self, size: int) -> bool:
         return self.natural_size is None or self.natural_size == size
@@ -45,11 +47,12 @@ class TypeCodec:
 class IntCodec(TypeCodec):
     """Two's complement or unsigned big-endian integers."""
 
-    def __init__(self, name: str, nbytes: int, signed: bool) -> None:
+    def __init__(self, name: str, nbytes: int, signed: bool, strict_size: bool = True) -> None:
         self.name = name
         self.nbytes = nbytes
         self.signed = signed
         self.natural_size = nbytes
+        self.strict_size = strict_size
 
     def decode(self, cur: Cursor, size: int) -> int:
         cur.need(self.nbytes)
@@ -82,6 +85,7 @@ class BoolCodec(TypeCodec):
 
     name = "bool"
     natural_size = 1
+    strict_size = True
 
     def decode(self, cur: Cursor, size: int) -> bool | int:
         v = cur.u8()
@@ -177,13 +181,13 @@ def _ints() -> list[TypeCodec]:
         IntCodec("int32_as_uint16", 2, False),
         IntCodec("uint16_from_uint8", 1, False),
         # target-specific VMStateInfo types (target/*/machine.c)
-        IntCodec("cpsr", 4, False),
-        IntCodec("fpscr", 4, False),
-        IntCodec("powered_off", 1, False),
-        IntCodec("fpr", 8, False),
-        IntCodec("cpu/altivec/vscr", 4, False),
-        IntCodec("psr", 4, False),
-        IntCodec("fpcr", 8, False),
+        IntCodec("cpsr", 4, False, strict_size=False),
+        IntCodec("fpscr", 4, False, strict_size=False),
+        IntCodec("powered_off", 1, False, strict_size=False),
+        IntCodec("fpr", 8, False, strict_size=False),
+        IntCodec("cpu/altivec/vscr", 4, False, strict_size=False),
+        IntCodec("psr", 4, False, strict_size=False),
+        IntCodec("fpcr", 8, False, strict_size=False),
     ]
     return out
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DecodeError, EncodeError, SchemaError
-from .types import RAW, TypeCodec, codec_for
+from .types import RAW, REGISTRY, TypeCodec, codec_for
 from .wire import Cursor, be32
 
 __all__ = ["Field", "Struct", "Subsection", "NullPtr", "Opaque", "decode_vmsd", "encode_struct",
@@ -117,6 +117,7 @@ def decode_vmsd(cur: Cursor, desc: dict[str, Any], path: str, optional_subsectio
     subs = desc.get("subsections", [])
     if not isinstance(subs, list):
         raise SchemaError(f"{path}: vmdesc 'subsections' is not a list")
+    optional_subsections = optional_subsections or bool(desc.get("optional_subsections"))
     for sd in subs:
         name = str(sd.get("vmsd_name", ""))
         if optional_subsections:
@@ -138,10 +139,10 @@ def _decode_subsection(cur: Cursor, sd: dict[str, Any], name: str, path: str) ->
     p0 = cur.pos
     marker = cur.u8()
     if marker != SUBSECTION:
-        raise cur.error(f"expected subsection {name!r} (byte 0x05), found 0x{marker:02x}", off).at(path)
+        raise DecodeError(f"expected subsection {name!r} (byte 0x05), found 0x{marker:02x}", off, path)
     got = cur.cstr()
     if got != name:
-        raise cur.error(f"expected subsection {name!r}, found {got!r}", off).at(path)
+        raise DecodeError(f"expected subsection {name!r}, found {got!r}", off, path)
     version = cur.be32()
     body = decode_vmsd(cur, sd, f"{path}/{name}")
     return Subsection(name, version, body, off, cur.pos - p0)
@@ -157,6 +158,9 @@ def _decode_field(cur: Cursor, fd: dict[str, Any], path: str, fields: list[dict[
     if n is not None:
         if not isinstance(n, int) or n < 0:
             raise SchemaError(f"{fpath}: bad array_len {n!r}")
+        if (n * size if size else n) > cur.remaining() and n > 65536:
+            raise DecodeError(f"array of {n} elements of {size} bytes cannot fit in the "
+                              f"{cur.remaining()} bytes left", off, fpath)
         values = []
         for k in range(n):
             values.append(_decode_elem(cur, fd, size, f"{fpath}[{k}]", fields, i, n - k - 1))
@@ -172,9 +176,9 @@ def _decode_elem(cur: Cursor, fd: dict[str, Any], size: int, path: str,
     t = fd.get("type")
     p0 = cur.pos
     if t == "nullptr":
-        b = cur.u8()
+        b = _u8(cur, path)
         if b != NULLPTR_MARKER:
-            raise cur.error(f"nullptr marker expected (0x30), found 0x{b:02x}", cur.offset - 1).at(path)
+            raise DecodeError(f"nullptr marker expected (0x30), found 0x{b:02x}", cur.offset - 1, path)
         return NULL
     if t == "struct":
         sd = fd.get("struct")
@@ -182,7 +186,8 @@ def _decode_elem(cur: Cursor, fd: dict[str, Any], size: int, path: str,
             raise SchemaError(f"{path}: struct field without 'struct' description")
         if not sd.get("fields") and not sd.get("subsections") and size == 1:
             # QEMU < 10.0 describes a NULL pointer element as an empty struct of size 1.
-            b = cur.peek8()
+            b = _u8(cur, path)
+            cur.pos -= 1
             if b == NULLPTR_MARKER:
                 cur.pos += 1
                 return NULL
@@ -191,15 +196,28 @@ def _decode_elem(cur: Cursor, fd: dict[str, Any], size: int, path: str,
     elif t in ("vstruct", "tmp") and "fields" in fd:
         value = decode_vmsd(cur, fd, path)
     else:
+        known = REGISTRY.get(str(t))
+        if known is not None and known.strict_size and not known.fits(size):
+            raise DecodeError(f"vmdesc gives type {t!r} a size of {size} bytes; it has {known.natural_size}",
+                              cur.offset, path)
         codec = codec_for(str(t), size)
         try:
             value = codec.decode(cur, size)
         except DecodeError as e:
-            raise e.at(path) if not e.path else e
+            e.path = path
+            raise
     used = cur.pos - p0
-    if used != size:
+    if used != size and not fd.get("unsized"):
         raise DecodeError(f"vmdesc says {size} bytes, the data decodes to {used}", cur.base + p0, path)
     return value
+
+
+def _u8(cur: Cursor, path: str) -> int:
+    try:
+        return cur.u8()
+    except DecodeError as e:
+        e.path = path
+        raise
 
 
 def _opaque_len(cur: Cursor, fields: list[dict[str, Any]], i: int, elems_after: int, path: str) -> int:
@@ -209,12 +227,12 @@ def _opaque_len(cur: Cursor, fields: list[dict[str, Any]], i: int, elems_after: 
     for fd in fields[i + 1:]:
         s = static_size(fd)
         if s is None:
-            raise cur.error("a non-NULL pointer element described as an empty struct, and the rest of "
-                            "the section has no fixed size to resynchronise on").at(path)
+            raise DecodeError("a non-NULL pointer element described as an empty struct, and the rest of "
+                              "the section has no fixed size to resynchronise on", cur.offset, path)
         rest += s
     n = cur.remaining() - rest
     if n <= 0:
-        raise cur.error("a non-NULL pointer element described as an empty struct").at(path)
+        raise DecodeError("a non-NULL pointer element described as an empty struct", cur.offset, path)
     return n
 
 
