@@ -55,6 +55,38 @@ def test_round_trip_is_byte_identical(path: Path, unpacked) -> None:
         data_iter.close()
 
 
+@pytest.mark.parametrize("path", streams())
+def test_counting_mode_round_trip_and_counts(path: Path, unpacked) -> None:
+    """The counting fast path (RamTally events) is lossless too, and counts what the page events show."""
+    from collections import Counter
+
+    from qevm.events import RamTally
+
+    f = unpacked(path)
+    data_iter = open(f, "rb")
+    tallies: Counter = Counter()
+    try:
+        pos = 0
+        for ev in iter_events(str(f), count_pages=True):
+            assert ev.offset == pos, f"{type(ev).__name__} at {ev.offset}, expected {pos}"
+            b = ev.encode()
+            assert data_iter.read(len(b)) == b, f"{type(ev).__name__} at offset {pos} does not re-encode"
+            pos += len(b)
+            if isinstance(ev, RamTally):
+                for block, c in ev.counts.items():
+                    for k, n in zip(("normal", "zero", "xbzrle", "compressed"), c, strict=True):
+                        tallies[block, k] += n
+        assert data_iter.read(1) == b""
+    finally:
+        data_iter.close()
+    pages: Counter = Counter()
+    kinds = {0x08: "normal", 0x02: "zero", 0x40: "xbzrle", 0x100: "compressed"}
+    for ev in iter_events(str(f)):
+        if isinstance(ev, RamPage):
+            pages[ev.block, kinds[ev.kind]] += 1
+    assert +tallies == +pages
+
+
 @pytest.mark.parametrize("path", streams(small=True))
 def test_byte_at_a_time_equals_whole(path: Path, unpacked) -> None:
     data = unpacked(path).read_bytes()
@@ -128,3 +160,32 @@ def test_mapped_ram_skip_matches_reading_everything(unpacked) -> None:
     assert any(isinstance(e, VmDescription) for e in fast)
     assert any(isinstance(e, DeviceState) for e in fast)
     assert not any(isinstance(e, RamPage) for e in fast)
+
+
+def test_device_first_stream_without_configuration(unpacked) -> None:
+    """No configuration record and a device section first (as xen-save-devices-state writes): footers
+    are detected from the bytes, with or without a description of the section."""
+    import json
+
+    from qevm.events import Footer, SectionHeader
+
+    data = unpacked(require_fixture("pc-10.0-small")).read_bytes()
+    evs = _events_whole(data)
+    hdr = next(e for e in evs if isinstance(e, SectionHeader) and e.section.idstr == "timer")
+    dev = next(e for e in evs if isinstance(e, DeviceState) and e.section.idstr == "timer")
+    foot = next(e for e in evs if isinstance(e, Footer) and e.offset > dev.offset)
+    vm = next(e for e in evs if isinstance(e, VmDescription)).json()
+    timer_desc = [d for d in vm["devices"] if d["name"] == "timer"]
+    section = data[hdr.offset:foot.offset + 5]
+    trailer = json.dumps({"page_size": 4096, "devices": timer_desc}).encode()
+    stream = data[:8] + section + b"\x00" + b"\x06" + len(trailer).to_bytes(4, "big") + trailer
+    for kw in ({}, {"schema": read_stream_schema(timer_desc)}):
+        out = _events_whole(stream, **kw)
+        assert b"".join(e.encode() for e in out) == stream
+        assert [type(e).__name__ for e in out][:4] == ["FileHeader", "SectionHeader", "DeviceState", "Footer"]
+
+
+def read_stream_schema(devices: list) -> object:
+    from qevm.schema import Schema
+
+    return Schema.from_vmdesc({"devices": devices})

@@ -17,7 +17,7 @@ from .wire import be16, be32, be64, cstr
 __all__ = [
     "SectionKind", "RamFlag", "Command", "Section", "Event", "FileHeader", "ConfigSubsection",
     "Configuration", "SectionHeader", "RamMemSize", "MappedRamHeader", "RamBlock", "RamPage",
-    "RamControl", "MappedRamBitmap", "MappedRamData", "LiveRecord", "DeviceState", "Footer",
+    "RamControl", "RamTally", "PassTracker", "MappedRamBitmap", "MappedRamData", "LiveRecord", "DeviceState", "Footer",
     "CommandEvent", "EndOfFile", "VmDescription", "Trailing", "MAGIC", "VERSION",
 ]
 
@@ -224,6 +224,50 @@ class RamPage(Event):
         if self.flags & 0x20:
             return w + self.payload
         return w + cstr(self.block) + self.payload
+
+
+class PassTracker:
+    """Counts passes over RAM: a pass ends when a page already sent in it is sent again.
+    ``seen`` holds, per block, a bitmap of the pages sent in the current pass."""
+
+    __slots__ = ("passes", "seen")
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.seen: dict[str, bytearray] = {}
+
+    def new_pass(self) -> None:
+        self.passes += 1
+        for bm in self.seen.values():
+            bm[:] = bytes(len(bm))
+
+    def see(self, block: str, index: int) -> None:
+        seen = self.seen.get(block)
+        if seen is None:
+            seen = self.seen[block] = bytearray()
+        j = index >> 3
+        if j >= len(seen):
+            seen.extend(bytes(j + 1 - len(seen)))
+        bit = 1 << (index & 7)
+        if seen[j] & bit or not self.passes:
+            self.new_pass()
+        seen[j] |= bit
+
+
+@dataclass(slots=True)
+class RamTally(Event):
+    """A run of RAM page records, summarised: emitted instead of RamPage events when the parser
+    runs in counting mode (``Parser(count_pages=True)``), the fast path for summaries and copies.
+    ``counts`` maps a block to [normal, zero, xbzrle, compressed]; ``passes`` is the running number
+    of passes over RAM; ``raw`` holds the records' exact bytes."""
+
+    offset: int
+    counts: dict[str, list[int]]
+    passes: int
+    raw: bytes
+
+    def encode(self) -> bytes:
+        return self.raw
 
 
 @dataclass(slots=True)

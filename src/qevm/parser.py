@@ -35,11 +35,13 @@ from .events import (
     MappedRamBitmap,
     MappedRamData,
     MappedRamHeader,
+    PassTracker,
     RamBlock,
     RamControl,
     RamFlag,
     RamMemSize,
     RamPage,
+    RamTally,
     Section,
     SectionHeader,
     SectionKind,
@@ -49,7 +51,7 @@ from .events import (
 from .live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
 from .schema import Schema
 from .vmsd import decode_vmsd
-from .wire import Cursor, Incomplete
+from .wire import _B64, Cursor, Incomplete
 
 __all__ = ["Parser", "NEED_DATA", "DONE", "page_size_for_machine"]
 
@@ -73,6 +75,7 @@ MAX_BITMAP = 64 << 20
 # plain ints: the RAM loop is the hot path and IntEnum arithmetic is slow
 _ZERO, _MEM_SIZE, _PAGE, _EOS, _CONT, _XBZRLE, _COMPRESS = 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x100
 _PAGE_KINDS = frozenset((_ZERO, _PAGE, _XBZRLE, _COMPRESS))
+_KIND_INDEX = {_PAGE: 0, _ZERO: 1, _XBZRLE: 2, _COMPRESS: 3}
 _CONTROL = frozenset((int(RamFlag.MULTIFD_FLUSH), int(RamFlag.HOOK)))
 _CONFIG_SUBSECTIONS = {
     "configuration/target-page-bits": 4,
@@ -110,7 +113,7 @@ class Parser:
     """Incremental parser of one QEVM stream."""
 
     def __init__(self, *, schema: Schema | None = None, page_size: int | None = None,
-                 file_offset: int = 0) -> None:
+                 file_offset: int = 0, count_pages: bool = False) -> None:
         self.schema: Schema = schema if schema is not None else Schema()
         self.page_size: int | None = page_size
         self._page_size_fixed = page_size is not None
@@ -136,6 +139,9 @@ class Parser:
         self._scan = 0  # footer scan resume position (relative to payload start)
         self._rejected: int | None = None  # first footer candidate followed by an implausible record
         self._pkg_end: list[int] = []  # stream offsets where PACKAGED blobs end
+        # counting mode: RAM page records become per-payload RamTally events (fast path for summaries)
+        self.count_pages = count_pages
+        self.passes = PassTracker()
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -415,96 +421,149 @@ class Parser:
 
     # -- RAM -------------------------------------------------------------------------------
     def _step_ram(self) -> None:
+        # The hot path: one iteration per RAM record.  State for the current block (its length,
+        # its tally, its pass bitmap) is cached in locals and refreshed when the block changes.
         buf = self._buf
         page = self._page()
         mask = page - 1
+        shift = page.bit_length() - 1
         end = len(buf)
         pos = self._pos
         base = self._base
         q = self._queue
         blocks = self.ram_blocks
+        counting = self.count_pages
+        tally: dict[str, list[int]] = {}
+        span = pos  # counting mode: start of the page records not yet covered by a RamTally
+        tracker = self.passes
+        seen_all = tracker.seen
+        unpack = _B64.unpack_from
+        block = self._ram_block
+        used = blocks.get(block) if block is not None else None
+        c = seen = None
+        if counting and block is not None:
+            c = tally.setdefault(block, [0, 0, 0, 0])
+            seen = seen_all.setdefault(block, bytearray())
         made = 0
-        while made < 256:
-            if pos + 8 > end:
-                break
-            w = int.from_bytes(buf[pos:pos + 8], "big")
-            flags = w & mask
-            addr = w & ~mask
-            kind = flags & ~_CONT
-            if kind in _PAGE_KINDS:
-                p = pos + 8
-                if flags & _CONT:
-                    block = self._ram_block
-                    if block is None:
-                        raise self._err("RAM page with CONTINUE but no previous block", base + pos)
-                else:
-                    if p >= end:
-                        break
-                    n = buf[p]
-                    if p + 1 + n > end:
-                        break
-                    block = buf[p + 1:p + 1 + n].decode("latin-1")
-                    p += 1 + n
-                if kind == _PAGE:
-                    ln = page
-                elif kind == _ZERO:
-                    ln = 1
-                elif kind == _XBZRLE:
-                    if p + 3 > end:
-                        break
-                    if buf[p] != 0x01:
-                        raise self._err(f"XBZRLE page with encoding byte 0x{buf[p]:02x}, expected 0x01", base + p)
-                    dl = int.from_bytes(buf[p + 1:p + 3], "big")
-                    if dl > page:
-                        raise self._err(f"XBZRLE delta of {dl} bytes exceeds the page size {page}", base + p + 1)
-                    ln = 3 + dl
-                else:
-                    if p + 4 > end:
-                        break
-                    cl = int.from_bytes(buf[p:p + 4], "big")
-                    if cl > 2 * page + 64:
-                        raise self._err(f"compressed page of {cl} bytes is absurd (page size {page})", base + p)
-                    ln = 4 + cl
-                if p + ln > end:
+        limit = 1 << 62 if counting else 256
+        try:
+            while made < limit:
+                if pos + 8 > end:
                     break
-                used = blocks.get(block)
-                if used is None:
-                    if blocks:
-                        raise self._err(f"RAM page for unknown block {block!r}", base + pos)
-                elif addr + page > used:
-                    raise self._err(f"RAM page at 0x{addr:x} beyond the end of block {block!r} "
-                                    f"(0x{used:x} bytes)", base + pos)
-                self._ram_block = block
-                q.append(RamPage(base + pos, flags, addr, block, bytes(buf[p:p + ln])))
-                pos = p + ln
-                made += 1
-            elif flags == _EOS:
-                q.append(RamControl(base + pos, flags, addr))
-                pos += 8
-                self._pos = pos
-                self._end_payload()
-                return
-            elif flags in _CONTROL:
-                q.append(RamControl(base + pos, flags, addr))
-                pos += 8
-                made += 1
-            elif flags == _MEM_SIZE:
-                if addr > MAX_RAM_TOTAL:
-                    raise self._err(f"MEM_SIZE total of 0x{addr:x} bytes is absurd", base + pos)
-                q.append(RamMemSize(base + pos, addr))
-                pos += 8
-                self._pos = pos
-                self._ram_left = addr
-                self.ram_blocks = {}
-                self._state = _St.RAM_BLOCKS
-                return
-            else:
-                raise self._err(f"unknown combination of RAM flags 0x{flags:x}", base + pos)
-        self._pos = pos
+                w = unpack(buf, pos)[0]
+                flags = w & mask
+                kind = flags & ~_CONT
+                if kind in _PAGE_KINDS:
+                    addr = w & ~mask
+                    p = pos + 8
+                    if flags & _CONT:
+                        if block is None:
+                            raise self._err("RAM page with CONTINUE but no previous block", base + pos)
+                    else:
+                        if p >= end:
+                            break
+                        n = buf[p]
+                        if p + 1 + n > end:
+                            break
+                        name = buf[p + 1:p + 1 + n].decode("latin-1")
+                        p += 1 + n
+                        if name != block:
+                            used = blocks.get(name)
+                            if used is None and blocks:
+                                raise self._err(f"RAM page for unknown block {name!r}", base + pos)
+                            block = name
+                            if counting:
+                                c = tally.setdefault(block, [0, 0, 0, 0])
+                                seen = seen_all.setdefault(block, bytearray())
+                    if kind == _PAGE:
+                        ln = page
+                    elif kind == _ZERO:
+                        ln = 1
+                    elif kind == _XBZRLE:
+                        if p + 3 > end:
+                            break
+                        if buf[p] != 0x01:
+                            raise self._err(f"XBZRLE page with encoding byte 0x{buf[p]:02x}, expected 0x01",
+                                            base + p)
+                        dl = int.from_bytes(buf[p + 1:p + 3], "big")
+                        if dl > page:
+                            raise self._err(f"XBZRLE delta of {dl} bytes exceeds the page size {page}",
+                                            base + p + 1)
+                        ln = 3 + dl
+                    else:
+                        if p + 4 > end:
+                            break
+                        cl = int.from_bytes(buf[p:p + 4], "big")
+                        if cl > 2 * page + 64:
+                            raise self._err(f"compressed page of {cl} bytes is absurd (page size {page})",
+                                            base + p)
+                        ln = 4 + cl
+                    if p + ln > end:
+                        break
+                    if used is not None and addr + page > used:
+                        raise self._err(f"RAM page at 0x{addr:x} beyond the end of block {block!r} "
+                                        f"(0x{used:x} bytes)", base + pos)
+                    if counting:
+                        assert c is not None and seen is not None
+                        c[_KIND_INDEX[kind]] += 1
+                        i = addr >> shift
+                        j = i >> 3
+                        if j >= len(seen):
+                            seen.extend(bytes(j + 1 - len(seen)))
+                        bit = 1 << (i & 7)
+                        if seen[j] & bit or not tracker.passes:
+                            tracker.new_pass()
+                        seen[j] |= bit
+                    else:
+                        q.append(RamPage(base + pos, flags, addr, block, bytes(buf[p:p + ln])))
+                    pos = p + ln
+                    made += 1
+                elif flags == _EOS:
+                    if counting and pos > span:
+                        q.append(self._tally(span, pos, tally))
+                    q.append(RamControl(base + pos, flags, w & ~mask))
+                    pos += 8
+                    span = pos
+                    self._end_payload()
+                    return
+                elif flags in _CONTROL:
+                    if counting and pos > span:
+                        q.append(self._tally(span, pos, tally))
+                        tally = {}
+                        if block is not None:
+                            c = tally.setdefault(block, [0, 0, 0, 0])
+                    q.append(RamControl(base + pos, flags, w & ~mask))
+                    pos += 8
+                    span = pos
+                    made += 1
+                elif flags == _MEM_SIZE:
+                    total = w & ~mask
+                    if total > MAX_RAM_TOTAL:
+                        raise self._err(f"MEM_SIZE total of 0x{total:x} bytes is absurd", base + pos)
+                    if counting and pos > span:
+                        q.append(self._tally(span, pos, tally))
+                    q.append(RamMemSize(base + pos, total))
+                    pos += 8
+                    span = pos
+                    self._ram_left = total
+                    self.ram_blocks = {}
+                    self._state = _St.RAM_BLOCKS
+                    return
+                else:
+                    raise self._err(f"unknown combination of RAM flags 0x{flags:x}", base + pos)
+        finally:
+            if counting and pos > span:
+                q.append(self._tally(span, pos, tally))
+            self._pos = pos
+            self._ram_block = block
         if not made:
             if self._closed:
                 raise TruncatedError("input ended inside a RAM record", base + pos, self._path())
             raise Incomplete
+
+    def _tally(self, start: int, end: int, counts: dict[str, list[int]]) -> RamTally:
+        return RamTally(self._base + start, {k: v for k, v in counts.items() if any(v)}, self.passes.passes,
+                        bytes(self._buf[start:end]))
 
     def _step_ram_block(self) -> None:
         if self._ram_left == 0:
@@ -597,13 +656,22 @@ class Parser:
     def _step_device(self) -> None:
         sec = self._cur
         assert sec is not None
-        if self.footers is None:
-            self.footers = self.configuration is not None
         start = self._pos
-        if self.footers:
+        desc = self.schema.get((sec.idstr, sec.instance_id))
+        if self.footers is None and desc is not None:
+            # No self-delimiting section came first: size this one from its description and
+            # see whether a footer follows it.
+            cur = self._cursor()
+            try:
+                decode_vmsd(cur, desc, self._path())
+                cur.need(5)
+                self.footers = (cur.buf[cur.pos] == 0x7E
+                                and int.from_bytes(cur.buf[cur.pos + 1:cur.pos + 5], "big") == sec.section_id)
+            except DecodeError:
+                pass  # the description does not fit: look for a footer instead
+        if self.footers is not False:
             n = self._find_footer(sec)
         else:
-            desc = self.schema.get((sec.idstr, sec.instance_id))
             if desc is None:
                 raise self._err(f"cannot find the end of section {sec.idstr!r}: the stream has no section "
                                 "footers and no vmdesc entry describes it (pass a schema)")
@@ -641,6 +709,7 @@ class Parser:
                 raise Incomplete
             if verdict:
                 self._rejected = None
+                self.footers = True
                 return j - start
             if self._rejected is None:
                 self._rejected = self._base + j

@@ -26,11 +26,13 @@ from .events import (
     MappedRamBitmap,
     MappedRamData,
     MappedRamHeader,
+    PassTracker,
     RamBlock,
     RamControl,
     RamFlag,
     RamMemSize,
     RamPage,
+    RamTally,
     Section,
     SectionHeader,
     SectionKind,
@@ -119,7 +121,7 @@ class Analysis:
         self.passes = 0
         self.ram_flushes = 0
         self.ram_chunks = 0
-        self._seen: dict[str, bytearray] = {}  # pages sent in the current pass, per block
+        self._tracker = PassTracker()
         self._page_size: Callable[[], int] = page_size if callable(page_size) else (lambda: page_size)
         self._open: SectionStats | None = None
         self._open_at = 0
@@ -130,17 +132,8 @@ class Analysis:
             b = self.blocks.get(ev.block)
             if b is not None:
                 b.pages[_KIND_NAME[ev.flags & 0x1DF]] += 1
-                # a pass over RAM ends when a page already sent in it is sent again
-                seen = self._seen[ev.block]
-                i = ev.addr // self._page_size()
-                bit = 1 << (i & 7)
-                if (i >> 3) >= len(seen):
-                    seen.extend(bytes((i >> 3) + 1 - len(seen)))
-                if seen[i >> 3] & bit or not self.passes:
-                    self.passes += 1
-                    for bm in self._seen.values():
-                        bm[:] = bytes(len(bm))
-                seen[i >> 3] |= bit
+                self._tracker.see(ev.block, ev.addr // self._page_size())
+                self.passes = self._tracker.passes
             if self.memory is not None:
                 self.memory.apply(ev)
             if self.on_page is not None:
@@ -170,8 +163,9 @@ class Analysis:
             assert isinstance(ev, RamBlock)
             self.block_index.setdefault(ev.name, len(self.block_index))
             self.blocks[ev.name] = BlockStats(ev.name, ev.used_length, ev.addr, ev.page_size, ev.mapped)
-            self._seen[ev.name] = bytearray()
             if self.memory is not None:
+                if not self.memory.blocks():
+                    self.memory.page_size = self._page_size()
                 self.memory.add_block(ev.name, ev.used_length)
         elif t is DeviceState:
             assert isinstance(ev, DeviceState)
@@ -180,6 +174,17 @@ class Analysis:
             assert isinstance(ev, CommandEvent)
             self._close(ev.offset)
             self.commands.append(ev)
+        elif t is RamTally:
+            assert isinstance(ev, RamTally)
+            for name, c in ev.counts.items():
+                b = self.blocks.get(name)
+                if b is not None:
+                    p = b.pages
+                    p["normal"] += c[0]
+                    p["zero"] += c[1]
+                    p["xbzrle"] += c[2]
+                    p["compressed"] += c[3]
+            self.passes = ev.passes
         elif t is RamControl:
             assert isinstance(ev, RamControl)
             if ev.flags == RamFlag.MULTIFD_FLUSH:
@@ -310,8 +315,12 @@ def load_schema(path: str) -> Schema:
 
 def read_stream(source: str | Input, *, schema: Schema | None = None, page_size: int | None = None,
                 memory: RamImage | None = None, on_event: Callable[[Event], None] | None = None,
-                strict: bool = True) -> Analysis:
-    """Read a whole stream from a path, ``-`` or an ``Input`` into an ``Analysis``."""
+                strict: bool = True, pages: bool | None = None) -> Analysis:
+    """Read a whole stream from a path, ``-`` or an ``Input`` into an ``Analysis``.
+
+    ``pages``: deliver every RAM page as an event (needed by ``memory`` and ``on_event``
+    consumers that look at pages); by default only when one of those is given, otherwise the
+    parser counts pages without materialising them (the fast path)."""
     inp = open_input(source) if isinstance(source, str) else source
     try:
         parse_schema = schema
@@ -328,7 +337,9 @@ def read_stream(source: str | Input, *, schema: Schema | None = None, page_size:
                         page_size = ps
                 except (ValueError, SchemaError, AttributeError):
                     parse_schema = None  # reported when the parser reaches the trailer
-        parser = Parser(schema=parse_schema, page_size=page_size)
+        if pages is None:
+            pages = memory is not None or on_event is not None
+        parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages)
         an = Analysis(schema=schema, memory=memory, page_size=lambda: parser.page_size or 4096)
         drive(parser, inp, _chain(an.handle, on_event))
         an.size = parser.offset

@@ -34,6 +34,9 @@ class TypeCodec:
     def decode(self, cur: Cursor, size: int) -> Any:
         raise NotImplementedError
 
+    def decode_many(self, cur: Cursor, size: int, n: int) -> list[Any]:
+        return [self.decode(cur, size) for _ in range(n)]
+
     def encode(self, value: Any, size: int) -> bytes:
         raise NotImplementedError
 
@@ -53,6 +56,14 @@ class IntCodec(TypeCodec):
         self.signed = signed
         self.natural_size = nbytes
         self.strict_size = strict_size
+
+    def decode_many(self, cur: Cursor, size: int, n: int) -> list[Any]:
+        cur.need(n * self.nbytes)
+        code = {1: "b", 2: "h", 4: "i", 8: "q"}[self.nbytes]
+        fmt = f">{n}{code if self.signed else code.upper()}"
+        out = list(struct.unpack_from(fmt, cur.buf, cur.pos))
+        cur.pos += n * self.nbytes
+        return out
 
     def decode(self, cur: Cursor, size: int) -> int:
         cur.need(self.nbytes)

@@ -161,10 +161,16 @@ def _decode_field(cur: Cursor, fd: dict[str, Any], path: str, fields: list[dict[
         if (n * size if size else n) > cur.remaining() and n > 65536:
             raise DecodeError(f"array of {n} elements of {size} bytes cannot fit in the "
                               f"{cur.remaining()} bytes left", off, fpath)
-        values = []
-        for k in range(n):
-            values.append(_decode_elem(cur, fd, size, f"{fpath}[{k}]", fields, i, n - k - 1))
-        value: Any = values
+        t = fd.get("type")
+        known = REGISTRY.get(str(t))
+        if known is not None and known.fits(size) and t not in ("struct", "vstruct", "tmp", "nullptr"):
+            try:
+                value: Any = known.decode_many(cur, size, n)
+            except DecodeError as e:
+                e.path = fpath
+                raise
+        else:
+            value = [_decode_elem(cur, fd, size, f"{fpath}[{k}]", fields, i, n - k - 1) for k in range(n)]
     else:
         idx = fd.get("index")
         value = _decode_elem(cur, fd, size, fpath if idx is None else f"{fpath}[{idx}]", fields, i, 0)

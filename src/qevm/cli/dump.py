@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     add_input_options(p)
     p.add_argument("--format", choices=("qevm", "analyze-migration"), default="qevm",
                    help="qevm's JSON (default) or exactly what QEMU's scripts/analyze-migration.py prints")
-    p.add_argument("--memory", action="store_true", help="include RAM page contents")
+    p.add_argument("--memory", "-m", action="store_true", help="include RAM page contents")
+    p.add_argument("--peer-version", choices=("10.0", "7.2"), default="10.0",
+                   help="with --format analyze-migration: which QEMU release's script to match (default 10.0)")
     p.set_defaults(run=run)
 
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "analyze-migration":
             from ..analyze_format import render
 
-            for chunk in render(an, memory=image):
+            for chunk in render(an, memory=image, flavor=args.peer_version):
                 out.write(chunk)
             return 0
         doc = dump_document(an, args.page_size)
@@ -55,4 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _image(args: argparse.Namespace, opts: dict) -> RamImage:  # type: ignore[type-arg]
+    if args.format == "analyze-migration":
+        from ..analyze_format import OrderedRamImage
+
+        return OrderedRamImage(opts["page_size"] or 4096)
     return RamImage(opts["page_size"] or 4096)

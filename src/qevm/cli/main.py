@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import QevmError
-from . import desc, dump, info
+from . import desc, dump, edit, info, rewrite
 
-VERBS = (dump, desc, info)
+VERBS = (dump, desc, info, rewrite, edit)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qevm", description="Read QEMU VM-state (savevm / migration) streams.")
+    p = argparse.ArgumentParser(prog="qevm", description="Read and write QEMU VM-state (savevm / migration) streams.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for mod in VERBS:
         mod.add_parser(sub)
