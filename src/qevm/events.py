@@ -259,14 +259,17 @@ class RamTally(Event):
     """A run of RAM page records, summarised: emitted instead of RamPage events when the parser
     runs in counting mode (``Parser(count_pages=True)``), the fast path for summaries and copies.
     ``counts`` maps a block to [normal, zero, xbzrle, compressed]; ``passes`` is the running number
-    of passes over RAM; ``raw`` holds the records' exact bytes."""
+    of passes over RAM; ``raw`` holds the records' exact bytes (None when the parser was told not
+    to keep them, ``keep_raw=False``)."""
 
     offset: int
     counts: dict[str, list[int]]
     passes: int
-    raw: bytes
+    raw: bytes | None
 
     def encode(self) -> bytes:
+        if self.raw is None:
+            raise ValueError("this RAM tally was made without keeping the page bytes (keep_raw=False)")
         return self.raw
 
 

@@ -68,6 +68,7 @@ NEED_DATA = _Sentinel("NEED_DATA")
 DONE = _Sentinel("DONE")
 
 
+INITIAL_BUFFER = 4 << 20
 MAX_DEVICE_SECTION = 128 << 20
 MAX_VMDESC = 64 << 20
 MAX_RAM_TOTAL = 1 << 44  # 16 TiB
@@ -113,12 +114,16 @@ class Parser:
     """Incremental parser of one QEVM stream."""
 
     def __init__(self, *, schema: Schema | None = None, page_size: int | None = None,
-                 file_offset: int = 0, count_pages: bool = False) -> None:
+                 file_offset: int = 0, count_pages: bool = False, keep_raw: bool = True) -> None:
         self.schema: Schema = schema if schema is not None else Schema()
         self.page_size: int | None = page_size
         self._page_size_fixed = page_size is not None
         self.file_offset = file_offset
-        self._buf = bytearray()
+        # A buffer that is filled in place and compacted, never shrunk: bytes live in
+        # _buf[_pos:_end].  (Growing and shrinking a bytearray per read makes the allocator hand
+        # memory back to the kernel and fault it in again, which dominated the run time.)
+        self._buf = bytearray(INITIAL_BUFFER)
+        self._end = 0
         self._pos = 0
         self._base = 0  # stream offset of _buf[0]
         self._closed = False
@@ -141,17 +146,44 @@ class Parser:
         self._pkg_end: list[int] = []  # stream offsets where PACKAGED blobs end
         # counting mode: RAM page records become per-payload RamTally events (fast path for summaries)
         self.count_pages = count_pages
+        self.keep_raw = keep_raw  # counting mode: keep the bytes of the page runs (False: counts only)
         self.passes = PassTracker()
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise ValueError("feed() after close()")
-        if self._pos > (1 << 20) or (self._pos and self._pos >= len(self._buf) // 2):
-            del self._buf[:self._pos]
+        n = len(data)
+        self._reserve(n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+
+    def get_buffer(self, size: int) -> memoryview:
+        """A writable view of at least ``size`` free bytes to read input into directly (as
+        asyncio's BufferedProtocol); call ``buffer_updated(n)`` with the bytes written, after
+        releasing the view."""
+        if self._closed:
+            raise ValueError("get_buffer() after close()")
+        self._reserve(size)
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, n: int) -> None:
+        if n < 0 or self._end + n > len(self._buf):
+            raise ValueError("buffer_updated() beyond the buffer")
+        self._end += n
+
+    def _reserve(self, n: int) -> None:
+        buf = self._buf
+        if self._end + n <= len(buf):
+            return
+        rem = self._end - self._pos
+        if self._pos:
+            buf[:rem] = buf[self._pos:self._end]
             self._base += self._pos
             self._pos = 0
-        self._buf += data
+            self._end = rem
+        if rem + n > len(buf):
+            buf.extend(bytes(rem + n - len(buf)))
 
     def close(self) -> None:
         self._closed = True
@@ -162,7 +194,7 @@ class Parser:
         return self._base + self._pos
 
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def skippable(self) -> int:
         """Bytes the parser would pass over unread (inside a mapped-ram region).  A seekable
@@ -201,7 +233,7 @@ class Parser:
 
     # -- helpers -------------------------------------------------------------------------
     def _cursor(self) -> Cursor:
-        return Cursor(self._buf, self._pos, len(self._buf), self._base, self._closed, self._path())
+        return Cursor(self._buf, self._pos, self._end, self._base, self._closed, self._path())
 
     def _path(self) -> str:
         s = self._cur
@@ -427,7 +459,7 @@ class Parser:
         page = self._page()
         mask = page - 1
         shift = page.bit_length() - 1
-        end = len(buf)
+        end = self._end
         pos = self._pos
         base = self._base
         q = self._queue
@@ -446,10 +478,59 @@ class Parser:
             seen = seen_all.setdefault(block, bytearray())
         made = 0
         limit = 1 << 62 if counting else 256
+        page_cont = _PAGE | _CONT
+        zero_cont = _ZERO | _CONT
         try:
             while made < limit:
                 if pos + 8 > end:
                     break
+                if counting and seen is not None and c is not None:
+                    # Fast lane: runs of PAGE|CONTINUE and ZERO|CONTINUE records of the current block,
+                    # the bulk of every stream; same checks and counts as the general path below.
+                    n_page = n_zero = 0
+                    seen_len = len(seen)
+                    passes = tracker.passes
+                    lim = used if used is not None else 1 << 64
+                    while True:
+                        w = unpack(buf, pos)[0]
+                        f = w & mask
+                        if f == page_cont:
+                            nxt = pos + 8 + page
+                            if nxt > end:
+                                break
+                            n_page += 1
+                        elif f == zero_cont:
+                            nxt = pos + 9
+                            if nxt > end:
+                                break
+                            n_zero += 1
+                        else:
+                            break
+                        addr = w - f
+                        if addr + page > lim:
+                            if f == page_cont:
+                                n_page -= 1
+                            else:
+                                n_zero -= 1
+                            break  # the general path reports it
+                        i = addr >> shift
+                        j = i >> 3
+                        if j >= seen_len:
+                            seen.extend(bytes(max(j + 1 - seen_len, 4096)))
+                            seen_len = len(seen)
+                        bit = 1 << (i & 7)
+                        if seen[j] & bit or not passes:
+                            tracker.new_pass()
+                            passes = tracker.passes
+                        seen[j] |= bit
+                        pos = nxt
+                        if pos + 8 > end:
+                            break
+                    c[0] += n_page
+                    c[1] += n_zero
+                    made += n_page + n_zero
+                    if pos + 8 > end:
+                        break
                 w = unpack(buf, pos)[0]
                 flags = w & mask
                 kind = flags & ~_CONT
@@ -509,7 +590,7 @@ class Parser:
                         i = addr >> shift
                         j = i >> 3
                         if j >= len(seen):
-                            seen.extend(bytes(j + 1 - len(seen)))
+                            seen.extend(bytes(max(j + 1 - len(seen), 4096)))
                         bit = 1 << (i & 7)
                         if seen[j] & bit or not tracker.passes:
                             tracker.new_pass()
@@ -563,7 +644,7 @@ class Parser:
 
     def _tally(self, start: int, end: int, counts: dict[str, list[int]]) -> RamTally:
         return RamTally(self._base + start, {k: v for k, v in counts.items() if any(v)}, self.passes.passes,
-                        bytes(self._buf[start:end]))
+                        bytes(self._buf[start:end]) if self.keep_raw else None)
 
     def _step_ram_block(self) -> None:
         if self._ram_left == 0:
@@ -686,13 +767,14 @@ class Parser:
     def _find_footer(self, sec: Section) -> int:
         buf = self._buf
         start = self._pos
+        end = self._end
         pat = b"\x7e" + sec.section_id.to_bytes(4, "big")
         i = start + self._scan
         while True:
-            j = buf.find(pat, i)
+            j = buf.find(pat, i, end)
             if j < 0:
-                self._scan = max(0, len(buf) - start - 4)
-                if len(buf) - start > MAX_DEVICE_SECTION:
+                self._scan = max(0, end - start - 4)
+                if end - start > MAX_DEVICE_SECTION:
                     raise self._err(f"no section footer within {MAX_DEVICE_SECTION} bytes", self._base + start)
                 if self._closed:
                     if self._rejected is not None:
@@ -700,7 +782,7 @@ class Parser:
                         raise DecodeError(f"the footer of this section at offset {r} is followed by an "
                                           f"invalid record (type byte 0x{buf[r - self._base + 5]:02x})",
                                           r + 5, self._path())
-                    raise TruncatedError("input ended before the section footer", self._base + len(buf),
+                    raise TruncatedError("input ended before the section footer", self._base + end,
                                          self._path())
                 raise Incomplete
             verdict = self._plausible_next(j + 5)
@@ -718,7 +800,7 @@ class Parser:
     def _plausible_next(self, p: int) -> bool | None:
         """Is there a plausible record at buffer position p?  None = cannot tell yet."""
         buf = self._buf
-        end = len(buf)
+        end = self._end
         if p >= end:
             return False if self._closed else None
         t = buf[p]

@@ -339,7 +339,7 @@ def read_stream(source: str | Input, *, schema: Schema | None = None, page_size:
                     parse_schema = None  # reported when the parser reaches the trailer
         if pages is None:
             pages = memory is not None or on_event is not None
-        parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages)
+        parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False)
         an = Analysis(schema=schema, memory=memory, page_size=lambda: parser.page_size or 4096)
         drive(parser, inp, _chain(an.handle, on_event))
         an.size = parser.offset
@@ -367,8 +367,6 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regi
     With ``skip_regions`` a seekable input seeks over mapped-ram page regions instead of
     reading them (their events then carry no data)."""
     f = inp.file
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     readinto = getattr(f, "readinto", None)
     while True:
         ev = parser.next_event()
@@ -379,14 +377,21 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regi
                 parser.skip(n)
                 continue
             if readinto is not None:
-                k = readinto(buf)
-                data: Any = view[:k] if k else b""
+                view = parser.get_buffer(CHUNK)
+                try:
+                    k = readinto(view) or 0
+                finally:
+                    view.release()
+                if k:
+                    parser.buffer_updated(k)
+                else:
+                    parser.close()
             else:
                 data = f.read(CHUNK)
-            if not data:
-                parser.close()
-            else:
-                parser.feed(data)
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.close()
         elif ev is DONE:
             return
         else:

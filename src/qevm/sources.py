@@ -37,15 +37,16 @@ class Input:
     size: int | None
 
     def close(self) -> None:
-        if self.file is not sys.stdin.buffer:
+        if self.file not in (sys.stdin.buffer, getattr(sys.stdin.buffer, "raw", None)):
             self.file.close()
 
 
 def open_input(path: str) -> Input:
     """Open ``path`` (``-`` = standard input).  gzip/xz/bzip2 wrappers are undone on the fly."""
     if path == "-":
-        raw: Any = sys.stdin.buffer
+        raw: Any = getattr(sys.stdin.buffer, "raw", sys.stdin.buffer)  # unbuffered: one read() per chunk
         name = "<stdin>"
+        _grow_pipe(raw)
     else:
         name = path
         try:
@@ -63,8 +64,18 @@ def open_input(path: str) -> Input:
         if head.startswith(magic):
             return Input(name, _decompressor(kind, raw, head, regular, name), False, kind, None)
     if not regular:
-        return Input(name, _Prefixed(head, raw), False, None, None)
+        return Input(name, _Prefixed(head, raw, owns=path != "-"), False, None, None)
     return Input(name, raw, True, None, st.st_size if st else None)
+
+
+def _grow_pipe(f: Any) -> None:
+    """Ask Linux for a 1 MiB pipe buffer (fewer, larger reads); harmless where unsupported."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(f.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+    except (OSError, ValueError, AttributeError, ImportError):
+        pass
 
 
 def _peek(raw: Any, regular: bool) -> bytes:
@@ -84,9 +95,10 @@ def _peek(raw: Any, regular: bool) -> bytes:
 class _Prefixed:
     """A non-seekable file whose first bytes were already read."""
 
-    def __init__(self, head: bytes, raw: Any) -> None:
+    def __init__(self, head: bytes, raw: Any, owns: bool = True) -> None:
         self._head = head
         self._raw = raw
+        self._owns = owns  # standard input is left open
 
     def read(self, n: int = -1) -> bytes:
         if self._head:
@@ -97,16 +109,21 @@ class _Prefixed:
         return self._raw.read(n)
 
     def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
+        if not self._head:
+            return self._raw.readinto(b) or 0
+        h, self._head = self._head, b""
+        n = min(len(h), len(b))
+        b[:n] = h[:n]
+        self._head = h[n:]
+        return n
 
     def close(self) -> None:
-        self._raw.close()
+        if self._owns:
+            self._raw.close()
 
 
 def _decompressor(kind: str, raw: Any, head: bytes, regular: bool, name: str) -> Any:
-    src = raw if regular else _Prefixed(head, raw)
+    src = raw if regular else _Prefixed(head, raw, owns=name != "<stdin>")
     if kind == "gzip":
         return gzip.GzipFile(fileobj=src, mode="rb")
     if kind == "xz":
