@@ -89,13 +89,12 @@ _STRUCTURAL = ("struct", "vstruct", "tmp")
 class VersionError(DecodeError):
     """A stream's version is newer than our description or older than its minimum."""
 
-    def __init__(self, name: str, incoming: int, local: int, too_new: bool, offset: int | None = None,
-                 path: str = "") -> None:
+    def __init__(self, name: str, incoming: int, local: int, too_new: bool, offset: int | None = None) -> None:
         if too_new:
-            msg = f"{name}: incoming version {incoming} is too new for local version {local}"
+            msg = f"incoming version {incoming} is too new for local version {local}"
         else:
-            msg = f"{name}: incoming version {incoming} is too old for local minimum version {local}"
-        super().__init__(msg, offset, path)
+            msg = f"incoming version {incoming} is too old for local minimum version {local}"
+        super().__init__(msg, offset, name)  # str(): "offset N (0xN), <name>: incoming version ..."
         self.name = name
         self.incoming = incoming
         self.local = local
@@ -518,7 +517,9 @@ def _save(vmsd: VMStateDescription, obj: Any, out: bytearray, desc: dict[str, An
 def _save_field(vmsd: VMStateDescription, i: int, f: VMStateField, obj: Any, out: bytearray,
                 fields: list[dict[str, Any]] | None, version: int, path: str) -> None:
     n = f.count(obj, path)
-    if n == 0:
+    if n <= 0:
+        if n < 0:
+            raise EncodeError(f"{path}: element count {n} (from {f.num_field!r}) is negative")
         return
     size = f.elem_size(obj, path) if f.codec is not None else 0
     if f.discard:
@@ -612,11 +613,11 @@ def load_state(vmsd: VMStateDescription, obj: Any, data: bytes | bytearray | mem
 
 
 def _load(vmsd: VMStateDescription, obj: Any, cur: Cursor, version: int, path: str) -> None:
-    who = vmsd.name if path == vmsd.name else f"{path} ({vmsd.name})"
+    who = path if path.endswith(vmsd.name) else f"{path} ({vmsd.name})"
     if version > vmsd.version_id:
-        raise VersionError(who, version, vmsd.version_id, True, cur.offset, path)
+        raise VersionError(who, version, vmsd.version_id, True, cur.offset)
     if version < vmsd.minimum_version_id:
-        raise VersionError(who, version, vmsd.minimum_version_id, False, cur.offset, path)
+        raise VersionError(who, version, vmsd.minimum_version_id, False, cur.offset)
     if vmsd.pre_load is not None:
         _hook(vmsd.name, "pre_load", vmsd.pre_load, obj)
     for f in vmsd.fields:
@@ -652,6 +653,8 @@ def _load_subsections(vmsd: VMStateDescription, obj: Any, cur: Cursor, path: str
 
 def _load_field(f: VMStateField, obj: Any, cur: Cursor, path: str) -> None:
     n = f.count(obj, path)
+    if n < 0:
+        raise DecodeError(f"element count {n} (from {f.num_field!r}) is negative", cur.offset, path)
     if n == 0 and f.is_array:
         if not f.discard and not f.must_exist and _lookup(obj, f.attr or f.name, f.steps) is _MISSING:
             _store(obj, f.attr or f.name, f.steps, [])
@@ -707,7 +710,7 @@ def _load_field(f: VMStateField, obj: Any, cur: Cursor, path: str) -> None:
             return
         lst = list(local) if isinstance(local, list | tuple) else []
         if f.pointers:
-            vals = []
+            vals: list[Any] = []
             for k in range(n):
                 if k < len(lst) and lst[k] is None:
                     _nullptr(cur, f"{path}[{k}]")
@@ -1043,7 +1046,7 @@ class SaveStateRegistry:
                 report.skipped.append(sec)
                 continue
             if sec.version > se.version_id:
-                raise VersionError(sec.idstr, sec.version, se.version_id, True, off, where)
+                raise VersionError(sec.idstr, sec.version, se.version_id, True, off)
             if se.vmsd is not None:
                 load_state(se.vmsd, se.opaque, data, sec.version, name=sec.idstr, offset=off)
             else:
