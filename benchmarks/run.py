@@ -42,6 +42,7 @@ TIME_BIN = shutil.which("time", path="/usr/bin:/bin")  # GNU time, for per-proce
 
 # targets
 DUMP_VS_PEER = 3.0  # qevm dump at least this many times faster than analyze-migration.py
+REWRITE_VS_CP = 1.5
 PIPE_VS_CATCAT = 1.5  # cat FILE | qevm dump -  at most this many times slower than cat FILE | cat
 MAX_RSS_MB = 64.0
 
@@ -268,6 +269,8 @@ def commands(file: Path, peer: Path, scratch: Path) -> list[Cmd]:
         Cmd("info", "qevm info FILE", [[*qevm, "info", f]], qevm=True),
         Cmd("peer", "analyze-migration.py -f FILE", [[py, str(peer), "-f", f]]),
         Cmd("cp", "cp FILE /tmp/x && rm /tmp/x", [["cp", f, str(scratch)]], after=["rm", "-f", str(scratch)]),
+        Cmd("rewrite", "qevm rewrite FILE /tmp/x && rm /tmp/x", [[*qevm, "rewrite", f, str(scratch)]],
+            after=["rm", "-f", str(scratch)], qevm=True),
     ]
 
 
@@ -308,7 +311,12 @@ def evaluate(res: dict[str, Result], mode: str) -> list[dict[str, Any]]:
 
     speedup = t("peer") / t("dump")
     pipe = t("dump_pipe") / t("catcat")
-    return [
+    extra = []
+    if "rewrite" in res and "cp" in res and res["rewrite"].best(mode) and res["cp"].best(mode):
+        rw = t("rewrite") / t("cp")
+        extra.append({"target": f"qevm rewrite within {REWRITE_VS_CP:g}x of cp", "mode": mode,
+                      "value": round(rw, 2), "unit": "x", "ok": rw <= REWRITE_VS_CP})
+    return extra + [
         {"target": f"qevm dump >= {DUMP_VS_PEER:g}x faster than analyze-migration.py", "mode": mode,
          "value": round(speedup, 2), "unit": "x", "ok": speedup >= DUMP_VS_PEER},
         {"target": f"cat FILE | qevm dump - within {PIPE_VS_CATCAT:g}x of cat FILE | cat", "mode": mode,

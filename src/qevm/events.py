@@ -265,12 +265,12 @@ class RamTally(Event):
     offset: int
     counts: dict[str, list[int]]
     passes: int
-    raw: bytes | None
+    raw: bytes | memoryview | None
 
     def encode(self) -> bytes:
         if self.raw is None:
             raise ValueError("this RAM tally was made without keeping the page bytes (keep_raw=False)")
-        return self.raw
+        return bytes(self.raw)
 
 
 @dataclass(slots=True)

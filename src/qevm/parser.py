@@ -114,7 +114,7 @@ class Parser:
     """Incremental parser of one QEVM stream."""
 
     def __init__(self, *, schema: Schema | None = None, page_size: int | None = None,
-                 file_offset: int = 0, count_pages: bool = False, keep_raw: bool = True) -> None:
+                 file_offset: int = 0, count_pages: bool = False, keep_raw: bool | str = True) -> None:
         self.schema: Schema = schema if schema is not None else Schema()
         self.page_size: int | None = page_size
         self._page_size_fixed = page_size is not None
@@ -146,7 +146,9 @@ class Parser:
         self._pkg_end: list[int] = []  # stream offsets where PACKAGED blobs end
         # counting mode: RAM page records become per-payload RamTally events (fast path for summaries)
         self.count_pages = count_pages
-        self.keep_raw = keep_raw  # counting mode: keep the bytes of the page runs (False: counts only)
+        # counting mode: keep the bytes of the page runs (False: counts only; "borrow": a memoryview into
+        # the parser's buffer, valid only until the parser is fed again: zero-copy for writers)
+        self.keep_raw = keep_raw
         self.passes = PassTracker()
 
     # -- input ---------------------------------------------------------------------------
@@ -183,7 +185,12 @@ class Parser:
             self._pos = 0
             self._end = rem
         if rem + n > len(buf):
-            buf.extend(bytes(rem + n - len(buf)))
+            try:
+                buf.extend(bytes(rem + n - len(buf)))
+            except BufferError:  # a borrowed view (keep_raw="borrow") is still alive: move to a new buffer
+                new = bytearray(max(2 * len(buf), rem + n))
+                new[:rem] = buf[:rem]
+                self._buf = new
 
     def close(self) -> None:
         self._closed = True
@@ -643,8 +650,12 @@ class Parser:
             raise Incomplete
 
     def _tally(self, start: int, end: int, counts: dict[str, list[int]]) -> RamTally:
-        return RamTally(self._base + start, {k: v for k, v in counts.items() if any(v)}, self.passes.passes,
-                        bytes(self._buf[start:end]) if self.keep_raw else None)
+        raw: bytes | memoryview | None = None
+        if self.keep_raw == "borrow":
+            raw = memoryview(self._buf)[start:end]
+        elif self.keep_raw:
+            raw = bytes(self._buf[start:end])
+        return RamTally(self._base + start, {k: v for k, v in counts.items() if any(v)}, self.passes.passes, raw)
 
     def _step_ram_block(self) -> None:
         if self._ram_left == 0:

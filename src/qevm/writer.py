@@ -25,6 +25,7 @@ from .events import (
     RamControl,
     RamFlag,
     RamPage,
+    RamTally,
     Section,
     SectionHeader,
 )
@@ -80,10 +81,49 @@ class _Rewriter:
         self.ram_section: Section | None = None
         self.last_ram_end = False
         self.blocks: dict[str, int] = {}
-        self._pending_append: list[PageEdit] = []
+        # unchanged runs of RAM records are copied file to file by the kernel when both ends are files
+        self._copy_from = inp.file.fileno() if inp.seekable else -1
+        self._span: tuple[int, int] | None = None  # (input offset, length) not yet copied
+
+    def flush_span(self) -> None:
+        if self._span is None:
+            return
+        start, n = self._span
+        self._span = None
+        self.out.flush()
+        out_fd = self.out.fileno()
+        while n:
+            try:
+                k = os.copy_file_range(self._copy_from, out_fd, n, start)
+            except OSError:
+                k = 0
+            if k <= 0:  # not supported here: copy through user space (pread leaves the reader's position)
+                while n:
+                    chunk = os.pread(self._copy_from, min(n, CHUNK), start)
+                    if not chunk:
+                        raise DecodeError("input ended while copying", start)
+                    self.out.write(chunk)
+                    start += len(chunk)
+                    n -= len(chunk)
+                self.out.flush()
+                return
+            start += k
+            n -= k
 
     def handle(self, ev: Event) -> None:
         t = type(ev)
+        if t is RamTally:
+            assert isinstance(ev, RamTally) and ev.raw is not None
+            if self._copy_from < 0:
+                self.out.write(ev.raw)  # a view into the parser's buffer: written before it is fed again
+            elif self._span is not None and self._span[0] + self._span[1] == ev.offset:
+                self._span = (self._span[0], self._span[1] + len(ev.raw))
+            else:
+                self.flush_span()
+                self._span = (ev.offset, len(ev.raw))
+            return
+        if self._span is not None:
+            self.flush_span()
         if t is DeviceState:
             assert isinstance(ev, DeviceState)
             self.out.write(self._device(ev))
@@ -219,10 +259,11 @@ def rewrite(source: str | Input, out_path: str, *, edits: list[Edit] | None = No
                         schema = Schema()
         if not schema and (edits or not inp.seekable):
             schema = _schema_needs_seek(edits, inp)
-        parser = Parser(schema=schema, page_size=page_size, count_pages=not page_edits)
+        parser = Parser(schema=schema, page_size=page_size, count_pages=not page_edits, keep_raw="borrow")
         with os.fdopen(fd, "wb") as out:
             rw = _Rewriter(out, schema, edits, page_edits, lambda: parser.page_size or 4096, inp)
             drive(parser, inp, rw.handle)
+            rw.flush_span()
             out.truncate(out.tell())
             rw.result.size = out.tell()
         for e in edits:
