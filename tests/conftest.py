@@ -71,3 +71,28 @@ def require_fixture(name: str) -> Path:
             pytest.fail(f"fixture {name} missing in CI (scripts/fixtures/make.py should have built it)")
         pytest.skip(f"fixture {name} not generated (python3 scripts/fixtures/make.py {name})")
     return p
+
+
+def destination_args(meta: dict) -> list[str]:
+    """The QEMU command line a fixture was made with, without its monitor, serial and display options
+    (a test adds its own), for starting a destination that loads the fixture."""
+    args: list[str] = []
+    skip = False
+    for a in meta["args"]:
+        if skip:
+            skip = False
+            continue
+        if a in ("-qmp", "-serial", "-display"):
+            skip = True
+            continue
+        args.append(a)
+    return args
+
+
+def fixture_meta(f: Path) -> dict:
+    import json
+
+    m = f.with_suffix(".json")
+    if not m.exists():
+        pytest.skip("fixture metadata missing")
+    return json.loads(m.read_text())

@@ -3,13 +3,12 @@ loading the same stream as a migration destination."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import require_fixture
+from conftest import destination_args, fixture_meta, require_fixture
 
 from qevm.memory import RamImage
 from qevm.reader import read_stream
@@ -22,17 +21,8 @@ HOLE = (0xA0000, 0x100000)
 
 
 def _destination_memory(fixture: Path, tmp_path: Path, size: int) -> bytes:
-    meta = json.loads(fixture.with_suffix(".json").read_text())
-    args: list[str] = []
-    skip = False
-    for a in meta["args"]:
-        if skip:
-            skip = False
-            continue
-        if a in ("-qmp", "-serial", "-display"):
-            skip = True
-            continue
-        args.append(a)
+    meta = fixture_meta(fixture)
+    args = destination_args(meta)
     with Qemu(meta.get("binary", "qemu-system-x86_64"), args + ["-incoming", "defer", "-S"], tmp_path) as vm:
         caps = [{"capability": k, "state": v} for k, v in meta.get("capabilities", {}).items()]
         if caps:
@@ -53,9 +43,7 @@ def _destination_memory(fixture: Path, tmp_path: Path, size: int) -> bytes:
 @pytest.mark.parametrize("name", ["xbzrle-7.2", "compress-7.2", "xbzrle-10.0"])
 def test_rebuilt_ram_equals_qemu_destination(name: str, tmp_path: Path) -> None:
     fixture = require_fixture(name)
-    if not fixture.with_suffix(".json").exists():
-        pytest.skip("fixture metadata missing")
-    meta = json.loads(fixture.with_suffix(".json").read_text())
+    meta = fixture_meta(fixture)
     if meta.get("chroot") or "10.0" in name:
         pytest.skip("destination QEMU of another release: compared on the 7.2 fixtures")
     image = RamImage(4096, str(tmp_path))

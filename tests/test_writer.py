@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_fixture, streams
+from conftest import destination_args, fixture_meta, require_fixture, streams
 from test_cli import qevm
 
 from qevm.errors import EncodeError, UsageError
@@ -52,31 +52,15 @@ def test_paths() -> None:
             parse_path(bad)
 
 
-def _load(fixture_meta: dict, stream: Path, tmp_path: Path, extra: list[str]) -> Qemu:
-    args: list[str] = []
-    skip = False
-    for a in fixture_meta["args"]:
-        if skip:
-            skip = False
-            continue
-        if a in ("-qmp", "-serial", "-display"):
-            skip = True
-            continue
-        args.append(a)
-    vm = Qemu(fixture_meta.get("binary", "qemu-system-x86_64"), args + ["-incoming", "defer"] + extra, tmp_path)
+def _load(meta: dict, stream: Path, tmp_path: Path, extra: list[str]) -> Qemu:
+    args = destination_args(meta)
+    vm = Qemu(meta.get("binary", "qemu-system-x86_64"), args + ["-incoming", "defer"] + extra, tmp_path)
     vm.qmp("migrate-incoming", uri=f"exec:cat {stream}")
     deadline = time.time() + 120
     while vm.qmp("query-status")["status"] == "inmigrate" and time.time() < deadline:
         time.sleep(0.1)
     assert vm.qmp("query-migrate").get("status") == "completed", vm.qmp("query-migrate")
     return vm
-
-
-def _meta(f: Path) -> dict:
-    m = f.with_suffix(".json")
-    if not m.exists():
-        pytest.skip("fixture metadata missing")
-    return json.loads(m.read_text())
 
 
 def test_edited_register_loads_in_qemu(tmp_path: Path) -> None:
@@ -86,7 +70,7 @@ def test_edited_register_loads_in_qemu(tmp_path: Path) -> None:
     a, b = f.read_bytes(), out.read_bytes()
     assert len(a) == len(b)
     assert sum(x != y for x, y in zip(a, b, strict=True)) <= 16  # only the edited fields' bytes
-    with _load(_meta(f), out, tmp_path, ["-S"]) as vm:
+    with _load(fixture_meta(f), out, tmp_path, ["-S"]) as vm:
         regs = vm.hmp("info registers")
     # the paused CPU is in real mode, so QEMU shows the 32-bit register names
     assert re.search(r"EBX=1234abcd", regs), regs
@@ -129,7 +113,7 @@ def test_set_page_loads_in_qemu(tmp_path: Path) -> None:
     out = tmp_path / "paged.mig"
     # one page QEMU sent (first page of pc.ram) and one it never sent (zero in the source)
     qevm("edit", str(f), str(out), "--set-page", f"pc.ram:0x0=@{src}", "--set-page", f"pc.ram:0x200000=@{src}")
-    with _load(_meta(f), out, tmp_path, ["-S"]) as vm:
+    with _load(fixture_meta(f), out, tmp_path, ["-S"]) as vm:
         for addr in (0x0, 0x200000):
             dump = tmp_path / f"m{addr:x}.bin"
             vm.qmp("pmemsave", val=addr, size=4096, filename=str(dump))
@@ -141,7 +125,7 @@ def test_rewritten_running_guest_keeps_running(tmp_path: Path) -> None:
     out = tmp_path / "rw.mig"
     qevm("rewrite", str(f), str(out))
     serial = tmp_path / "serial.log"
-    with _load(_meta(f), out, tmp_path, ["-serial", f"file:{serial}"]) as vm:
+    with _load(fixture_meta(f), out, tmp_path, ["-serial", f"file:{serial}"]) as vm:
         deadline = time.time() + 60
         ticks: list[int] = []
         while time.time() < deadline:

@@ -361,37 +361,42 @@ def _chain(a: Callable[[Event], None], b: Callable[[Event], None] | None) -> Cal
     return both
 
 
+def _fill(parser: Parser, inp: Input, skip_regions: bool) -> None:
+    """Answer one NEED_DATA: seek over a skippable region, read into the parser's buffer, or close it."""
+    f = inp.file
+    n = parser.skippable() if inp.seekable and skip_regions else 0
+    if n:
+        f.seek(n, 1)
+        parser.skip(n)
+        return
+    readinto = getattr(f, "readinto", None)
+    if readinto is not None:
+        view = parser.get_buffer(CHUNK)
+        try:
+            k = readinto(view) or 0
+        finally:
+            view.release()
+        if k:
+            parser.buffer_updated(k)
+        else:
+            parser.close()
+        return
+    data = f.read(CHUNK)
+    if data:
+        parser.feed(data)
+    else:
+        parser.close()
+
+
 def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regions: bool = True) -> None:
     """Feed ``inp`` to ``parser`` until the stream ends, passing every event to ``handle``.
 
     With ``skip_regions`` a seekable input seeks over mapped-ram page regions instead of
     reading them (their events then carry no data)."""
-    f = inp.file
-    readinto = getattr(f, "readinto", None)
     while True:
         ev = parser.next_event()
         if ev is NEED_DATA:
-            n = parser.skippable() if inp.seekable and skip_regions else 0
-            if n:
-                f.seek(n, 1)
-                parser.skip(n)
-                continue
-            if readinto is not None:
-                view = parser.get_buffer(CHUNK)
-                try:
-                    k = readinto(view) or 0
-                finally:
-                    view.release()
-                if k:
-                    parser.buffer_updated(k)
-                else:
-                    parser.close()
-            else:
-                data = f.read(CHUNK)
-                if data:
-                    parser.feed(data)
-                else:
-                    parser.close()
+            _fill(parser, inp, skip_regions)
         elif ev is DONE:
             return
         else:
@@ -403,20 +408,10 @@ def iter_events(source: str | Input, skip_regions: bool = False, **kw: Any) -> I
     inp = open_input(source) if isinstance(source, str) else source
     parser = Parser(**kw)
     try:
-        f = inp.file
         while True:
             ev = parser.next_event()
             if ev is NEED_DATA:
-                n = parser.skippable() if inp.seekable and skip_regions else 0
-                if n:
-                    f.seek(n, 1)
-                    parser.skip(n)
-                    continue
-                data = f.read(CHUNK)
-                if data:
-                    parser.feed(data)
-                else:
-                    parser.close()
+                _fill(parser, inp, skip_regions)
             elif ev is DONE:
                 return
             else:
