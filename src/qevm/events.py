@@ -380,7 +380,8 @@ class VmDescription(Event):
     raw: bytes
 
     def json(self) -> dict[str, Any]:
-        return json.loads(self.raw)
+        doc: dict[str, Any] = json.loads(self.raw)
+        return doc
 
     def encode(self) -> bytes:
         return b"\x06" + be32(len(self.raw)) + self.raw

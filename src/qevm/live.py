@@ -111,7 +111,8 @@ BLOCK_CHUNK = 1 << 20
 def _block(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
     w = cur.be64()
     flags, sector = w & 0x1FF, w >> 9
-    kind, info = "eos", {"flags": flags}
+    kind = "eos"
+    info: dict[str, Any] = {"flags": flags}
     if flags & 0x01:
         kind = "block"
         info["device"] = cur.cstr()

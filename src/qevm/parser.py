@@ -353,8 +353,8 @@ class Parser:
     def _config_schema_sub(self, name: str) -> dict[str, Any] | None:
         desc = self.schema.get(("configuration", 0))
         for sd in (desc or {}).get("subsections", []):
-            if sd.get("vmsd_name") == name:
-                return sd
+            if isinstance(sd, dict) and sd.get("vmsd_name") == name:
+                return dict(sd)
         return None
 
     def _step_top(self) -> None:
@@ -380,11 +380,11 @@ class Parser:
             self._begin_payload(sec, kind)
         elif t in (SectionKind.PART, SectionKind.END):
             sid = cur.be32()
-            sec = self.sections.get(sid)
-            if sec is None:
+            known = self.sections.get(sid)
+            if known is None:
                 raise self._err(f"{SectionKind(t).name} for unknown section id {sid}", off)
-            self._emit(SectionHeader(off, SectionKind(t), sec), cur)
-            self._begin_payload(sec, SectionKind(t))
+            self._emit(SectionHeader(off, SectionKind(t), known), cur)
+            self._begin_payload(known, SectionKind(t))
         elif t == 0x08:
             self._command(cur, off)
         elif t == 0x00:

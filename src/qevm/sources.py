@@ -31,7 +31,7 @@ _WRAPPERS = (
 @dataclass
 class Input:
     name: str
-    file: IO[bytes]
+    file: Any  # a binary reader: read(n), and readinto/seek/tell when it has them
     seekable: bool  # a regular file read raw: random access to the stream's own offsets
     compression: str | None
     size: int | None
@@ -80,12 +80,12 @@ def _grow_pipe(f: Any) -> None:
 
 def _peek(raw: Any, regular: bool) -> bytes:
     if regular:
-        head = raw.read(8)
+        head = bytes(raw.read(8))
         raw.seek(0)
         return head
     head = b""
     while len(head) < 8:
-        b = raw.read(8 - len(head))
+        b = bytes(raw.read(8 - len(head)))
         if not b:
             break
         head += b
@@ -104,9 +104,9 @@ class _Prefixed:
         if self._head:
             h, self._head = self._head, b""
             if n < 0:
-                return h + self._raw.read()
-            return h if len(h) >= n else h + (self._raw.read(n - len(h)) or b"")
-        return self._raw.read(n)
+                return h + bytes(self._raw.read())
+            return h if len(h) >= n else h + bytes(self._raw.read(n - len(h)) or b"")
+        return bytes(self._raw.read(n))
 
     def readinto(self, b: Any) -> int:
         if not self._head:
@@ -123,7 +123,7 @@ class _Prefixed:
 
 
 def _decompressor(kind: str, raw: Any, head: bytes, regular: bool, name: str) -> Any:
-    src = raw if regular else _Prefixed(head, raw, owns=name != "<stdin>")
+    src: Any = raw if regular else _Prefixed(head, raw, owns=name != "<stdin>")
     if kind == "gzip":
         return gzip.GzipFile(fileobj=src, mode="rb")
     if kind == "xz":

@@ -88,7 +88,7 @@ class IntCodec(TypeCodec):
             except ValueError:
                 raise EncodeError(f"{value!r} is not an integer") from None
         self.encode(value, size)
-        return value
+        return int(value)
 
 
 class BoolCodec(TypeCodec):
@@ -118,7 +118,7 @@ class BoolCodec(TypeCodec):
                 return False
             raise EncodeError(f"{value!r} is not a boolean")
         self.encode(value, size)
-        return value
+        return value if isinstance(value, bool) else int(value)
 
 
 class BytesCodec(TypeCodec):
@@ -229,4 +229,5 @@ _F64 = struct.Struct(">d")
 
 def float64_value(bits: int) -> float:
     """IEEE double from the 64-bit pattern (for display of ``float64``/``CPU_Double_U``)."""
-    return _F64.unpack(bits.to_bytes(8, "big"))[0]
+    v: float = _F64.unpack(bits.to_bytes(8, "big"))[0]
+    return v

@@ -66,19 +66,19 @@ class Cursor:
 
     def be16(self) -> int:
         self.need(2)
-        (v,) = _B16.unpack_from(self.buf, self.pos)
+        v: int = _B16.unpack_from(self.buf, self.pos)[0]
         self.pos += 2
         return v
 
     def be32(self) -> int:
         self.need(4)
-        (v,) = _B32.unpack_from(self.buf, self.pos)
+        v: int = _B32.unpack_from(self.buf, self.pos)[0]
         self.pos += 4
         return v
 
     def be64(self) -> int:
         self.need(8)
-        (v,) = _B64.unpack_from(self.buf, self.pos)
+        v: int = _B64.unpack_from(self.buf, self.pos)[0]
         self.pos += 8
         return v
 

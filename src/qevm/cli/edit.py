@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("nothing to edit: give --set, --patch or --set-page")
     res = rewrite(args.stream, args.output, edits=edits, page_edits=pages, schema=opts["schema"],
                   page_size=opts["page_size"])
-    for f in res.fields_set:
-        print(f"set {f}")
+    for name in res.fields_set:
+        print(f"set {name}")
     for pg in res.pages_set:
         print(f"set page {pg}")
     return 0
