@@ -36,5 +36,7 @@ echo "   fixtures ready in $(( $(date +%s) - start )) s"
 
 echo "== ruff"
 python3 -m ruff check $(ls -d src tests scripts benchmarks 2>/dev/null)
+echo "== mypy"
+MYPYPATH=src python3 -m mypy --strict -p qevm
 echo "== pytest"
 python3 -m pytest -q "$@"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA, require_fixture, streams
+from conftest import DATA, FIXTURES, require_fixture, streams
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -174,3 +174,20 @@ def test_memory_dump_small(unpacked) -> None:
     for page in list(mem["pc.bios"].values())[:8]:
         b = bytes.fromhex(page)
         assert len(b) == 4096 and (b in data or b == bytes(4096))
+
+
+def test_qcow2_snapshot_input(tmp_path: Path) -> None:
+    """`savevm` stores the stream inside the qcow2 image: every verb reads it with --snapshot."""
+    img = FIXTURES / "savevm-pc-7.2.qcow2"  # the artifact is a .qcow2, not a .mig
+    if not img.exists():
+        pytest.skip("savevm fixture not generated")
+    doc = json.loads(qevm("dump", str(img), "--snapshot", "snap1").stdout)
+    assert doc["vmdesc"] and all("fields" in s for s in doc["sections"] if s["kind"] == "device")
+    assert json.loads(qevm("info", "--json", str(img)).stdout)["machine"] == "pc-i440fx-7.2"
+    out = tmp_path / "snap.mig"
+    qevm("rewrite", str(img), str(out), "--snapshot", "snap1")
+    assert json.loads(qevm("dump", str(out)).stdout)["sections"] == doc["sections"]
+    r = qevm("dump", str(img), "--snapshot", "nosuch", check=False)
+    assert r.returncode == 2 and "snap1" in r.stderr.decode()
+    r = qevm("dump", str(out), "--snapshot", "snap1", check=False)
+    assert r.returncode == 2 and "qcow2" in r.stderr.decode()

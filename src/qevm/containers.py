@@ -271,7 +271,7 @@ class Qcow2Image:
     # -- properties -------------------------------------------------------------------------
     @property
     def encrypted(self) -> bool:
-        return self.crypt_method != 0
+        return bool(self.crypt_method != 0)
 
     @property
     def corrupt(self) -> bool:
@@ -363,7 +363,7 @@ class Qcow2Image:
 
     def vm_state_offset(self, snap: Qcow2Snapshot) -> int:
         """Guest offset of the vmstate: the first L1 boundary at or past the snapshot's disk size."""
-        return -(-snap.disk_size // self.l1_span) * self.l1_span
+        return int(-(-snap.disk_size // self.l1_span) * self.l1_span)
 
     # -- views ------------------------------------------------------------------------------
     def disk(self, snapshot: Qcow2Snapshot | None = None) -> Qcow2View:
@@ -438,11 +438,11 @@ class Qcow2View(io.RawIOBase):
         return self._size
 
     def tell(self) -> int:
-        self._checkClosed()  # type: ignore[attr-defined]
+        self._checkClosed()
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._checkClosed()  # type: ignore[attr-defined]
+        self._checkClosed()
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
@@ -457,7 +457,7 @@ class Qcow2View(io.RawIOBase):
         return pos
 
     def readinto(self, b: Any) -> int:
-        self._checkClosed()  # type: ignore[attr-defined]
+        self._checkClosed()
         mv = memoryview(b).cast("B")
         n = min(len(mv), self._size - self._pos)
         if n <= 0:
@@ -889,7 +889,7 @@ class LibvirtSave:
         """Absolute file offset of the stream.  In ``sparse`` (mapped-ram) images the RAM page and
         bitmap offsets inside the stream are absolute file offsets (QEMU takes them from the fd's
         position), so a parser needs this as its ``file_offset``."""
-        return self._base + self.stream_offset
+        return int(self._base + self.stream_offset)
 
     def stream(self) -> Any:
         """A file object that yields the QEVM stream (decompressed).  Seekable, with offsets relative
@@ -913,7 +913,7 @@ class LibvirtSave:
             out = _Guarded(_DECOMPRESSORS[comp](src), src, comp, self.file_offset)
         elif comp == "zstd":
             try:
-                import zstandard  # type: ignore[import-not-found]
+                import zstandard  # type: ignore[import-not-found,unused-ignore]
             except ImportError:
                 raise UsageError(self._tool_hint("zstd", "zstd -dc", "or install the 'zstandard' package")) from None
             out = _Guarded(zstandard.ZstdDecompressor().stream_reader(src), src, comp, self.file_offset)

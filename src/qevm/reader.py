@@ -339,7 +339,8 @@ def read_stream(source: str | Input, *, schema: Schema | None = None, page_size:
                     parse_schema = None  # reported when the parser reaches the trailer
         if pages is None:
             pages = memory is not None or on_event is not None
-        parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False)
+        parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False,
+                        file_offset=inp.file_offset)
         an = Analysis(schema=schema, memory=memory, page_size=lambda: parser.page_size or 4096)
         drive(parser, inp, _chain(an.handle, on_event))
         an.size = parser.offset
@@ -406,7 +407,7 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regi
 def iter_events(source: str | Input, skip_regions: bool = False, **kw: Any) -> Iterator[Event]:
     """Every event of a stream, lazily (the input is read as the iterator advances)."""
     inp = open_input(source) if isinstance(source, str) else source
-    parser = Parser(**kw)
+    parser = Parser(**{"file_offset": inp.file_offset, **kw})
     try:
         while True:
             ev = parser.next_event()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import logging
 import lzma
 import os
 import stat
@@ -14,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import IO, Any
 
+from .containers import LibvirtSave, Qcow2VmState, sniff
 from .errors import UsageError
 
 __all__ = ["Input", "open_input", "find_vmdesc", "CHUNK"]
@@ -35,14 +37,18 @@ class Input:
     seekable: bool  # a regular file read raw: random access to the stream's own offsets
     compression: str | None
     size: int | None
+    file_offset: int = 0  # where the stream starts in its file (mapped-ram offsets are file offsets)
 
     def close(self) -> None:
         if self.file not in (sys.stdin.buffer, getattr(sys.stdin.buffer, "raw", None)):
             self.file.close()
 
 
-def open_input(path: str) -> Input:
-    """Open ``path`` (``-`` = standard input).  gzip/xz/bzip2 wrappers are undone on the fly."""
+def open_input(path: str, snapshot: str | None = None) -> Input:
+    """Open ``path`` (``-`` = standard input).  gzip/xz/bzip2 wrappers are undone on the fly.
+
+    A qcow2 image yields the VM state of its internal snapshot ``snapshot`` (a name or id; default:
+    the newest with a VM state); a libvirt save image yields the stream after its header and XML."""
     if path == "-":
         raw: Any = getattr(sys.stdin.buffer, "raw", sys.stdin.buffer)  # unbuffered: one read() per chunk
         name = "<stdin>"
@@ -60,6 +66,29 @@ def open_input(path: str) -> Input:
         regular = False
         st = None
     head = _peek(raw, regular)
+    container = sniff(head)
+    if snapshot is not None and container != "qcow2":
+        if path != "-":
+            raw.close()
+        raise UsageError(f"--snapshot is for qcow2 images; {name} is not one")
+    if container == "qcow2":
+        if not regular:
+            raise UsageError(f"{name}: a qcow2 image is read at random offsets; give its path, not a pipe")
+        try:
+            return Qcow2VmState(raw, snapshot, name=name, close_file=True).to_input(name)
+        except BaseException:
+            raw.close()
+            raise
+    if container == "libvirt":
+        src: Any = raw if regular else _Prefixed(head, raw, owns=path != "-")
+        try:
+            save = LibvirtSave(src, name, close_file=True)
+        except BaseException:
+            src.close()
+            raise
+        if not save.complete:
+            logging.getLogger(__name__).warning("%s: the libvirt save image is incomplete (LibvirtQemudPart)", name)
+        return save.to_input(name)
     for magic, kind in _WRAPPERS:
         if head.startswith(magic):
             return Input(name, _decompressor(kind, raw, head, regular, name), False, kind, None)
@@ -80,12 +109,12 @@ def _grow_pipe(f: Any) -> None:
 
 def _peek(raw: Any, regular: bool) -> bytes:
     if regular:
-        head = bytes(raw.read(8))
+        head = bytes(raw.read(16))
         raw.seek(0)
         return head
     head = b""
-    while len(head) < 8:
-        b = bytes(raw.read(8 - len(head)))
+    while len(head) < 16:
+        b = bytes(raw.read(16 - len(head)))
         if not b:
             break
         head += b

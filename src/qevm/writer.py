@@ -82,7 +82,12 @@ class _Rewriter:
         self.last_ram_end = False
         self.blocks: dict[str, int] = {}
         # unchanged runs of RAM records are copied file to file by the kernel when both ends are files
-        self._copy_from = inp.file.fileno() if inp.seekable else -1
+        self._copy_from = -1
+        if inp.seekable and not inp.file_offset:
+            try:
+                self._copy_from = inp.file.fileno()
+            except (OSError, ValueError, AttributeError):  # not a plain file (a qcow2 snapshot's VM state)
+                pass
         self._span: tuple[int, int] | None = None  # (input offset, length) not yet copied
 
     def flush_span(self) -> None:
@@ -236,11 +241,11 @@ class _Rewriter:
 
 def rewrite(source: str | Input, out_path: str, *, edits: list[Edit] | None = None,
             page_edits: list[PageEdit] | None = None, schema: Schema | None = None,
-            page_size: int | None = None) -> RewriteResult:
+            page_size: int | None = None, snapshot: str | None = None) -> RewriteResult:
     """Decode ``source`` and encode it to ``out_path`` with the edits applied."""
     edits = edits or []
     page_edits = page_edits or []
-    inp = open_input(source) if isinstance(source, str) else source
+    inp = open_input(source, snapshot) if isinstance(source, str) else source
     directory = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(directory):
         raise UsageError(f"output directory {directory} does not exist")
@@ -259,7 +264,8 @@ def rewrite(source: str | Input, out_path: str, *, edits: list[Edit] | None = No
                         schema = Schema()
         if not schema and (edits or not inp.seekable):
             schema = _schema_needs_seek(edits, inp)
-        parser = Parser(schema=schema, page_size=page_size, count_pages=not page_edits, keep_raw="borrow")
+        parser = Parser(schema=schema, page_size=page_size, count_pages=not page_edits, keep_raw="borrow",
+                        file_offset=inp.file_offset)
         with os.fdopen(fd, "wb") as out:
             rw = _Rewriter(out, schema, edits, page_edits, lambda: parser.page_size or 4096, inp)
             drive(parser, inp, rw.handle)

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     opts = read_options(args)
-    inp = open_input(args.stream)
+    inp = open_input(args.stream, snapshot=args.snapshot)
     try:
         raw: bytes | None = None
         if inp.seekable and inp.size:

@@ -9,7 +9,7 @@ import sys
 from ..memory import RamImage
 from ..reader import read_stream
 from ..report import dump_document
-from .common import add_input_options, read_options
+from .common import add_input_options, opened, read_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.memory:
             image = _image(args, opts)
-        an = read_stream(args.stream, memory=image, **opts)
+        with opened(args) as inp:
+            an = read_stream(inp, memory=image, **opts)
         out = sys.stdout
         if args.format == "analyze-migration":
             from ..analyze_format import render

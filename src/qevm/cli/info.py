@@ -8,7 +8,7 @@ from typing import Any
 
 from ..reader import read_stream
 from ..report import info_document
-from .common import add_input_options, print_json, read_options
+from .common import add_input_options, opened, print_json, read_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,7 +63,9 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    an = read_stream(args.stream, **read_options(args))
+    opts = read_options(args)
+    with opened(args) as inp:
+        an = read_stream(inp, **opts)
     doc = info_document(an, args.page_size)
     if args.json:
         print_json(doc)

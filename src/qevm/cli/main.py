@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import QevmError
-from . import desc, dump, edit, info, rewrite
+from . import desc, dump, edit, info, record, rewrite, send, tap
 
-VERBS = (dump, desc, info, rewrite, edit)
+VERBS = (dump, desc, info, rewrite, edit, record, tap, send)
 
 
 def build_parser() -> argparse.ArgumentParser:

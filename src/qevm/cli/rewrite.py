@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     opts = read_options(args)
-    res = rewrite(args.stream, args.output, schema=opts["schema"], page_size=opts["page_size"])
+    res = rewrite(args.stream, args.output, schema=opts["schema"], page_size=opts["page_size"],
+                  snapshot=args.snapshot)
     print(f"{args.output}: {res.size} bytes, {res.devices_reencoded} device sections re-encoded from their "
           f"fields, {res.devices_raw} kept raw (no description)")
     return 0

@@ -1,0 +1,140 @@
+"""``qevm record URI -o FILE``: be the destination of a real QEMU migration and keep the stream.
+
+Also home of the live progress line and the byte formatting shared by ``tap`` and ``send``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from ..record import Progress, record
+from ..returnpath import RpMessage
+from .common import print_json
+from .info import render as render_info
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("record", help="listen as a migration destination and record the stream to a file",
+                       description="Listen on URI (tcp:HOST:PORT, unix:PATH, vsock:CID:PORT) as a migration "
+                       "destination; a QEMU `migrate URI` completes and FILE holds the stream exactly as "
+                       "received (FILE.part until the stream is complete).")
+    p.add_argument("uri", metavar="URI", help="where to listen, e.g. tcp:127.0.0.1:4444 or unix:/tmp/mig.sock "
+                   "(port 0: pick a free one, printed on stderr)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the recording")
+    add_session_options(p)
+    p.add_argument("--switchover-ack", action="store_true",
+                   help="send SWITCHOVER_ACK when the return path opens, as a QEMU >= 8.1 destination with the "
+                   "switchover-ack capability does")
+    p.set_defaults(run=run)
+
+
+def add_session_options(p: argparse.ArgumentParser, listen: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="summary as JSON on stdout")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="give up when the peer sends nothing for S seconds (default 60)")
+    if listen:
+        p.add_argument("--accept-timeout", type=float, metavar="S",
+                       help="give up when nobody connects within S seconds (default: wait)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="live progress on stderr (default: when stderr is a terminal)")
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def render_progress(p: Progress) -> str:
+    done = f"{size(p.bytes)}" + (f"/{size(p.total)} {100 * p.bytes / p.total:3.0f}%" if p.total else "")
+    parts = [f"{p.elapsed:6.1f}s", f"{done} {size(p.rate)}/s", f"pages {p.pages}", f"pass {p.passes}"]
+    if p.rp_messages or p.back_bytes:
+        rp = f"rp {p.rp_messages} msg"
+        if p.page_requests:
+            rp += f", {p.page_requests} page req"
+        parts.append(rp)
+    if p.phase:
+        parts.append(p.phase)
+    if p.section:
+        parts.append(p.section)
+    return "  ".join(parts)
+
+
+class ProgressLine:
+    """One line on stderr rewritten in place with ``\\r``; silent when disabled (not a terminal)."""
+
+    def __init__(self, enabled: bool | None, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.shown = False
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        self.stream.write("\r" + render_progress(p)[:200] + "\x1b[K")
+        self.stream.flush()
+        self.shown = True
+
+    def note(self, text: str) -> None:
+        """A line of its own (the listening address, say), shown when the progress is on."""
+        if self.enabled:
+            self.clear()
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def rp_list(msgs: list[RpMessage], limit: int = 12) -> str:
+    out = []
+    for m in msgs[:limit]:
+        i = m.info()
+        arg = i.get("status", i.get("value"))
+        if "start" in i:
+            arg = f"{i['block']}:0x{i['start']:x}"
+        out.append(f"{m.name}({arg})" if arg is not None else m.name)
+    if len(msgs) > limit:
+        out.append(f"... {len(msgs) - limit} more")
+    return ", ".join(out) or "(none)"
+
+
+def on_listen(line: ProgressLine, requested: str) -> Any:
+    picked = requested.startswith("tcp:") and requested.partition(",")[0].endswith(":0")
+
+    def cb(address: str) -> None:
+        if line.enabled or picked:
+            # a port picked by the system must be told, even to a script
+            print(f"qevm: listening on {address}", file=sys.stderr, flush=True)
+    return cb
+
+
+def run(args: argparse.Namespace) -> int:
+    line = ProgressLine(args.progress)
+    try:
+        res = record(args.uri, args.output, timeout=args.timeout, accept_timeout=args.accept_timeout,
+                     progress=line, switchover_ack=args.switchover_ack, on_listen=on_listen(line, args.uri))
+    finally:
+        line.clear()
+    doc = res.document()
+    if args.json:
+        print_json(doc)
+        return 0
+    r = doc["record"]
+    rate = f" ({size(r['rate_bytes_per_s'])}/s)" if r["rate_bytes_per_s"] else ""
+    out = [f"recorded        {r['bytes']} bytes ({size(r['bytes'])}) in {r['seconds']:.2f} s{rate}",
+           f"from            {r['source']} on {r['listen']}",
+           f"output          {r['output']} (complete)"]
+    if res.return_path:
+        out.append(f"return path     opened; sent {rp_list(res.sent)}")
+    for n in res.notes:
+        out.append(f"note            {n}")
+    sys.stdout.write("\n".join(out) + "\n\n" + render_info(doc["stream"]))
+    return 0

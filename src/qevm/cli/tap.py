@@ -1,0 +1,52 @@
+"""``qevm tap LISTEN_URI TARGET_URI [-o FILE]``: forward a live migration unchanged and show what crosses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..tap import tap
+from .common import print_json
+from .info import render as render_info
+from .record import ProgressLine, add_session_options, on_listen, rp_list, size
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("tap", help="sit between a source and a destination QEMU, decode the stream as it passes",
+                       description="Accept the source QEMU's migration on LISTEN_URI, connect to the destination "
+                       "QEMU (started with -incoming TARGET_URI) and forward every byte unchanged in both "
+                       "directions, return path included; the stream is decoded on the way.")
+    p.add_argument("listen", metavar="LISTEN_URI", help="where the source connects, e.g. tcp:127.0.0.1:4444")
+    p.add_argument("target", metavar="TARGET_URI", help="the destination's -incoming address, e.g. tcp:127.0.0.1:5555")
+    p.add_argument("-o", "--output", metavar="FILE", help="also record the forward stream (FILE.part until complete)")
+    p.add_argument("--rp-output", metavar="FILE", help="also record the return-path bytes")
+    add_session_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    line = ProgressLine(args.progress)
+    try:
+        res = tap(args.listen, args.target, output=args.output, rp_output=args.rp_output, timeout=args.timeout,
+                  accept_timeout=args.accept_timeout, progress=line, on_listen=on_listen(line, args.listen))
+    finally:
+        line.clear()
+    doc = res.document()
+    if args.json:
+        print_json(doc)
+        return 0
+    t = doc["tap"]
+    rate = f" ({size(t['rate_bytes_per_s'])}/s)" if t["rate_bytes_per_s"] else ""
+    out = [f"forwarded       {t['forward_bytes']} bytes ({size(t['forward_bytes'])}) in {t['seconds']:.2f} s{rate}",
+           f"path            {t['source']} -> {t['listen']} -> {t['target']}",
+           f"return path     {t['back_bytes']} bytes: {rp_list(res.rp_messages)}"]
+    if res.page_requests:
+        out.append(f"page requests   {res.page_requests} (postcopy faults served through the tap)")
+    for sc in res.side_channels:
+        out.append(f"side channel    {sc.source}: {sc.forward} bytes forward, {sc.back} back (not decoded)")
+    if args.output:
+        out.append(f"output          {args.output} (complete)")
+    for n in res.notes:
+        out.append(f"note            {n}")
+    sys.stdout.write("\n".join(out) + "\n\n" + render_info(doc["stream"]))
+    return 0
