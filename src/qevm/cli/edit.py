@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if not edits and not pages:
         raise UsageError("nothing to edit: give --set, --patch or --set-page")
     res = rewrite(args.stream, args.output, edits=edits, page_edits=pages, schema=opts["schema"],
-                  page_size=opts["page_size"])
+                  page_size=opts["page_size"], snapshot=args.snapshot)
     for name in res.fields_set:
         print(f"set {name}")
     for pg in res.pages_set:
