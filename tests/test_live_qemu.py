@@ -31,6 +31,7 @@ from qevm.returnpath import (
     DONE,
     NEED_DATA,
     RpDecoder,
+    RpMessage,
     RpType,
     pong,
     recv_bitmap,
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "fixtures"))
 from qemu import Qemu  # noqa: E402
 
 QEMU = shutil.which("qemu-system-x86_64")
+Procs = list[subprocess.Popen[str]]
 ENV = {"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}
 BASE = ["-M", "pc", "-accel", "tcg", "-smp", "1"]
 
@@ -79,7 +81,7 @@ def test_uri_parsing() -> None:
         parse_uri("exec:cat", LISTEN_SCHEMES)
 
 
-def _decode_all(data: bytes, step: int | None = None) -> list:
+def _decode_all(data: bytes, step: int | None = None) -> list[RpMessage]:
     d = RpDecoder()
     out = []
     for i in range(0, len(data), step or max(1, len(data))):
@@ -142,7 +144,7 @@ def test_token_bucket() -> None:
     assert 4.8 <= now[0] <= 5.0  # 5000 bytes at 1000 B/s, the first burst free
 
 
-def test_live_resend_framing(tmp_path: Path, unpacked) -> None:
+def test_live_resend_framing(tmp_path: Path, unpacked: Any) -> None:
     """--live output: same device sections, more passes, the last copy of every page unchanged."""
     f = unpacked(require_fixture("small-pc-7.2"))
     out = bytearray()
@@ -176,9 +178,9 @@ def test_live_resend_framing(tmp_path: Path, unpacked) -> None:
 
 
 @pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen]]:
+def procs() -> Iterator[Procs]:
     """qevm processes started by a test; killed at teardown whatever happened."""
-    started: list[subprocess.Popen] = []
+    started: Procs = []
     yield started
     for p in started:
         if p.poll() is None:
@@ -186,14 +188,14 @@ def procs() -> Iterator[list[subprocess.Popen]]:
         p.wait(10)
 
 
-def start(procs: list, *args: str) -> subprocess.Popen:
+def start(procs: Procs, *args: str) -> subprocess.Popen[str]:
     p = subprocess.Popen([sys.executable, "-m", "qevm.cli.main", *args], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, env=ENV, text=True)
     procs.append(p)
     return p
 
 
-def listening(p: subprocess.Popen, timeout: float = 20) -> str:
+def listening(p: subprocess.Popen[str], timeout: float = 20) -> str:
     """The address a qevm listening on port 0 announces on stderr."""
     assert p.stderr is not None
     r, _, _ = select.select([p.stderr], [], [], timeout)
@@ -211,7 +213,7 @@ def wait_path(path: Path, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def finish(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+def finish(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -221,7 +223,7 @@ def finish(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
-def qevm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def qevm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "qevm.cli.main", *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
 
@@ -293,7 +295,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     w = tmp_path_factory.mktemp("record")
     args = guest_args()
     out = w / "guest.mig"
-    started: list[subprocess.Popen] = []
+    started: Procs = []
     try:
         with boot(args, w, "src") as vm:
             rec = start(started, "record", "tcp:127.0.0.1:0", "-o", str(out), "--json", "--timeout", "30",
@@ -330,7 +332,7 @@ def test_record_completes_and_loads(recording: dict[str, Any], tmp_path: Path) -
         assert_runs_on(dst, recording["last_tick"])
 
 
-def test_source_killed_midway(tmp_path: Path, procs: list) -> None:
+def test_source_killed_midway(tmp_path: Path, procs: Procs) -> None:
     with boot(guest_args(), tmp_path, "src") as vm:
         out = tmp_path / "cut.mig"
         sock = tmp_path / "rec.sock"
@@ -353,7 +355,7 @@ def test_source_killed_midway(tmp_path: Path, procs: list) -> None:
         read_stream(str(part))
 
 
-def test_record_rejects_garbage_and_stalls(tmp_path: Path, procs: list) -> None:
+def test_record_rejects_garbage_and_stalls(tmp_path: Path, procs: Procs) -> None:
     out = tmp_path / "g.mig"
     rec = start(procs, "record", "tcp:127.0.0.1:0", "-o", str(out), "--timeout", "30")
     host, port = listening(rec).split(":")[1:]
@@ -388,7 +390,7 @@ def test_record_rejects_garbage_and_stalls(tmp_path: Path, procs: list) -> None:
 # -------------------------------------------------------------------------------------------- tap
 
 
-def _tap_migration(tmp_path: Path, procs: list, caps: dict[str, bool], params: dict[str, Any], work: str | None,
+def _tap_migration(tmp_path: Path, procs: Procs, caps: dict[str, bool], params: dict[str, Any], work: str | None,
                    mem: int, postcopy: bool = False) -> tuple[dict[str, Any], dict[str, Any], Path]:
     args = guest_args(work, mem)
     port = free_port()
@@ -422,7 +424,7 @@ def _tap_migration(tmp_path: Path, procs: list, caps: dict[str, bool], params: d
     return json.loads(stdout), reply, out
 
 
-def test_tap_precopy(tmp_path: Path, procs: list) -> None:
+def test_tap_precopy(tmp_path: Path, procs: Procs) -> None:
     doc, reply, out = _tap_migration(tmp_path, procs, {}, {"max-bandwidth": 1 << 30}, None, 128)
     t = doc["tap"]
     assert t["complete"] and t["forward_bytes"] == out.stat().st_size and t["back_bytes"] == 0
@@ -433,7 +435,7 @@ def test_tap_precopy(tmp_path: Path, procs: list) -> None:
     assert reply["ram"]["normal"] == sum(b.pages["normal"] for b in an.blocks.values())
 
 
-def test_tap_return_path(tmp_path: Path, procs: list) -> None:
+def test_tap_return_path(tmp_path: Path, procs: Procs) -> None:
     doc, _, _ = _tap_migration(tmp_path, procs, {"return-path": True}, {"max-bandwidth": 1 << 30}, None, 128)
     rp = doc["tap"]["return_path"]
     assert rp["messages"] == {"PONG": 1, "SHUT": 1}
@@ -441,7 +443,17 @@ def test_tap_return_path(tmp_path: Path, procs: list) -> None:
     assert doc["tap"]["back_bytes"] == 16
 
 
-def test_tap_postcopy(tmp_path: Path, procs: list) -> None:
+def test_tap_multifd_channels(tmp_path: Path, procs: Procs) -> None:
+    """Further connections (multifd) are paired with connections to the destination, in order."""
+    doc, reply, _ = _tap_migration(tmp_path, procs, {"multifd": True}, {"max-bandwidth": 1 << 30}, None, 128)
+    t = doc["tap"]
+    assert len(t["side_channels"]) == 2 and all(c["forward"] > 0 for c in t["side_channels"])
+    # the main channel carries the framing and zero pages only; the page data went over the side channels
+    assert doc["stream"]["ram"]["pages"]["normal"] == 0
+    assert sum(c["forward"] for c in t["side_channels"]) > reply["ram"]["normal"] * 4096
+
+
+def test_tap_postcopy(tmp_path: Path, procs: Procs) -> None:
     # switch to postcopy part-way through the first pass, with a slow postcopy phase, so that the running
     # destination faults on pages it lacks and asks for them through the tap
     params = {"max-bandwidth": 32 << 20, "downtime-limit": 10, "max-postcopy-bandwidth": 8 << 20}
@@ -511,7 +523,7 @@ def test_send_to_a_file_uri(recording: dict[str, Any], tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
 
 
-def test_tap_to_nowhere(tmp_path: Path, procs: list) -> None:
+def test_tap_to_nowhere(tmp_path: Path, procs: Procs) -> None:
     sock = tmp_path / "t.sock"
     tp = start(procs, "tap", f"unix:{sock}", f"unix:{tmp_path / 'nobody.sock'}", "--timeout", "5")
     wait_path(sock)
