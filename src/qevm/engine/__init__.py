@@ -1,0 +1,25 @@
+"""A Python VM with QEMU's migration and snapshot machinery (``qevm vm``).
+
+``machine``   the demo machine: RAM with dirty logging, a CPU thread running a deterministic
+              workload, a 16550 UART printing ``tick N`` every 100 ms, QEMU's virtual clock;
+              every piece of state described with ``qevm.vmstate``
+``states``    the migration status and run state lifecycles, as tables
+``stream``    writing a stream: savevm phases, the RAM handler (dirty bitmap, zero pages, XBZRLE
+              cache), the rate limiter
+``load``      loading a stream into the machine on the sans-I/O parser
+``migration`` the outgoing migration thread (precopy, stop-and-copy, cancel, failure)
+``incoming``  the destination side
+``snapshots`` savevm / loadvm / delvm into a directory of stream files
+``channels``  incoming transports and ``getfd`` descriptors (outgoing ones: ``qevm.transport``)
+``core``      the engine and its QMP command set; ``hmp`` the human monitor commands
+``qmp``       the QMP server (QEMU's wire protocol)
+"""
+
+from __future__ import annotations
+
+from .core import Engine, QMPError
+from .machine import Machine
+from .qmp import QMPServer
+from .states import MigrationStatus, RunState
+
+__all__ = ["Engine", "QMPError", "Machine", "QMPServer", "MigrationStatus", "RunState"]

@@ -1,0 +1,439 @@
+"""The engine: one machine, its migration state, the incoming side, snapshots, and the QMP command set.
+
+``Engine.execute(name, arguments)`` is what a QMP monitor calls; it returns the ``return`` value or
+raises ``QMPError(class, desc)`` with QEMU 10.0's words.  Commands run one at a time (``cmd_lock``),
+as they do in QEMU's main loop; the migration and the CPU run in their own threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import QevmError, UsageError
+from ..transport import Channel
+from .channels import FdTable, open_incoming, open_outgoing
+from .incoming import IncomingMigration
+from .machine import Machine
+from .migration import CAPABILITIES, MAX_MIGRATE_DOWNTIME, SUPPORTED_CAPABILITIES, MigrationState
+from .snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
+from .states import MigrationStatus, RunState
+
+__all__ = ["Engine", "QMPError", "COMMANDS", "QEMU_VERSION"]
+
+log = logging.getLogger(__name__)
+
+#: the QEMU release whose QMP behaviour (texts, fields) the engine reproduces
+QEMU_VERSION = {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": "qevm"}
+MIGRATION_ACTIVE = "There's a migration process in progress"
+S = MigrationStatus
+
+
+class QMPError(Exception):
+    """A command failed: QMP's ``{"error": {"class": ..., "desc": ...}}``."""
+
+    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.cls = cls
+        self.desc = desc
+
+
+# -- argument checking (QEMU's QAPI visitor messages) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arg:
+    type: str  # "str", "bool", "int", "size", "list", "any"
+    required: bool = False
+
+
+def _check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
+    for name in args:
+        if name not in spec:
+            raise QMPError(f"Parameter '{name}' is unexpected")
+    for name, a in spec.items():
+        if name not in args:
+            if a.required:
+                raise QMPError(f"Parameter '{name}' is missing")
+            continue
+        v = args[name]
+        ok = {
+            "str": isinstance(v, str),
+            "bool": isinstance(v, bool),
+            "int": isinstance(v, int) and not isinstance(v, bool),
+            "size": isinstance(v, int) and not isinstance(v, bool),
+            "list": isinstance(v, list),
+            "any": True,
+        }[a.type]
+        if not ok:
+            if a.type == "size":
+                raise QMPError(f"Parameter '{name}' expects uint64")
+            expected = {"str": "string", "bool": "boolean", "int": "integer", "list": "array"}[a.type]
+            raise QMPError(f"Invalid parameter type for '{name}', expected: {expected}")
+
+
+_PARAM_TYPES: dict[str, str] = {
+    "max-bandwidth": "size", "downtime-limit": "size", "xbzrle-cache-size": "size",
+    "avail-switchover-bandwidth": "size", "max-postcopy-bandwidth": "size", "announce-initial": "size",
+    "announce-max": "size", "announce-rounds": "size", "announce-step": "size",
+    "throttle-trigger-threshold": "int", "cpu-throttle-initial": "int", "cpu-throttle-increment": "int",
+    "cpu-throttle-tailslow": "bool", "tls-creds": "any", "tls-hostname": "any", "tls-authz": "any",
+    "x-checkpoint-delay": "int", "multifd-channels": "int", "max-cpu-throttle": "int",
+    "multifd-compression": "str", "multifd-zlib-level": "int", "multifd-qatzip-level": "int",
+    "multifd-zstd-level": "int", "x-vcpu-dirty-limit-period": "int", "vcpu-dirty-limit": "int", "mode": "str",
+    "zero-page-detection": "str", "direct-io": "bool",
+}
+#: parameters that change behaviour here (the others are stored and reported only)
+ACTIVE_PARAMETERS = ("max-bandwidth", "downtime-limit", "xbzrle-cache-size")
+
+
+class Engine:
+    """The QMP-facing VM: see the module docstring."""
+
+    def __init__(self, machine: Machine, *, snapshot_dir: str | None = None, autostart: bool = True,
+                 incoming: str | None = None) -> None:
+        self.m = machine
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        machine.emit = self.emit
+        self.mig = MigrationState(machine, self.emit)
+        self.fds = FdTable()
+        self.store = SnapshotStore(snapshot_dir) if snapshot_dir else None
+        self.autostart = autostart
+        self.incoming: IncomingMigration | None = None
+        self.incoming_once = False
+        self.cmd_lock = threading.RLock()
+        self.exit_code: int | None = None
+        self.exited = threading.Event()
+        self.COMMANDS = COMMANDS
+        if incoming is not None:
+            machine.set_runstate(RunState.INMIGRATE)
+            if incoming != "defer":
+                self._start_incoming(incoming, exit_on_error=True)
+        else:
+            machine.boot()
+            if autostart:
+                machine.vm_start()
+
+    # -- events / lifecycle ------------------------------------------------------------------------------
+    def emit(self, name: str, data: dict[str, Any] | None) -> None:
+        now = time.time()
+        msg: dict[str, Any] = {"timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1e6)},
+                               "event": name}
+        if data is not None:
+            msg["data"] = data
+        for cb in list(self.listeners):
+            try:
+                cb(name, msg)
+            except Exception:  # noqa: BLE001 - a broken monitor must not stop the VM
+                log.exception("event listener failed")
+
+    def request_exit(self, code: int) -> None:
+        if self.exit_code is None:
+            self.exit_code = code
+        self.exited.set()
+
+    def shutdown(self) -> None:
+        """Stop everything this engine started (after ``exited``)."""
+        if self.mig.running:
+            self.mig.cancel()
+            self.mig.wait(10)
+        if self.incoming is not None:
+            self.incoming.abort()
+        self.m.close()
+        self.fds.close_all()
+
+    # -- dispatch ----------------------------------------------------------------------------------------
+    def execute(self, name: str, arguments: dict[str, Any]) -> Any:
+        entry = COMMANDS.get(name)
+        if entry is None:
+            raise QMPError(f"The command {name} has not been found", "CommandNotFound")
+        fn, spec = entry
+        _check_args(arguments, spec)
+        with self.cmd_lock:
+            return fn(self, arguments)
+
+    # -- helpers used by the commands and HMP --------------------------------------------------------------
+    def migration_info(self) -> dict[str, Any]:
+        if self.mig.status is S.NONE and self.incoming is not None:
+            return self.incoming.info()
+        return self.mig.info()
+
+    def _start_incoming(self, uri: str, exit_on_error: bool) -> None:
+        try:
+            src = open_incoming(uri, self.fds)
+        except QevmError as e:
+            raise QMPError(str(e)) from None
+        self.incoming = IncomingMigration(
+            self.m, src, autostart=self.autostart, exit_on_error=exit_on_error, emit=self.emit,
+            events_on=lambda: self.mig.caps["events"], on_exit=self.request_exit)
+        self.incoming_once = True
+        self.incoming.start()
+
+    def migrate(self, uri: str) -> None:
+        mig = self.mig
+        if mig.running:
+            raise QMPError(MIGRATION_ACTIVE)
+        if self.m.runstate is RunState.INMIGRATE:
+            raise QMPError("Guest is waiting for an incoming migration")
+        if self.m.runstate is RunState.POSTMIGRATE:
+            raise QMPError("Can't migrate the vm that was paused due to previous migration")
+        scheme = uri.partition(":")[0]
+        if scheme in ("tcp", "unix"):
+            # parse now (errors go back to the caller), connect in the migration thread like QEMU
+            try:
+                from ..transport import parse_uri
+                parse_uri(uri)
+            except QevmError as e:
+                raise QMPError(str(e)) from None
+            mig.prepare()
+            mig.start(lambda: open_outgoing(uri, self.fds), uri)
+            return
+        if ":" not in uri or scheme not in ("exec", "fd", "file"):
+            raise QMPError(f"unknown migration protocol: {uri}")
+        mig.prepare()
+        try:
+            ch: Channel = open_outgoing(uri, self.fds)
+        except QevmError as e:
+            mig.fail_setup(str(e))
+            raise QMPError(str(e)) from None
+        mig.start(lambda: ch, uri)
+
+    def savevm(self, name: str | None) -> None:
+        if self.store is None:
+            raise UsageError(NO_SNAPSHOT_DEVICE)
+        if self.mig.running:
+            raise UsageError(MIGRATION_ACTIVE)
+        m = self.m
+        with m.lock:
+            was_running = m.running
+            m.globalstate.store(RunState.RUNNING if was_running else m.runstate)
+            m.vm_stop(RunState.SAVE_VM)
+        mig = self.mig
+        mig.prepare()
+        ok = False
+        try:
+            self.store.save(m, name, datetime.datetime.now(), on_sync=mig._pass)
+            ok = True
+        except (QevmError, OSError) as e:
+            mig.error = str(e)
+            raise UsageError(f"Error while writing VM state: {e}") from None
+        finally:
+            mig.cell.transition(S.SETUP, S.COMPLETED if ok else S.FAILED)
+            if was_running:
+                m.vm_start()
+
+    def loadvm(self, name: str) -> None:
+        m = self.m
+        was_running = m.running
+        m.vm_stop(RunState.RESTORE_VM)
+        if self.store is None:
+            raise UsageError(NO_SNAPSHOT_DEVICE)
+        if self.mig.running:
+            raise UsageError(MIGRATION_ACTIVE)
+        with m.lock:
+            try:
+                self.store.load(m, name)
+            except UsageError:
+                raise
+            except (QevmError, OSError) as e:
+                raise UsageError(f"Error while loading VM state: {e}") from None
+        if was_running:
+            m.vm_start()
+
+    def delvm(self, name: str) -> None:
+        if self.store is None:
+            return
+        self.store.delete(name)
+
+    def info_snapshots(self) -> str:
+        if self.store is None:
+            return NO_SNAPSHOT_DEVICE + "\n"
+        return format_snapshot_table(self.store.entries())
+
+
+# -- the commands --------------------------------------------------------------------------------------------
+
+Handler = Callable[[Engine, dict[str, Any]], Any]
+COMMANDS: dict[str, tuple[Handler, dict[str, Arg]]] = {}
+
+
+def command(name: str, **spec: Arg) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        COMMANDS[name] = (fn, dict(spec))
+        return fn
+    return deco
+
+
+@command("query-status")
+def _query_status(e: Engine, a: dict[str, Any]) -> Any:
+    return {"status": e.m.runstate.value, "running": e.m.running}
+
+
+@command("query-version")
+def _query_version(e: Engine, a: dict[str, Any]) -> Any:
+    return dict(QEMU_VERSION)
+
+
+@command("query-commands")
+def _query_commands(e: Engine, a: dict[str, Any]) -> Any:
+    return [{"name": n} for n in ["qmp_capabilities", *COMMANDS]]
+
+
+@command("stop")
+def _stop(e: Engine, a: dict[str, Any]) -> Any:
+    if e.m.runstate is RunState.INMIGRATE:
+        e.autostart = False
+        if e.incoming is not None:
+            e.incoming.autostart = False
+    else:
+        e.m.vm_stop(RunState.PAUSED)
+    return {}
+
+
+@command("cont")
+def _cont(e: Engine, a: dict[str, Any]) -> Any:
+    if e.m.runstate is RunState.INMIGRATE:
+        e.autostart = True
+        if e.incoming is not None:
+            e.incoming.autostart = True
+        return {}
+    if e.m.runstate is RunState.FINISH_MIGRATE:
+        raise QMPError("Migration is not finalized yet")
+    e.m.vm_start()
+    return {}
+
+
+@command("quit")
+def _quit(e: Engine, a: dict[str, Any]) -> Any:
+    e.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+    e.request_exit(0)
+    return {}
+
+
+@command("migrate", uri=Arg("str"), channels=Arg("list"), detach=Arg("bool"), resume=Arg("bool"))
+def _migrate(e: Engine, a: dict[str, Any]) -> Any:
+    if a.get("resume"):
+        raise QMPError("Cannot resume if there is no paused migration")
+    if "uri" in a and "channels" in a:
+        raise QMPError("need either 'uri' or 'channels' argument")
+    if "channels" in a:
+        raise QMPError("qevm's engine takes a 'uri', not 'channels'")
+    if "uri" not in a:
+        raise QMPError("need either 'uri' or 'channels' argument")
+    e.migrate(a["uri"])
+    return {}
+
+
+@command("migrate-incoming", uri=Arg("str"), channels=Arg("list"), **{"exit-on-error": Arg("bool")})
+def _migrate_incoming(e: Engine, a: dict[str, Any]) -> Any:
+    if e.incoming_once:
+        raise QMPError("The incoming migration has already been started")
+    if e.m.runstate is not RunState.INMIGRATE:
+        raise QMPError("'-incoming' was not specified on the command line")
+    if "uri" not in a or "channels" in a:
+        raise QMPError("need either 'uri' or 'channels' argument")
+    e._start_incoming(a["uri"], a.get("exit-on-error", True))
+    return {}
+
+
+@command("query-migrate")
+def _query_migrate(e: Engine, a: dict[str, Any]) -> Any:
+    return e.migration_info()
+
+
+@command("migrate_cancel")
+def _migrate_cancel(e: Engine, a: dict[str, Any]) -> Any:
+    e.mig.cancel()
+    return {}
+
+
+@command("query-migrate-parameters")
+def _query_params(e: Engine, a: dict[str, Any]) -> Any:
+    return dict(e.mig.params)
+
+
+@command("migrate-set-parameters", **{k: Arg(t) for k, t in _PARAM_TYPES.items()})
+def _set_params(e: Engine, a: dict[str, Any]) -> Any:
+    new = dict(a)
+    for k in ("max-bandwidth", "downtime-limit", "xbzrle-cache-size", "avail-switchover-bandwidth",
+              "max-postcopy-bandwidth"):
+        if k in new and new[k] < 0:
+            new[k] &= (1 << 64) - 1  # QAPI 'size' takes a negative number modulo 2^64
+    if "downtime-limit" in new and new["downtime-limit"] > MAX_MIGRATE_DOWNTIME:
+        raise QMPError("Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
+    if "xbzrle-cache-size" in new:
+        v = new["xbzrle-cache-size"]
+        if v < e.m.page_size or v & (v - 1):
+            raise QMPError("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size")
+    for k, v in new.items():
+        e.mig.params[k] = v
+    return {}
+
+
+@command("query-migrate-capabilities")
+def _query_caps(e: Engine, a: dict[str, Any]) -> Any:
+    return [{"capability": c, "state": e.mig.caps[c]} for c in CAPABILITIES]
+
+
+@command("migrate-set-capabilities", capabilities=Arg("list", True))
+def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
+    if e.mig.running:
+        raise QMPError(MIGRATION_ACTIVE)
+    changes: dict[str, bool] = {}
+    for item in a["capabilities"]:
+        if not isinstance(item, dict):
+            raise QMPError("Invalid parameter type for 'capabilities[0]', expected: object")
+        for k in item:
+            if k not in ("capability", "state"):
+                raise QMPError(f"Parameter 'capabilities[0].{k}' is unexpected")
+        cap, state = item.get("capability"), item.get("state")
+        if cap is None:
+            raise QMPError("Parameter 'capability' is missing")
+        if state is None:
+            raise QMPError("Parameter 'state' is missing")
+        if not isinstance(cap, str) or cap not in CAPABILITIES:
+            raise QMPError(f"Parameter 'capability' does not accept value '{cap}'")
+        if not isinstance(state, bool):
+            raise QMPError("Invalid parameter type for 'state', expected: boolean")
+        if state and cap not in SUPPORTED_CAPABILITIES:
+            raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
+        changes[cap] = state
+    e.mig.caps.update(changes)
+    return {}
+
+
+@command("human-monitor-command", **{"command-line": Arg("str", True), "cpu-index": Arg("int")})
+def _hmp(e: Engine, a: dict[str, Any]) -> Any:
+    from .hmp import run_hmp
+
+    return run_hmp(e, a["command-line"]).replace("\n", "\r\n")
+
+
+@command("getfd", fdname=Arg("str", True))
+def _getfd(e: Engine, a: dict[str, Any]) -> Any:
+    raise QMPError("No file descriptor supplied via SCM_RIGHTS")  # the monitor handles it when one came
+
+
+@command("closefd", fdname=Arg("str", True))
+def _closefd(e: Engine, a: dict[str, Any]) -> Any:
+    if not e.fds.close(a["fdname"]):
+        raise QMPError(f"File descriptor named '{a['fdname']}' not found")
+    return {}
+
+
+@command("x-qevm-query-machine", digest=Arg("bool"))
+def _query_machine(e: Engine, a: dict[str, Any]) -> Any:
+    m = e.m
+    with m.lock:
+        out: dict[str, Any] = {
+            "machine": "qevm-demo-1.0", "ram-size": m.ram_size, "page-size": m.page_size, "seed": m.cpu.seed,
+            "ops": m.cpu.ops, "next-line": m.cpu.line, "dirty-rate": m.cpu.dirty_rate,
+            "vm-clock-ns": m.clock.now(),
+        }
+        if a.get("digest"):
+            out["ram-sha256"] = m.ram_digest()
+    return out

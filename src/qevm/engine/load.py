@@ -1,0 +1,222 @@
+"""Loading a stream into the machine (QEMU's ``qemu_loadvm_state``), on the sans-I/O parser.
+
+    ld = StreamLoader(machine)
+    while not ld.finished:
+        view = ld.get_buffer(1 << 20); n = read_into(view); del view
+        replies = ld.buffer_updated(n)       # n == 0: the input ended
+    ld.check_complete()
+
+Every event is applied as it comes: RAM pages into the machine's RAM (PAGE, ZERO, XBZRLE applied in
+place on the current page, zlib COMPRESS_PAGE), device sections into the registered objects with
+QEMU's checks (entry exists, version not newer, vmsd hooks).  The errors use QEMU's words.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+from ..errors import DecodeError, QevmError
+from ..events import (
+    Command,
+    CommandEvent,
+    Configuration,
+    DeviceState,
+    EndOfFile,
+    Event,
+    FileHeader,
+    RamBlock,
+    RamPage,
+    SectionHeader,
+    SectionKind,
+    VmDescription,
+)
+from ..parser import DONE, NEED_DATA, Parser
+from ..vmstate import load_state
+from ..xbzrle import apply_delta
+from .machine import MACHINE_TYPE, RAM_BLOCK, Machine
+
+__all__ = ["LoadError", "StreamLoader", "LoadStats"]
+
+
+class LoadError(QevmError):
+    """The incoming stream cannot be loaded into this machine."""
+
+
+_PAGE, _ZERO, _XBZRLE, _COMPRESS = 0x08, 0x02, 0x40, 0x100
+
+
+@dataclass
+class LoadStats:
+    pages: int = 0
+    zero: int = 0
+    xbzrle: int = 0
+    sections: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+
+class StreamLoader:
+    """Bytes in, machine state out.  ``buffer_updated`` returns the commands that need an answer on
+    the return path (OPEN_RETURN_PATH, PING)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.parser = Parser(page_size=machine.page_size)
+        self.ps = machine.page_size
+        self.zero = bytes(self.ps)
+        self.stats = LoadStats()
+        self.seen_config = False
+        self.seen_eof = False
+        self.finished = False
+        self._last: Event | None = None
+        self._closed = False
+
+    # -- input -------------------------------------------------------------------------------------------
+    def get_buffer(self, n: int) -> memoryview:
+        return self.parser.get_buffer(n)
+
+    def buffer_updated(self, n: int) -> list[CommandEvent]:
+        if n == 0:
+            self.parser.close()
+            self._closed = True
+        else:
+            self.parser.buffer_updated(n)
+            self.stats.bytes += n
+        return self._drain()
+
+    def feed(self, data: bytes) -> list[CommandEvent]:
+        if not data:
+            return self.buffer_updated(0)
+        self.parser.feed(data)
+        self.stats.bytes += len(data)
+        return self._drain()
+
+    def check_complete(self) -> None:
+        if not self.seen_eof:
+            raise LoadError(f"the stream ended at offset {self.parser.offset} before its EOF record "
+                            "(the source went away or the migration was cancelled)")
+
+    # -- events ------------------------------------------------------------------------------------------
+    def _drain(self) -> list[CommandEvent]:
+        replies: list[CommandEvent] = []
+        p = self.parser
+        while True:
+            try:
+                ev = p.next_event()
+            except DecodeError as e:
+                if self.seen_eof:  # something after EOF that is not a vmdesc: QEMU only warns
+                    self.finished = True
+                    return replies
+                raise LoadError(str(e)) from e
+            if ev is NEED_DATA:
+                return replies
+            if ev is DONE:
+                self.finished = True
+                return replies
+            assert isinstance(ev, Event)
+            self._apply(ev, replies)
+
+    def _apply(self, ev: Event, replies: list[CommandEvent]) -> None:
+        if isinstance(ev, RamPage):
+            self._page(ev)
+            return
+        if isinstance(ev, DeviceState):
+            self._device(ev)
+            return
+        if isinstance(ev, FileHeader):
+            return
+        if not self.seen_config and not isinstance(ev, Configuration):
+            raise LoadError("Configuration section missing")
+        if isinstance(ev, Configuration):
+            self._configuration(ev)
+        elif isinstance(ev, SectionHeader):
+            self._section(ev)
+        elif isinstance(ev, RamBlock):
+            if ev.name != RAM_BLOCK:
+                raise LoadError(f'Unknown ramblock "{ev.name}", cannot accept migration')
+            if ev.used_length != self.m.ram_size:
+                raise LoadError(f"Length mismatch: {ev.name}: 0x{ev.used_length:x} in != 0x{self.m.ram_size:x}: "
+                                "Invalid argument")
+        elif isinstance(ev, CommandEvent):
+            if ev.cmd in (Command.OPEN_RETURN_PATH, Command.PING):
+                replies.append(ev)
+            elif ev.cmd == Command.SWITCHOVER_START:
+                pass
+            else:
+                raise LoadError(f"qevm's engine does not support the {ev.name} command (postcopy, COLO)")
+        elif isinstance(ev, EndOfFile):
+            self.seen_eof = True
+        elif isinstance(ev, VmDescription):
+            self.finished = True
+
+    def _configuration(self, ev: Configuration) -> None:
+        self.seen_config = True
+        # QEMU compares over the received length only (a received prefix of our name is accepted)
+        if not MACHINE_TYPE.startswith(ev.machine) or not ev.machine:
+            raise LoadError(f"Machine type received is '{ev.machine}' and local is '{MACHINE_TYPE}'")
+        if ev.capabilities:
+            raise LoadError(f"Capability '{ev.capabilities[0]}' is enabled on the source and not on the destination")
+
+    def _section(self, ev: SectionHeader) -> None:
+        sec = ev.section
+        if ev.kind not in (SectionKind.START, SectionKind.FULL):
+            return
+        self.stats.sections.append(sec.idstr)
+        if sec.idstr == "ram":
+            if sec.version != 4:
+                raise LoadError(f"savevm: unsupported version {sec.version} for 'ram' v4")
+            return
+        se = self.m.registry.find(sec.idstr, sec.instance_id)
+        if se is None or se is self.m.ram_entry:
+            raise LoadError(f"Unknown savevm section or instance '{sec.idstr}' {sec.instance_id}. Make sure that "
+                            "your current VM setup matches your saved VM setup, including any hotplugged devices")
+        if sec.version > se.version_id:
+            raise LoadError(f"savevm: unsupported version {sec.version} for '{sec.idstr}' v{se.version_id}")
+
+    def _device(self, ev: DeviceState) -> None:
+        sec = ev.section
+        se = self.m.registry.find(sec.idstr, sec.instance_id)
+        if se is None or se.vmsd is None:
+            raise LoadError(f"section '{sec.idstr}' cannot be loaded here")
+        try:
+            load_state(se.vmsd, se.opaque, ev.data, sec.version, name=sec.idstr, offset=ev.offset)
+        except QevmError as e:
+            raise LoadError(f"error while loading state for instance 0x{sec.instance_id:x} of device "
+                            f"'{sec.idstr}': {e}") from e
+
+    def _page(self, ev: RamPage) -> None:
+        ps = self.ps
+        a = ev.addr
+        ram = self.m.ram
+        kind = ev.flags & ~0x20
+        if kind == _PAGE:
+            ram[a:a + ps] = ev.payload
+            self.stats.pages += 1
+        elif kind == _ZERO:
+            fill = ev.payload[0]
+            ram[a:a + ps] = self.zero if fill == 0 else bytes((fill,)) * ps
+            self.stats.zero += 1
+        elif kind == _XBZRLE:
+            pl = ev.payload
+            if pl[0] != 1:
+                raise LoadError(f"Failed to load XBZRLE page - wrong compression! (0x{pl[0]:02x})")
+            n = int.from_bytes(pl[1:3], "big")
+            if n > ps:
+                raise LoadError(f"Failed to load XBZRLE page - len overflow! ({n})")
+            page = bytearray(ram[a:a + ps])
+            try:
+                apply_delta(page, pl[3:3 + n], ev.offset)
+            except DecodeError as e:
+                raise LoadError(f"Failed to load XBZRLE page - decode error! ({e})") from e
+            ram[a:a + ps] = bytes(page)
+            self.stats.xbzrle += 1
+        elif kind == _COMPRESS:
+            n = int.from_bytes(ev.payload[:4], "big")
+            try:
+                data = zlib.decompress(ev.payload[4:4 + n])
+            except zlib.error as e:
+                raise LoadError(f"Failed to decompress page: {e}") from e
+            if len(data) != ps:
+                raise LoadError(f"Failed to decompress page: {len(data)} bytes, expected {ps}")
+            ram[a:a + ps] = data
+            self.stats.pages += 1

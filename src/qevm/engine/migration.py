@@ -1,0 +1,332 @@
+"""Outgoing migration: QEMU's migration thread for a precopy migration of the demo machine.
+
+``MigrationState`` is the one per-process migration object (QEMU's ``current_migration``): its
+status cell, parameters, capabilities, counters and the thread.  ``start(channel)`` runs, in a
+thread, what migration/migration.c does:
+
+1. setup: header, configuration, START ram (every page dirty); status setup -> active;
+2. iterations: while the pending bytes are at least ``threshold`` (bandwidth measured over 100 ms
+   windows x ``downtime-limit``), send PART sections of dirty pages, limited to ``max-bandwidth``;
+   when pending drops below the threshold, sync the dirty log (a new pass) and check again;
+3. stop-and-copy: store the global state, stop the VM (STOP, status device), END ram with every
+   page left, the device sections, EOF, vmdesc; close the channel; status completed, run state
+   postmigrate.
+
+``cancel()`` moves the status to cancelling and wakes the thread, which ends in cancelled; a channel
+error (the destination died) ends in failed.  In both cases a VM stopped for the device stage is
+started again, as QEMU does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import QevmError
+from ..transport import Channel
+from .channels import abort_channel
+from .machine import Machine
+from .states import MigrationStatus, RunState, StatusCell
+from .stream import XBZRLE_DEFAULT_CACHE, Cancelled, RamSaver, RateLimiter, SaveSession, StreamOut
+
+__all__ = ["MigrationState", "DEFAULT_PARAMETERS", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "BUFFER_DELAY"]
+
+log = logging.getLogger(__name__)
+
+BUFFER_DELAY = 0.1  # seconds: the bandwidth measurement window
+MAX_WAIT = 0.05  # seconds: longest PART section
+MAX_THROTTLE = 128 << 20  # QEMU's default max-bandwidth
+MAX_MIGRATE_DOWNTIME = 2000 * 1000
+
+S = MigrationStatus
+
+#: QEMU 10.0's query-migrate-parameters, with its defaults (only some of them act here)
+DEFAULT_PARAMETERS: dict[str, Any] = {
+    "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100,
+    "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
+    "cpu-throttle-tailslow": False, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
+    "max-bandwidth": MAX_THROTTLE, "avail-switchover-bandwidth": 0, "downtime-limit": 300,
+    "x-checkpoint-delay": 20000, "multifd-channels": 2, "xbzrle-cache-size": XBZRLE_DEFAULT_CACHE,
+    "max-postcopy-bandwidth": 0, "max-cpu-throttle": 99, "multifd-compression": "none",
+    "multifd-zlib-level": 1, "multifd-qatzip-level": 1, "multifd-zstd-level": 1, "x-vcpu-dirty-limit-period": 1000,
+    "vcpu-dirty-limit": 1, "mode": "normal", "zero-page-detection": "multifd", "direct-io": False,
+}
+#: QEMU 10.0's capabilities, in query-migrate-capabilities order
+CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram", "x-colo",
+                "release-ram", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",
+                "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
+                "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
+                "mapped-ram")
+#: the ones this engine implements (setting another one on is refused, rather than ignored)
+SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "zero-blocks", "late-block-activate"})
+
+
+class MigrationState:
+    """The source side of migration: status, parameters, capabilities, counters, thread."""
+
+    def __init__(self, machine: Machine, emit: Callable[[str, dict[str, Any] | None], None]) -> None:
+        self.m = machine
+        self.emit = emit
+        self.params: dict[str, Any] = dict(DEFAULT_PARAMETERS)
+        self.caps: dict[str, bool] = {c: False for c in CAPABILITIES}
+        self.cell = StatusCell(self._on_status)
+        self.error: str | None = None
+        self.thread: threading.Thread | None = None
+        self.channel: Channel | None = None
+        self.uri = ""
+        self._abort = threading.Event()
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.start_time = 0.0
+        self.setup_time = 0
+        self.total_time = 0
+        self.downtime = 0
+        self.expected_downtime = int(self.params["downtime-limit"])
+        self.mbps = 0.0
+        self.pages_per_second = 0
+        self.threshold = 0
+        self.precopy_bytes = 0
+        self.downtime_bytes = 0
+        self.session: SaveSession | None = None
+        self.out: StreamOut | None = None
+        self.iterations = 0
+
+    # -- status ----------------------------------------------------------------------------------------
+    @property
+    def status(self) -> MigrationStatus:
+        return self.cell.status
+
+    def _on_status(self, new: MigrationStatus) -> None:
+        if self.caps["events"]:
+            self.emit("MIGRATION", {"status": new.value})
+
+    def _pass(self, n: int) -> None:
+        if self.caps["events"]:
+            self.emit("MIGRATION_PASS", {"pass": n})
+
+    @property
+    def running(self) -> bool:
+        return self.status in (S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING)
+
+    # -- commands ----------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """QEMU's migrate_init: a fresh state; the status becomes setup (MIGRATION event)."""
+        self.cell.reset()
+        self.error = None
+        self._abort = threading.Event()
+        self._reset_stats()
+        self.start_time = time.monotonic()
+        self.cell.transition(S.NONE, S.SETUP)
+
+    def fail_setup(self, why: str) -> None:
+        """The channel could not be opened: setup -> failed."""
+        if self.cell.status is S.CANCELLING:
+            self.cell.transition(S.CANCELLING, S.CANCELLED)
+            return
+        self.error = why
+        self.cell.transition(S.SETUP, S.FAILED)
+
+    def start(self, opener: Callable[[], Channel], uri: str) -> None:
+        """Run the migration in its thread; ``opener`` makes the channel there (a connect that fails
+        ends in failed, as QEMU's asynchronous socket connect)."""
+        self._opener = opener
+        self.uri = uri
+        self.thread = threading.Thread(target=self._thread, name="live_migration", daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """migrate_cancel: active/setup/device -> cancelling; the thread finishes the job."""
+        for old in (S.SETUP, S.ACTIVE, S.DEVICE):
+            if self.cell.status is old and self.cell.transition(old, S.CANCELLING):
+                self._abort.set()
+                if self.channel is not None:
+                    abort_channel(self.channel)
+                return
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    # -- the migration thread -------------------------------------------------------------------------------
+    def _thread(self) -> None:
+        try:
+            ch = self._opener()
+        except (QevmError, OSError) as e:
+            log.error("%s", e)
+            self.fail_setup(str(e))
+            return
+        self.channel = ch
+        if self._abort.is_set():  # cancelled while connecting
+            abort_channel(ch)
+            ch.close()
+            self.cell.transition(S.CANCELLING, S.CANCELLED)
+            self.channel = None
+            return
+        self._migrate(ch)
+
+    def _migrate(self, ch: Channel) -> None:
+        m = self.m
+        limiter = RateLimiter(self.params["max-bandwidth"])
+        self._rate_param = self.params["max-bandwidth"]
+        out = StreamOut(ch.sendall, limiter=limiter, abort=self._abort)
+        self.out = out
+        sess = SaveSession(m, out, xbzrle=self.caps["xbzrle"], cache_size=int(self.params["xbzrle-cache-size"]),
+                           on_sync=self._pass)
+        self.session = sess
+        stopped_here = False
+        was_running = m.running
+        try:
+            sess.header()
+            sess.setup()
+            out.flush()
+            self.setup_time = int((time.monotonic() - self.start_time) * 1000)
+            if not self.cell.transition(S.SETUP, S.ACTIVE):
+                raise Cancelled()
+            self._iterate(sess, out, limiter)
+            # -- stop and copy
+            with m.lock:
+                if self.status is not S.ACTIVE:
+                    raise Cancelled()
+                was_running = m.running
+                m.globalstate.store(RunState.RUNNING if was_running else m.runstate)
+                stop_t = time.monotonic()
+                m.vm_stop(RunState.FINISH_MIGRATE)
+                stopped_here = True
+                if not self.cell.transition(S.ACTIVE, S.DEVICE):
+                    raise Cancelled()
+                before = out.total
+                out.limited = False
+                sess.complete()
+                ch.shutdown_write()
+                ch.close()
+                end_t = time.monotonic()
+                self.downtime = max(0, int((end_t - stop_t) * 1000))
+                self.downtime_bytes = out.total - before
+                self.precopy_bytes = before
+                self.total_time = int((end_t - self.start_time) * 1000)
+                transfer_ms = max(1, self.total_time - self.setup_time)
+                self.mbps = out.total * 8.0 / transfer_ms / 1000.0
+                self.pages_per_second = int(sess.ram.c.pages_sent * 1000 / transfer_ms)
+                if not self.cell.transition(S.DEVICE, S.COMPLETED):
+                    raise Cancelled()
+                m.set_runstate(RunState.POSTMIGRATE)
+            log.info("migration completed: %d bytes in %d ms, downtime %d ms", out.total, self.total_time,
+                     self.downtime)
+        except (Cancelled, QevmError, OSError) as e:
+            abort_channel(ch)
+            try:
+                ch.close()
+            except Exception:  # noqa: BLE001 - the channel is being torn down after an error anyway
+                pass
+            self.total_time = int((time.monotonic() - self.start_time) * 1000)
+            status = self.status
+            if status is S.CANCELLING:
+                self.cell.transition(S.CANCELLING, S.CANCELLED)
+            elif status in (S.SETUP, S.ACTIVE, S.DEVICE):
+                self.error = str(e) if not isinstance(e, Cancelled) else "cancelled"
+                log.error("migration failed: %s", self.error)
+                self.cell.transition(status, S.FAILED)
+            if stopped_here:
+                if was_running:
+                    m.vm_start()
+                elif m.runstate is RunState.FINISH_MIGRATE:
+                    m.set_runstate(RunState.POSTMIGRATE)
+        finally:
+            self.channel = None
+
+    def _iterate(self, sess: SaveSession, out: StreamOut, limiter: RateLimiter) -> None:
+        ram: RamSaver = sess.ram
+        win_t = time.monotonic()
+        win_bytes = out.total
+        while True:
+            if self._abort.is_set() or self.status is not S.ACTIVE:
+                raise Cancelled()
+            rate = self.params["max-bandwidth"]
+            if rate != self._rate_param:
+                self._rate_param = rate
+                limiter.set_rate(rate)
+            pending = ram.pending()
+            if pending < self.threshold or pending == 0:
+                ram.sync()
+                pending = ram.pending()
+            if pending and pending >= self.threshold:
+                sess.iterate(time.monotonic() + MAX_WAIT)
+                self.iterations += 1
+                out.flush()
+            else:
+                return
+            now = time.monotonic()
+            if now - win_t >= BUFFER_DELAY:
+                sent = out.total - win_bytes
+                ms = (now - win_t) * 1000.0
+                bandwidth = sent / ms  # bytes per ms
+                self.threshold = int(bandwidth * self.params["downtime-limit"])
+                self.mbps = sent * 8.0 / ms / 1000.0
+                if ram.c.dirty_pages_rate and sent > 10000 and bandwidth > 0:
+                    self.expected_downtime = int(ram.pending() / bandwidth)
+                win_t, win_bytes = now, out.total
+
+    # -- query-migrate ---------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        st = self.status
+        if st is S.NONE:
+            return {}
+        info: dict[str, Any] = {"status": st.value}
+        if st in (S.ACTIVE, S.CANCELLING, S.DEVICE, S.COMPLETED):
+            info["setup-time"] = self.setup_time
+            if st is S.COMPLETED:
+                info["total-time"] = self.total_time
+                info["downtime"] = self.downtime
+            else:
+                info["total-time"] = int((time.monotonic() - self.start_time) * 1000)
+                info["expected-downtime"] = self.expected_downtime
+            info["ram"] = self._ram_info(st)
+            if self.caps["xbzrle"]:
+                info["xbzrle-cache"] = self._xbzrle_info()
+        elif st is S.FAILED and self.error:
+            info["error-desc"] = self.error
+        return info
+
+    def _ram_info(self, st: MigrationStatus) -> dict[str, Any]:
+        sess = self.session
+        out = self.out
+        c = sess.ram.c if sess is not None else None
+        ps = self.m.page_size
+        transferred = out.total if out is not None else 0
+        ram: dict[str, Any] = {
+            "transferred": transferred,
+            "remaining": 0 if st is S.COMPLETED or sess is None else sess.ram.pending(),
+            "total": self.m.ram_size,
+            "duplicate": c.duplicate if c else 0,
+            "normal": c.normal if c else 0,
+            "normal-bytes": (c.normal if c else 0) * ps,
+            "dirty-pages-rate": 0 if st is S.COMPLETED or not c else c.dirty_pages_rate,
+            "mbps": self.mbps,
+            "dirty-sync-count": c.dirty_sync_count if c else 0,
+            "postcopy-requests": 0,
+            "page-size": ps,
+            "multifd-bytes": 0,
+            "pages-per-second": self.pages_per_second,
+            "precopy-bytes": self.precopy_bytes if st is S.COMPLETED else transferred,
+            "downtime-bytes": self.downtime_bytes,
+            "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
+        }
+        return ram
+
+    def _xbzrle_info(self) -> dict[str, Any]:
+        sess = self.session
+        c = sess.ram.c if sess is not None else None
+        return {
+            "cache-size": int(self.params["xbzrle-cache-size"]),
+            "bytes": c.xbzrle_bytes if c else 0,
+            "pages": c.xbzrle_pages if c else 0,
+            "cache-miss": c.xbzrle_cache_miss if c else 0,
+            "cache-miss-rate": c.xbzrle_cache_miss_rate if c else 0,
+            "encoding-rate": c.xbzrle_encoding_rate if c else 0,
+            "overflow": c.xbzrle_overflow if c else 0,
+        }

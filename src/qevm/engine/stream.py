@@ -1,0 +1,372 @@
+"""Writing a stream: QEMU's ``qemu_savevm_state_*`` phases for this machine, the RAM handler's
+save side (dirty bitmap, page scan, zero pages, XBZRLE with a cache), the rate limiter, and the
+output buffer that counts every byte put on the wire.
+
+    out = StreamOut(channel.sendall, limiter=RateLimiter(32 << 20))
+    s = SaveSession(machine, out)
+    s.header(); s.setup()             # header + configuration, START ram (MEM_SIZE list)
+    while s.ram.pending() > ...:      # PART ram sections while the guest runs
+        s.iterate(deadline)
+    s.complete()                      # END ram, FULL device sections, EOF, vmdesc
+
+Records are written with the exact layout of ``qevm.events`` (``RamPage``, ``RamControl``,
+``SectionHeader``, ``Footer``...); the hot path packs page records directly and a test checks the
+bytes against the event classes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..events import (
+    Configuration,
+    EndOfFile,
+    FileHeader,
+    Footer,
+    RamFlag,
+    Section,
+    SectionHeader,
+    SectionKind,
+    VmDescription,
+)
+from ..vmstate import CONFIGURATION, State, save_state, vmdesc_json
+from ..wire import be64, cstr
+from .machine import MACHINE_TYPE, RAM_BLOCK, Machine
+
+__all__ = ["Cancelled", "RateLimiter", "StreamOut", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
+           "XBZRLE_DEFAULT_CACHE"]
+
+XBZRLE_DEFAULT_CACHE = 64 << 20
+_B64 = struct.Struct(">Q")
+_B16 = struct.Struct(">H")
+_NONZERO = re.compile(rb"[^\x00]+")
+_ZERO, _PAGE, _EOS, _CONT, _XBZRLE, _MEM_SIZE = (int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.EOS),
+                                                 int(RamFlag.CONTINUE), int(RamFlag.XBZRLE),
+                                                 int(RamFlag.MEM_SIZE))
+
+
+class Cancelled(Exception):
+    """The writer was told to stop (migrate_cancel)."""
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+class RateLimiter:
+    """``max-bandwidth`` as a token bucket: at most ``rate`` bytes per second over the run, with at
+    most one 100 ms window (QEMU's BUFFER_DELAY) of credit saved up while idle."""
+
+    WINDOW = 0.1
+
+    def __init__(self, rate: float) -> None:
+        self.rate = 0.0
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float) -> None:
+        self.rate = float(rate)
+        self.t0 = time.monotonic()
+        self.charged = 0
+
+    def charge(self, n: int, abort: threading.Event | None = None) -> None:
+        self.charged += n
+        if self.rate <= 0 or self.rate >= 1 << 62:
+            return
+        now = time.monotonic()
+        lag = (now - self.t0) - self.charged / self.rate  # > 0: behind schedule (credit)
+        if lag > self.WINDOW:
+            self.t0 += lag - self.WINDOW
+            lag = self.WINDOW
+        if lag < 0:
+            if abort is not None:
+                if abort.wait(-lag):
+                    raise Cancelled()
+            else:
+                time.sleep(-lag)
+
+
+class StreamOut:
+    """Buffers records and hands them to ``sink`` in chunks, through the rate limiter; ``total`` is
+    every byte handed over (``transferred`` in query-migrate)."""
+
+    def __init__(self, sink: Callable[[bytes | bytearray], object], *, limiter: RateLimiter | None = None,
+                 abort: threading.Event | None = None, chunk: int = 64 << 10) -> None:
+        self.sink = sink
+        self.limiter = limiter
+        self.abort = abort
+        self.chunk = chunk
+        self.buf = bytearray()
+        self.total = 0
+        self.limited = True  # False during the stop-and-copy phase, as QEMU
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.buf += data
+        if len(self.buf) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        if self.abort is not None and self.abort.is_set():
+            raise Cancelled()
+        buf, self.buf = self.buf, bytearray()
+        if self.limiter is not None and self.limited:
+            self.limiter.charge(len(buf), self.abort)
+        self.sink(buf)
+        self.total += len(buf)
+
+
+# -- XBZRLE ------------------------------------------------------------------------------------------------
+
+def _uleb(out: bytearray, v: int) -> None:
+    if v < 0x80:
+        out.append(v)
+    else:
+        out.append((v & 0x7F) | 0x80)
+        out.append(v >> 7)
+
+
+def xor_delta(old: bytes, new: bytes) -> bytes | None:
+    """The XBZRLE delta turning ``old`` into ``new`` (same bytes as ``qevm.xbzrle.make_delta``: runs of
+    differing bytes are the non-zero runs of ``old ^ new``, found by the regex engine instead of a
+    Python loop).  None when the delta would be longer than the page (QEMU's overflow)."""
+    n = len(new)
+    x = (int.from_bytes(old, "big") ^ int.from_bytes(new, "big")).to_bytes(n, "big")
+    out = bytearray()
+    prev = 0
+    for m in _NONZERO.finditer(x):
+        s, e = m.span()
+        _uleb(out, s - prev)
+        _uleb(out, e - s)
+        out += new[s:e]
+        prev = e
+        if len(out) > n:
+            return None
+    return bytes(out)
+
+
+# -- RAM -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RamCounters:
+    """QEMU's ram_counters / xbzrle_counters (what query-migrate shows under "ram" / "xbzrle-cache")."""
+
+    duplicate: int = 0
+    normal: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0
+    xbzrle_bytes: int = 0
+    xbzrle_pages: int = 0
+    xbzrle_cache_miss: int = 0
+    xbzrle_overflow: int = 0
+    xbzrle_cache_miss_rate: float = 0.0
+    xbzrle_encoding_rate: float = 0.0
+    pages_sent: int = 0  # pages of every kind (pages-per-second)
+
+
+class RamSaver:
+    """The save side of the ``ram`` live handler for one RAMBlock."""
+
+    def __init__(self, machine: Machine, *, xbzrle: bool = False, cache_size: int = XBZRLE_DEFAULT_CACHE,
+                 on_sync: Callable[[int], None] | None = None) -> None:
+        self.m = machine
+        self.ps = machine.page_size
+        self.zero = bytes(self.ps)
+        self.bitmap = bytearray(machine.npages)
+        self.dirty_count = 0
+        self.pos = 0
+        self.last_block: str | None = None
+        self.xbzrle = xbzrle
+        self.xbzrle_active = False  # from the second round on, as QEMU
+        self.cache: dict[int, bytes] = {}
+        self.cache_pages = max(1, cache_size // self.ps)
+        self.c = RamCounters()
+        self.on_sync = on_sync
+        self._rate_t = time.monotonic()
+        self._rate_pages = 0
+        self._period_visits = 0
+        self._period_misses = 0
+        self._period_xbz_pages = 0
+        self._period_xbz_bytes = 0
+
+    def pending(self) -> int:
+        return self.dirty_count * self.ps
+
+    def sync(self) -> None:
+        """Merge the machine's dirty log into the bitmap (QEMU's migration_bitmap_sync); the caller
+        holds the machine lock or the machine is stopped."""
+        with self.m.lock:
+            log = self.m.take_dirty()
+        n = len(self.bitmap)
+        merged = (int.from_bytes(self.bitmap, "little") | int.from_bytes(log, "little")).to_bytes(n, "little")
+        self.bitmap = bytearray(merged)
+        self.dirty_count = self.bitmap.count(1)
+        self._rate_pages += log.count(1)
+        now = time.monotonic()
+        if now - self._rate_t >= 1.0:
+            self.c.dirty_pages_rate = int(self._rate_pages / (now - self._rate_t))
+            self._rate_t = now
+            self._rate_pages = 0
+        if self.xbzrle and self._period_visits:
+            self.c.xbzrle_cache_miss_rate = self._period_misses / self._period_visits
+            if self._period_xbz_bytes:
+                self.c.xbzrle_encoding_rate = self._period_xbz_pages * self.ps / self._period_xbz_bytes
+            self._period_visits = self._period_misses = self._period_xbz_pages = self._period_xbz_bytes = 0
+        self.c.dirty_sync_count += 1
+        if self.on_sync is not None:
+            self.on_sync(self.c.dirty_sync_count)
+
+    # -- payloads ------------------------------------------------------------------------------------
+    def setup(self, out: StreamOut) -> None:
+        """The START payload: MEM_SIZE with the block list, EOS.  Every page starts dirty."""
+        self.bitmap = bytearray(b"\x01" * self.m.npages)
+        with self.m.lock:
+            self.m.take_dirty()
+        self.dirty_count = self.m.npages
+        self.c.dirty_sync_count += 1
+        if self.on_sync is not None:
+            self.on_sync(self.c.dirty_sync_count)
+        out.write(be64(self.m.ram_size | _MEM_SIZE) + cstr(RAM_BLOCK) + be64(self.m.ram_size) + be64(_EOS))
+
+    def iterate(self, out: StreamOut, deadline: float | None) -> int:
+        """Send dirty pages, scanning on from where the last call stopped, until none are left or
+        ``deadline`` (monotonic) has passed; then EOS.  Returns the pages visited."""
+        bm = self.bitmap
+        pos = self.pos
+        visited = 0
+        while True:
+            p = bm.find(1, pos)
+            if p < 0:
+                self._round_done()
+                if pos == 0 or not self.dirty_count:
+                    pos = 0
+                    break
+                pos = 0
+                continue
+            bm[p] = 0
+            self.dirty_count -= 1
+            self._save_page(out, p)
+            visited += 1
+            pos = p + 1
+            if deadline is not None and not visited & 63 and time.monotonic() >= deadline:
+                break
+        self.pos = pos
+        out.write(be64(_EOS))
+        return visited
+
+    def _round_done(self) -> None:
+        if self.xbzrle:
+            self.xbzrle_active = True
+
+    def _save_page(self, out: StreamOut, p: int) -> None:
+        ps = self.ps
+        off = p * ps
+        data = self.m.ram[off:off + ps]
+        c = self.c
+        c.pages_sent += 1
+        if self.last_block == RAM_BLOCK:
+            head = _B64.pack(off | _CONT)
+            named = b""
+        else:
+            head = _B64.pack(off)
+            named = cstr(RAM_BLOCK)
+            self.last_block = RAM_BLOCK
+        word = _B64.unpack(head)[0]
+        if data == self.zero:
+            out.write(_B64.pack(word | _ZERO) + named + b"\x00")
+            c.duplicate += 1
+            if self.xbzrle and p in self.cache:
+                self.cache[p] = self.zero
+            return
+        if self.xbzrle_active:
+            self._period_visits += 1
+            old = self.cache.get(p)
+            if old is None:
+                c.xbzrle_cache_miss += 1
+                self._period_misses += 1
+                self._cache_insert(p, data)
+            else:
+                delta = xor_delta(old, data)
+                if delta is not None and not delta:
+                    c.pages_sent -= 1
+                    return  # unchanged since it was sent: nothing to send
+                self.cache[p] = data
+                if delta is None:
+                    c.xbzrle_overflow += 1
+                else:
+                    out.write(_B64.pack(word | _XBZRLE) + named + b"\x01" + _B16.pack(len(delta)) + delta)
+                    c.xbzrle_pages += 1
+                    c.xbzrle_bytes += len(delta) + 3
+                    self._period_xbz_pages += 1
+                    self._period_xbz_bytes += len(delta) + 3
+                    return
+        out.write(_B64.pack(word | _PAGE) + named + data)
+        c.normal += 1
+
+    def _cache_insert(self, p: int, data: bytes) -> None:
+        cache = self.cache
+        if len(cache) >= self.cache_pages:
+            del cache[next(iter(cache))]
+        cache[p] = data
+
+
+# -- the whole stream ----------------------------------------------------------------------------------
+
+class SaveSession:
+    """One outgoing stream of this machine (migration or savevm): QEMU's savevm phases."""
+
+    def __init__(self, machine: Machine, out: StreamOut, *, xbzrle: bool = False,
+                 cache_size: int = XBZRLE_DEFAULT_CACHE, on_sync: Callable[[int], None] | None = None) -> None:
+        self.m = machine
+        self.out = out
+        self.ram = RamSaver(machine, xbzrle=xbzrle, cache_size=cache_size, on_sync=on_sync)
+        ram = machine.ram_entry
+        self._ram_section = Section(ram.section_id, ram.idstr, ram.instance_id, ram.version_id, "ram")
+
+    def header(self) -> None:
+        self.out.write(FileHeader(0).encode() + Configuration(0, MACHINE_TYPE, []).encode())
+
+    def _ram_chunk(self, kind: SectionKind, body: Callable[[], Any]) -> None:
+        self.out.write(SectionHeader(0, kind, self._ram_section).encode())
+        body()
+        self.out.write(Footer(0, self._ram_section.section_id).encode())
+
+    def setup(self) -> None:
+        self._ram_chunk(SectionKind.START, lambda: self.ram.setup(self.out))
+
+    def iterate(self, deadline: float | None) -> None:
+        self._ram_chunk(SectionKind.PART, lambda: self.ram.iterate(self.out, deadline))
+
+    def complete(self) -> None:
+        """With the machine stopped: last sync, END ram with every remaining page, the device
+        sections in handler order, EOF and the vmdesc trailer; then flush."""
+        self.ram.sync()
+        self._ram_chunk(SectionKind.END, lambda: self.ram.iterate(self.out, None))
+        self.write_devices()
+        self.out.flush()
+
+    def write_devices(self) -> None:
+        name = MACHINE_TYPE.encode("latin-1")
+        top: dict[str, Any] = {
+            "configuration": save_state(CONFIGURATION, State(len=len(name), name=name)).desc,
+            "page_size": self.m.page_size,
+        }
+        devices: list[dict[str, Any]] = []
+        top["devices"] = devices
+        reg = self.m.registry
+        for se in reg.handlers:
+            saved = reg.save_entry(se)
+            if saved is None:
+                continue
+            data, entry = saved
+            sec = Section(se.section_id, se.idstr, se.instance_id, se.version_id, "device")
+            self.out.write(SectionHeader(0, SectionKind.FULL, sec).encode())
+            self.out.write(data)
+            self.out.write(Footer(0, se.section_id).encode())
+            devices.append(entry)
+        self.out.write(EndOfFile(0).encode())
+        self.out.write(VmDescription(0, vmdesc_json(top).encode("utf-8")).encode())
