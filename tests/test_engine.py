@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 qmp = pytest.importorskip("qemu.qmp")
 from qemu.qmp import EventListener, ExecuteError, QMPClient  # noqa: E402
 
@@ -230,6 +231,146 @@ def assert_migration_figures(info: dict[str, Any], ram_size: int, wire: int | No
         assert ram["transferred"] == wire, f"query-migrate says {ram['transferred']}, the wire carried {wire}"
     mbps = ram["transferred"] * 8 / (info["total-time"] - info["setup-time"]) / 1000
     assert abs(ram["mbps"] - mbps) <= 0.02 * mbps + 0.1
+
+
+# -- in-process: codecs, tables, round trips ------------------------------------------------------------------------
+
+def _machine(ram: int = 256 << 10, **kw: Any) -> Any:
+    from qevm.engine.machine import Machine
+
+    return Machine(ram, **kw)
+
+
+def _save_bytes(m: Any, *, xbzrle: bool = False, rounds: int = 1) -> bytes:
+    from qevm.engine.stream import SaveSession, StreamOut
+
+    buf = bytearray()
+    sess = SaveSession(m, StreamOut(buf.extend), xbzrle=xbzrle)
+    sess.header()
+    sess.setup()
+    for _ in range(rounds):
+        sess.iterate(None)
+        m.run_ops(500)
+        sess.ram.sync()
+    sess.complete()
+    return bytes(buf)
+
+
+def test_xor_delta_matches_reference() -> None:
+    """The fast XBZRLE encoder (XOR + regex) gives the reference encoder's bytes."""
+    import random
+
+    from qevm.engine.stream import xor_delta
+    from qevm.xbzrle import apply_delta, make_delta
+
+    rng = random.Random(7)
+    for _ in range(300):
+        old = bytearray(rng.randbytes(4096) if rng.random() < 0.5 else bytes(4096))
+        new = bytearray(old)
+        for _ in range(rng.randrange(0, 40)):
+            a = rng.randrange(4096)
+            n = rng.randrange(1, 200)
+            new[a:a + n] = rng.randbytes(min(n, 4096 - a))
+        ref = make_delta(bytes(old), bytes(new))
+        fast = xor_delta(bytes(old), bytes(new))
+        if len(ref) > 4096:
+            assert fast is None
+            continue
+        assert fast == ref
+        page = bytearray(old)
+        apply_delta(page, fast)
+        assert page == new
+
+
+def test_stream_round_trip_in_process() -> None:
+    """What the engine writes parses, re-encodes to the same bytes with qevm.events, and loads into a
+    second machine: same RAM, same CPU, serial and clock state."""
+    from qevm.engine.load import StreamLoader
+    from qevm.parser import Parser
+
+    a = _machine(dirty_rate=0, seed=5)
+    a.boot()
+    a.run_ops(3000)
+    a.clock.set(123_456_789)
+    a.cpu.line = 42
+    data = _save_bytes(a, xbzrle=True, rounds=3)
+    p = Parser()
+    p.feed(data)
+    p.close()
+    evs = list(p.events())
+    assert b"".join(ev.encode() for ev in evs) == data
+    kinds = {type(ev).__name__ for ev in evs}
+    assert {"RamMemSize", "RamBlock", "RamPage", "DeviceState", "EndOfFile", "VmDescription"} <= kinds
+    assert any(getattr(ev, "flags", 0) & 0x40 for ev in evs), "no XBZRLE page in the stream"
+
+    b = _machine(seed=99, fill=0.0)
+    ld = StreamLoader(b)
+    for k in range(0, len(data), 7919):  # odd chunks: records split anywhere
+        ld.feed(data[k:k + 7919])
+    ld.feed(b"")
+    ld.check_complete()
+    assert b.ram_digest() == a.ram_digest()
+    assert (b.cpu.seed, b.cpu.ops, b.cpu.line, b.cpu.tick_timer) == (a.cpu.seed, a.cpu.ops, 42, a.cpu.tick_timer)
+    assert b.clock.now() == 123_456_789
+    assert b.globalstate.state is not None
+
+
+def test_loader_refuses_what_qemu_refuses() -> None:
+    from qevm.engine.load import LoadError, StreamLoader
+
+    a = _machine()
+    a.boot()
+    data = _save_bytes(a)
+    with pytest.raises(LoadError, match=r"Length mismatch: demo.ram: 0x40000 in != 0x80000"):
+        StreamLoader(_machine(512 << 10)).feed(data)
+    bad = data.replace(b"qevm-demo-1.0", b"qevm-demo-2.0", 1)
+    with pytest.raises(LoadError, match="Machine type received is 'qevm-demo-2.0' and local is 'qevm-demo-1.0'"):
+        StreamLoader(_machine()).feed(bad)
+    ld = StreamLoader(_machine())
+    ld.feed(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="input ended inside a RAM record"):
+        ld.feed(b"")
+    ld = StreamLoader(_machine())
+    ld.feed(data[: data.rindex(b'{"configuration"') - 6])  # every record before EOF
+    with pytest.raises(LoadError):
+        ld.feed(b"")
+        ld.check_complete()
+    bad = data.replace(b"\x06serial", b"\x06seriaX", 1)
+    with pytest.raises(LoadError, match="Unknown savevm section or instance 'seriaX' 0"):
+        StreamLoader(_machine()).feed(bad)
+
+
+def test_state_tables() -> None:
+    from qevm.engine.states import IllegalTransition, MigrationStatus, StatusCell, transitions_table
+
+    S = MigrationStatus
+    seen: list[str] = []
+    cell = StatusCell(lambda st: seen.append(st.value))
+    assert cell.transition(S.NONE, S.SETUP)
+    assert not cell.transition(S.ACTIVE, S.DEVICE)  # compare-and-swap: not in active
+    with pytest.raises(IllegalTransition):
+        cell.transition(S.SETUP, S.NONE)
+    with pytest.raises(IllegalTransition):
+        cell.reset()  # not while running
+    for old, new in ((S.SETUP, S.ACTIVE), (S.ACTIVE, S.DEVICE), (S.DEVICE, S.COMPLETED)):
+        assert cell.transition(old, new)
+    with pytest.raises(IllegalTransition):
+        cell.transition(S.COMPLETED, S.ACTIVE)
+    cell.reset()
+    assert seen == ["setup", "active", "device", "completed"] and cell.status is S.NONE
+    assert "| cancelling | cancelled, failed |" in transitions_table()
+
+
+def test_snapshot_table_format() -> None:
+    from qevm.engine.snapshots import SnapshotInfo, format_snapshot_table, size_to_str
+
+    assert [size_to_str(v) for v in (0, 999, 1000, 666_624, 1536 * 1024, 256 << 20, 3 << 30)] == [
+        "0 B", "999 B", "0.977 KiB", "651 KiB", "1.5 MiB", "256 MiB", "3 GiB"]
+    sn = SnapshotInfo("1", "vm-20261122031831", 666_624, 0, 0, 13_000_000)
+    row = format_snapshot_table([sn]).splitlines()[2]
+    assert row.startswith("--      vm-20261122031831  651 KiB ")
+    assert row.endswith("  0000:00:00.013         --")
+    assert format_snapshot_table([]) == "There is no snapshot available.\n"
 
 
 # -- live migration ----------------------------------------------------------------------------------------------

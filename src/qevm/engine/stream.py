@@ -344,6 +344,8 @@ class SaveSession:
     def complete(self) -> None:
         """With the machine stopped: last sync, END ram with every remaining page, the device
         sections in handler order, EOF and the vmdesc trailer; then flush."""
+        if self.m.globalstate.state is None:  # callers normally store it before stopping the VM
+            self.m.globalstate.store(self.m.runstate)
         self.ram.sync()
         self._ram_chunk(SectionKind.END, lambda: self.ram.iterate(self.out, None))
         self.write_devices()

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Live migration with the engine (``qevm vm``): migration time and downtime for a 256 MiB guest at two
+dirty rates, and the bandwidth achieved against ``max-bandwidth``.
+
+Every run starts two fresh ``qevm vm`` processes on this machine (source with ``--ram 256M --fill 1.0``:
+every page holds data; destination ``--incoming tcp:127.0.0.1:0``), lets the source run its workload
+for a second, then ``migrate`` over tcp on loopback, driven with qemu.qmp.  Figures are the source's
+``query-migrate`` (total-time, downtime, setup-time, dirty-sync-count, transferred, precopy-bytes) and
+the wall time from ``migrate`` until the destination runs.  The achieved dirty rate is measured on
+the source (workload operations per second of virtual time while the migration ran).
+
+    python3 benchmarks/engine.py                 # both parts, table on stdout, progress on stderr
+    python3 benchmarks/engine.py --json          # figures as JSON
+    python3 benchmarks/engine.py --rates 1000,20000 --bandwidths 32,64 --ram 256M
+
+Part 1 (dirty rates) uses QEMU's defaults: max-bandwidth 128 MiB/s, downtime-limit 300 ms, plus one
+run with XBZRLE at the higher rate.  Part 2 (bandwidth) migrates at a low dirty rate (1000 pages/s)
+with max-bandwidth set, and reports the rate over the whole run (transferred / total-time) and over the
+precopy phase (precopy-bytes / (total-time - downtime - setup)); QEMU, and the engine, do not limit the
+stop-and-copy phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+MIB = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[engine {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Proc:
+    def __init__(self, work: Path, name: str, *args: str) -> None:
+        self.sock = work / f"{name}.qmp"
+        self.err = open(work / f"{name}.err", "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "qevm.engine", "vm", "--qmp", f"unix:{self.sock}",
+                                      "--serial", str(work / f"{name}.serial"), *args],
+                                     env=ENV, stdout=subprocess.DEVNULL, stderr=self.err)
+        self.qmp = QMPClient(name)
+
+    async def connect(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.sock} did not appear")
+            await asyncio.sleep(0.05)
+        await self.qmp.connect(str(self.sock))
+
+    async def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(name, args)
+
+    async def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                await self.qmp.execute("quit")
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+
+
+async def migrate_once(ram: str, dirty_rate: int, params: dict[str, Any], xbzrle: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="qe-bench-") as d:
+        work = Path(d)
+        src = Proc(work, "src", "--ram", ram, "--dirty-rate", str(dirty_rate), "--fill", "1.0")
+        dst = Proc(work, "dst", "--ram", ram, "--incoming", "tcp:127.0.0.1:0")
+        try:
+            await src.connect()
+            await dst.connect()
+            port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
+            await src.cmd("migrate-set-parameters", params)
+            if xbzrle:
+                await src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "xbzrle",
+                                                                              "state": True}]})
+            await asyncio.sleep(1.0)
+            before = await src.cmd("x-qevm-query-machine")
+            t0 = time.monotonic()
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            while True:
+                info = await src.cmd("query-migrate")
+                if info["status"] in ("completed", "failed", "cancelled"):
+                    break
+                await asyncio.sleep(0.01)
+            t_src = time.monotonic() - t0
+            if info["status"] != "completed":
+                raise RuntimeError(f"migration {info['status']}: {info}")
+            while (await dst.cmd("query-status"))["status"] != "running":
+                await asyncio.sleep(0.01)
+            t_dst = time.monotonic() - t0
+            after = await src.cmd("x-qevm-query-machine")
+            vclock = (after["vm-clock-ns"] - before["vm-clock-ns"]) / 1e9
+            ram_info = info["ram"]
+            return {
+                "ram": ram, "dirty_rate": dirty_rate, "xbzrle": xbzrle, "params": params,
+                "wall_until_source_completed_s": round(t_src, 3),
+                "wall_until_destination_running_s": round(t_dst, 3),
+                "total_time_ms": info["total-time"], "downtime_ms": info["downtime"],
+                "setup_time_ms": info["setup-time"], "dirty_sync_count": ram_info["dirty-sync-count"],
+                "transferred_bytes": ram_info["transferred"], "precopy_bytes": ram_info["precopy-bytes"],
+                "downtime_bytes": ram_info["downtime-bytes"], "mbps": round(ram_info["mbps"], 1),
+                "normal_pages": ram_info["normal"], "xbzrle_pages": info.get("xbzrle-cache", {}).get("pages", 0),
+                "achieved_dirty_rate": round((after["ops"] - before["ops"]) / vclock) if vclock > 0 else None,
+            }
+        finally:
+            await src.close()
+            await dst.close()
+
+
+def bandwidth_figures(r: dict[str, Any], limit: int) -> dict[str, Any]:
+    total_s = r["total_time_ms"] / 1000
+    pre_s = (r["total_time_ms"] - r["downtime_ms"] - r["setup_time_ms"]) / 1000
+    overall = r["transferred_bytes"] / total_s
+    precopy = r["precopy_bytes"] / pre_s
+    return {"max_bandwidth": limit, "overall_Bps": round(overall), "precopy_Bps": round(precopy),
+            "overall_vs_limit_pct": round((overall / limit - 1) * 100, 1),
+            "precopy_vs_limit_pct": round((precopy / limit - 1) * 100, 1)}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    rates = [int(x) for x in args.rates.split(",")]
+    bws = [int(x) for x in args.bandwidths.split(",")]
+    out: dict[str, Any] = {"dirty_rates": [], "bandwidth": []}
+    defaults = {"max-bandwidth": 128 * MIB, "downtime-limit": 300}
+    for rate in rates:
+        log(f"{args.ram} at {rate} pages/s, QEMU defaults")
+        out["dirty_rates"].append(await migrate_once(args.ram, rate, defaults))
+    if not args.no_xbzrle:
+        log(f"{args.ram} at {rates[-1]} pages/s, XBZRLE")
+        out["dirty_rates"].append(await migrate_once(args.ram, rates[-1], defaults, xbzrle=True))
+    for bw in bws:
+        log(f"{args.ram} at 1000 pages/s, max-bandwidth {bw} MiB/s")
+        r = await migrate_once(args.ram, 1000, {"max-bandwidth": bw * MIB, "downtime-limit": 300})
+        r.update(bandwidth_figures(r, bw * MIB))
+        out["bandwidth"].append(r)
+    return out
+
+
+def table(doc: dict[str, Any]) -> str:
+    lines = ["Migration of a running guest, tcp on loopback (query-migrate on the source):", "",
+             "| RAM | dirty rate (pages/s, achieved) | XBZRLE | total-time | downtime | passes | transferred | "
+             "wall to dest running |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in doc["dirty_rates"]:
+        lines.append(f"| {r['ram']} | {r['dirty_rate']} ({r['achieved_dirty_rate']}) | "
+                     f"{'on' if r['xbzrle'] else 'off'} | {r['total_time_ms']} ms | {r['downtime_ms']} ms | "
+                     f"{r['dirty_sync_count']} | {r['transferred_bytes'] / MIB:.1f} MiB | "
+                     f"{r['wall_until_destination_running_s']:.2f} s |")
+    lines += ["", "Bandwidth achieved against max-bandwidth (1000 pages/s):", "",
+              "| max-bandwidth | whole run | precopy phase | total-time | downtime |", "|---:|---:|---:|---:|---:|"]
+    for r in doc["bandwidth"]:
+        lines.append(f"| {r['max_bandwidth'] / MIB:.0f} MiB/s | {r['overall_Bps'] / MIB:.2f} MiB/s "
+                     f"({r['overall_vs_limit_pct']:+.1f}%) | {r['precopy_Bps'] / MIB:.2f} MiB/s "
+                     f"({r['precopy_vs_limit_pct']:+.1f}%) | {r['total_time_ms']} ms | {r['downtime_ms']} ms |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ram", default="256M")
+    p.add_argument("--rates", default="1000,20000", help="dirty rates, pages/s (default 1000,20000)")
+    p.add_argument("--bandwidths", default="32,64", help="max-bandwidth values, MiB/s (default 32,64)")
+    p.add_argument("--no-xbzrle", action="store_true", help="skip the XBZRLE run")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args()
+    doc = asyncio.run(main_async(args))
+    print(json.dumps(doc, indent=2) if args.json else table(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
