@@ -26,7 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import QevmError
-from ..transport import Channel
+from ..events import Command, CommandEvent
+from ..returnpath import RpDecoder, RpType
+from ..transport import Channel, SocketChannel
+from ..wire import be32
 from .channels import abort_channel
 from .machine import Machine
 from .states import MigrationStatus, RunState, StatusCell
@@ -61,7 +64,60 @@ CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "event
                 "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
                 "mapped-ram")
 #: the ones this engine implements (setting another one on is refused, rather than ignored)
-SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "zero-blocks", "late-block-activate"})
+SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate"})
+#: how long the source waits for the destination's SHUT on the return path
+RP_SHUT_TIMEOUT = 30.0
+
+
+class ReturnPath:
+    """The source's end of the return path (``return-path`` capability): a thread decodes what the
+    destination sends (PONG, SHUT) with ``qevm.returnpath.RpDecoder``."""
+
+    def __init__(self, ch: SocketChannel) -> None:
+        self.ch = ch
+        self.pongs: list[int] = []
+        self.shut: int | None = None
+        self.error: str | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="return-path", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        dec = RpDecoder()
+        buf = bytearray(4096)
+        try:
+            while True:
+                n = self.ch.recv_into(memoryview(buf))
+                if n == 0:
+                    dec.close()
+                else:
+                    dec.feed(buf[:n])
+                for msg in dec.messages():
+                    if msg.type == RpType.PONG:
+                        self.pongs.append(int.from_bytes(msg.data, "big"))
+                    elif msg.type == RpType.SHUT:
+                        self.shut = int.from_bytes(msg.data, "big")
+                        return
+                    else:
+                        raise QevmError(f"unexpected {msg.name} message on the return path of a precopy migration")
+                if n == 0:
+                    raise QevmError("the return path closed without SHUT")
+        except (QevmError, OSError) as e:
+            self.error = str(e)
+        finally:
+            self.done.set()
+
+    def wait_shut(self, abort: threading.Event) -> None:
+        deadline = time.monotonic() + RP_SHUT_TIMEOUT
+        while not self.done.wait(0.05):
+            if abort.is_set():
+                raise Cancelled()
+            if time.monotonic() > deadline:
+                raise QevmError(f"no SHUT on the return path within {RP_SHUT_TIMEOUT:g}s")
+        if self.error is not None:
+            raise QevmError(f"return path: {self.error}")
+        if self.shut:
+            raise QevmError(f"the destination failed to load the stream (SHUT {self.shut} on the return path)")
 
 
 class MigrationState:
@@ -179,8 +235,15 @@ class MigrationState:
         self.session = sess
         stopped_here = False
         was_running = m.running
+        rp: ReturnPath | None = None
         try:
             sess.header()
+            if self.caps["return-path"]:
+                if not isinstance(ch, SocketChannel):
+                    raise QevmError("Unable to open return-path for postcopy")
+                rp = ReturnPath(ch)
+                out.write(CommandEvent(0, Command.OPEN_RETURN_PATH, b"").encode())
+                out.write(CommandEvent(0, Command.PING, be32(1)).encode())
             sess.setup()
             out.flush()
             self.setup_time = int((time.monotonic() - self.start_time) * 1000)
@@ -202,6 +265,8 @@ class MigrationState:
                 out.limited = False
                 sess.complete()
                 ch.shutdown_write()
+                if rp is not None:
+                    rp.wait_shut(self._abort)
                 ch.close()
                 end_t = time.monotonic()
                 self.downtime = max(0, int((end_t - stop_t) * 1000))
