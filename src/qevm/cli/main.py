@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import QevmError
-from . import desc, dump, edit, info, record, rewrite, send, tap
+from . import desc, dump, edit, info, record, rewrite, send, tap, vm
 
-VERBS = (dump, desc, info, rewrite, edit, record, tap, send)
+VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm)
 
 
 def build_parser() -> argparse.ArgumentParser:
