@@ -156,3 +156,10 @@ def test_cli_one_line_exit_2(tmp_path: Path, unpacked) -> None:
 def test_cli_missing_file_is_exit_2(tmp_path: Path) -> None:
     r = _cli(["dump", str(tmp_path / "nope.mig")])
     assert r.returncode == 2 and r.stderr.decode().startswith("qevm: error: cannot open")
+
+
+def test_cut_before_eof_says_so(unpacked) -> None:
+    data = unpacked(require_fixture("pc-10.0-small")).read_bytes()
+    eof = analyze(data).eof_offset
+    e = check(data[:eof])
+    assert e is not None and e.offset == eof and "no EOF" in str(e), str(e)

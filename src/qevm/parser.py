@@ -788,6 +788,9 @@ class Parser:
                 if end - start > MAX_DEVICE_SECTION:
                     raise self._err(f"no section footer within {MAX_DEVICE_SECTION} bytes", self._base + start)
                 if self._closed:
+                    if self._rejected is not None and self._rejected - self._base + 5 >= end:
+                        raise TruncatedError("input ended right after this section's footer (no EOF record)",
+                                             self._rejected + 5, self._path())
                     if self._rejected is not None:
                         r = self._rejected
                         raise DecodeError(f"the footer of this section at offset {r} is followed by an "
