@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts" / "fixtures"))
 from guest import FILL_DONE, READY, ensure_guest, qemu_args  # noqa: E402
-from qemu import Qemu, QemuError  # noqa: E402
+from qemu_driver import Qemu, QemuError  # noqa: E402
 
 QEMU_BIN = "qemu-system-x86_64"
 RECORD_VS_EXEC = 1.10

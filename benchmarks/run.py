@@ -74,7 +74,7 @@ def build_stream(out: Path, size_mb: int, fill_timeout: float, migrate_timeout: 
     """Boot the guest with the fill workload and migrate it to ``out``; return metadata."""
     sys.path.insert(0, str(FIXTURES))
     from guest import FILL_DONE, READY, ensure_guest, qemu_args  # noqa: I001
-    from qemu import Qemu, QemuError
+    from qemu_driver import Qemu, QemuError
 
     version = subprocess.run([QEMU_BIN, "--version"], capture_output=True, text=True, timeout=30).stdout
     version = version.splitlines()[0].strip() if version else "?"

@@ -46,7 +46,7 @@ from qevm.transport import LISTEN_SCHEMES, parse_size, parse_uri
 ROOT = Path(__file__).resolve().parent.parent
 SRC = str(ROOT / "src")
 sys.path.insert(0, str(ROOT / "scripts" / "fixtures"))
-from qemu import Qemu  # noqa: E402
+from qemu_driver import Qemu  # noqa: E402
 
 QEMU = shutil.which("qemu-system-x86_64")
 Procs = list[subprocess.Popen[str]]

@@ -14,7 +14,7 @@ from qevm.memory import RamImage
 from qevm.reader import read_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "fixtures"))
-from qemu import Qemu  # noqa: E402
+from qemu_driver import Qemu  # noqa: E402
 
 # pc.ram offsets are guest-physical below 4 GiB except for the legacy VGA/ROM window
 HOLE = (0xA0000, 0x100000)

@@ -199,7 +199,7 @@ def test_real_qemu_loads_our_stream_and_saves_the_same_bytes(tmp_path: Path, unp
     migrates the four devices out again with the bytes we wrote (the RTC's clock and status
     registers aside: its pre_save brings them up to date with the clock)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "fixtures"))
-    from qemu import Qemu
+    from qemu_driver import Qemu
 
     an = _analysis_of(DATA / "small-pc-7.2.mig.xz", unpacked)
     reg = SaveStateRegistry()

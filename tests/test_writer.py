@@ -19,7 +19,7 @@ from qevm.reader import read_stream
 from qevm.writer import Edit, rewrite
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "fixtures"))
-from qemu import Qemu  # noqa: E402
+from qemu_driver import Qemu  # noqa: E402
 
 
 @pytest.mark.parametrize("path", streams())
