@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from ..record import Progress, record
@@ -116,25 +117,37 @@ def on_listen(line: ProgressLine, requested: str) -> Any:
     return cb
 
 
-def run(args: argparse.Namespace) -> int:
+def run_session(args: argparse.Namespace, call: Callable[[ProgressLine], Any],
+                head: Callable[[Any, dict[str, Any]], list[str]]) -> int:
+    """The shared shape of record/tap/send: run with a progress line, then the summary (or --json)."""
     line = ProgressLine(args.progress)
     try:
-        res = record(args.uri, args.output, timeout=args.timeout, accept_timeout=args.accept_timeout,
-                     progress=line, switchover_ack=args.switchover_ack, on_listen=on_listen(line, args.uri))
+        res = call(line)
     finally:
         line.clear()
     doc = res.document()
     if args.json:
         print_json(doc)
         return 0
-    r = doc["record"]
-    rate = f" ({size(r['rate_bytes_per_s'])}/s)" if r["rate_bytes_per_s"] else ""
-    out = [f"recorded        {r['bytes']} bytes ({size(r['bytes'])}) in {r['seconds']:.2f} s{rate}",
-           f"from            {r['source']} on {r['listen']}",
-           f"output          {r['output']} (complete)"]
-    if res.return_path:
-        out.append(f"return path     opened; sent {rp_list(res.sent)}")
-    for n in res.notes:
-        out.append(f"note            {n}")
+    out = head(res, doc) + [f"note            {n}" for n in res.notes]
     sys.stdout.write("\n".join(out) + "\n\n" + render_info(doc["stream"]))
     return 0
+
+
+def rate(d: dict[str, Any]) -> str:
+    return f" ({size(d['rate_bytes_per_s'])}/s)" if d["rate_bytes_per_s"] else ""
+
+
+def run(args: argparse.Namespace) -> int:
+    def head(res: Any, doc: dict[str, Any]) -> list[str]:
+        r = doc["record"]
+        out = [f"recorded        {r['bytes']} bytes ({size(r['bytes'])}) in {r['seconds']:.2f} s{rate(r)}",
+               f"from            {r['source']} on {r['listen']}",
+               f"output          {r['output']} (complete)"]
+        if res.return_path:
+            out.append(f"return path     opened; sent {rp_list(res.sent)}")
+        return out
+
+    return run_session(args, lambda line: record(
+        args.uri, args.output, timeout=args.timeout, accept_timeout=args.accept_timeout, progress=line,
+        switchover_ack=args.switchover_ack, on_listen=on_listen(line, args.uri)), head)

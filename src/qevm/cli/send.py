@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
 
 from ..send import send
 from ..transport import parse_size
-from .common import print_json
-from .info import render as render_info
-from .record import ProgressLine, add_session_options, rp_list, size
+from .record import add_session_options, rate, rp_list, run_session, size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,27 +28,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     bw = parse_size(args.max_bandwidth, "--max-bandwidth") if args.max_bandwidth else None
-    if bw == 0:
-        bw = None
-    line = ProgressLine(args.progress)
-    try:
-        res = send(args.file, args.uri, max_bandwidth=bw, live=args.live, timeout=args.timeout, progress=line)
-    finally:
-        line.clear()
-    doc = res.document()
-    if args.json:
-        print_json(doc)
-        return 0
-    s = doc["send"]
-    rate = f" ({size(s['rate_bytes_per_s'])}/s)" if s["rate_bytes_per_s"] else ""
-    out = [f"sent            {s['bytes']} bytes ({size(s['bytes'])}) in {s['seconds']:.2f} s{rate}",
-           f"path            {s['source']} -> {s['target']}"]
-    if res.live:
-        out.append(f"live            {s['input_bytes']} input bytes; {res.resent_pages} page(s) sent again in "
-                   "later passes")
-    if res.return_path:
-        out.append(f"return path     {rp_list(res.rp_messages)}")
-    for n in res.notes:
-        out.append(f"note            {n}")
-    sys.stdout.write("\n".join(out) + "\n\n" + render_info(doc["stream"]))
-    return 0
+
+    def head(res: Any, doc: dict[str, Any]) -> list[str]:
+        s = doc["send"]
+        out = [f"sent            {s['bytes']} bytes ({size(s['bytes'])}) in {s['seconds']:.2f} s{rate(s)}",
+               f"path            {s['source']} -> {s['target']}"]
+        if res.live:
+            out.append(f"live            {s['input_bytes']} input bytes; {res.resent_pages} page(s) sent again in "
+                       "later passes")
+        if res.return_path:
+            out.append(f"return path     {rp_list(res.rp_messages)}")
+        return out
+
+    return run_session(args, lambda line: send(args.file, args.uri, max_bandwidth=bw or None, live=args.live,
+                                               timeout=args.timeout, progress=line), head)

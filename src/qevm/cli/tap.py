@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Any
 
 from ..tap import tap
-from .common import print_json
-from .info import render as render_info
-from .record import ProgressLine, add_session_options, on_listen, rp_list, size
+from .record import add_session_options, on_listen, rate, rp_list, run_session, size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,28 +23,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    line = ProgressLine(args.progress)
-    try:
-        res = tap(args.listen, args.target, output=args.output, rp_output=args.rp_output, timeout=args.timeout,
-                  accept_timeout=args.accept_timeout, progress=line, on_listen=on_listen(line, args.listen))
-    finally:
-        line.clear()
-    doc = res.document()
-    if args.json:
-        print_json(doc)
-        return 0
-    t = doc["tap"]
-    rate = f" ({size(t['rate_bytes_per_s'])}/s)" if t["rate_bytes_per_s"] else ""
-    out = [f"forwarded       {t['forward_bytes']} bytes ({size(t['forward_bytes'])}) in {t['seconds']:.2f} s{rate}",
-           f"path            {t['source']} -> {t['listen']} -> {t['target']}",
-           f"return path     {t['back_bytes']} bytes: {rp_list(res.rp_messages)}"]
-    if res.page_requests:
-        out.append(f"page requests   {res.page_requests} (postcopy faults served through the tap)")
-    for sc in res.side_channels:
-        out.append(f"side channel    {sc.source}: {sc.forward} bytes forward, {sc.back} back (not decoded)")
-    if args.output:
-        out.append(f"output          {args.output} (complete)")
-    for n in res.notes:
-        out.append(f"note            {n}")
-    sys.stdout.write("\n".join(out) + "\n\n" + render_info(doc["stream"]))
-    return 0
+    def head(res: Any, doc: dict[str, Any]) -> list[str]:
+        t = doc["tap"]
+        out = [f"forwarded       {t['forward_bytes']} bytes ({size(t['forward_bytes'])}) in {t['seconds']:.2f} s"
+               f"{rate(t)}",
+               f"path            {t['source']} -> {t['listen']} -> {t['target']}",
+               f"return path     {t['back_bytes']} bytes: {rp_list(res.rp_messages)}"]
+        if res.page_requests:
+            out.append(f"page requests   {res.page_requests} (postcopy faults served through the tap)")
+        for sc in res.side_channels:
+            out.append(f"side channel    {sc.source}: {sc.forward} bytes forward, {sc.back} back (not decoded)")
+        if args.output:
+            out.append(f"output          {args.output} (complete)")
+        return out
+
+    return run_session(args, lambda line: tap(
+        args.listen, args.target, output=args.output, rp_output=args.rp_output, timeout=args.timeout,
+        accept_timeout=args.accept_timeout, progress=line, on_listen=on_listen(line, args.listen)), head)
