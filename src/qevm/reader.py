@@ -313,6 +313,23 @@ def load_schema(path: str) -> Schema:
         raise UsageError(f"schema {path}: {e}") from None
 
 
+def trailer_schema(inp: Input) -> tuple[Schema | None, int | None]:
+    """The device descriptions and page size from a seekable input's vmdesc trailer, read up front
+    (streams without footers can then be sized).  (None, None) for pipes, or when there is no usable
+    trailer: a broken one is reported when the parser reaches it."""
+    if not (inp.seekable and inp.size):
+        return None, None
+    found = find_vmdesc(inp.file, inp.size)
+    if found is None:
+        return None, None
+    try:
+        vm = json.loads(found[1])
+        ps = vm.get("page_size")
+        return schema_from_vmdesc(vm), ps if isinstance(ps, int) and ps >= 256 and not ps & (ps - 1) else None
+    except (ValueError, SchemaError, AttributeError, RecursionError):
+        return None, None
+
+
 def read_stream(source: str | Input, *, schema: Schema | None = None, page_size: int | None = None,
                 memory: RamImage | None = None, on_event: Callable[[Event], None] | None = None,
                 strict: bool = True, pages: bool | None = None) -> Analysis:
@@ -324,19 +341,9 @@ def read_stream(source: str | Input, *, schema: Schema | None = None, page_size:
     inp = open_input(source) if isinstance(source, str) else source
     try:
         parse_schema = schema
-        if schema is None and inp.seekable and inp.size:
-            # A regular file: take the device descriptions from its trailer up front, so that
-            # streams without footers can be sized and the page size is known.
-            found = find_vmdesc(inp.file, inp.size)
-            if found is not None:
-                try:
-                    vm = json.loads(found[1])
-                    parse_schema = schema_from_vmdesc(vm)
-                    ps = vm.get("page_size")
-                    if page_size is None and isinstance(ps, int) and ps >= 256 and not ps & (ps - 1):
-                        page_size = ps
-                except (ValueError, SchemaError, AttributeError):
-                    parse_schema = None  # reported when the parser reaches the trailer
+        if schema is None:
+            parse_schema, trailer_page = trailer_schema(inp)
+            page_size = page_size or trailer_page
         if pages is None:
             pages = memory is not None or on_event is not None
         parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False,

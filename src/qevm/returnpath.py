@@ -30,6 +30,7 @@ from enum import IntEnum
 from typing import Any
 
 from .errors import DecodeError, TruncatedError
+from .parser import DONE, NEED_DATA, _Sentinel
 from .wire import be16, be32, be64, cstr
 
 __all__ = ["RpType", "RpMessage", "RpDecoder", "RECV_BITMAP_END", "shut", "pong", "req_pages", "recv_bitmap",
@@ -55,18 +56,6 @@ RP_LENGTHS: dict[int, int | None] = {
     RpType.SHUT: 4, RpType.PONG: 4, RpType.REQ_PAGES_ID: None, RpType.REQ_PAGES: 12,
     RpType.RECV_BITMAP: None, RpType.RESUME_ACK: 4, RpType.SWITCHOVER_ACK: 0,
 }
-
-
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-NEED_DATA = _Sentinel("NEED_DATA")
-DONE = _Sentinel("DONE")
 
 
 @dataclass(slots=True)

@@ -31,9 +31,9 @@ from .events import (
 )
 from .parser import Parser
 from .paths import FieldPath, assign
-from .reader import drive
+from .reader import drive, trailer_schema
 from .schema import Schema
-from .sources import CHUNK, Input, find_vmdesc, open_input
+from .sources import CHUNK, Input, open_input
 from .vmsd import Struct, decode_vmsd, encode_struct
 from .wire import Cursor, be64, cstr
 
@@ -252,18 +252,12 @@ def rewrite(source: str | Input, out_path: str, *, edits: list[Edit] | None = No
     fd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
     try:
         if schema is None:
-            schema = Schema()
-            if inp.seekable and inp.size:
-                found = find_vmdesc(inp.file, inp.size)
-                if found is not None:
-                    import json
-
-                    try:
-                        schema = Schema.from_vmdesc(json.loads(found[1]))
-                    except ValueError:
-                        schema = Schema()
-        if not schema and (edits or not inp.seekable):
-            schema = _schema_needs_seek(edits, inp)
+            found, trailer_page = trailer_schema(inp)
+            schema = found if found is not None else Schema()
+            page_size = page_size or trailer_page
+        if not schema and edits:
+            raise UsageError("editing fields needs the stream's vmdesc up front: give a regular file "
+                             "(not a pipe or compressed input), or --schema")
         parser = Parser(schema=schema, page_size=page_size, count_pages=not page_edits, keep_raw="borrow",
                         file_offset=inp.file_offset)
         with os.fdopen(fd, "wb") as out:
@@ -290,11 +284,3 @@ def rewrite(source: str | Input, out_path: str, *, edits: list[Edit] | None = No
                 pass
         if isinstance(source, str):
             inp.close()
-
-
-def _schema_needs_seek(edits: list[Edit], inp: Input) -> Schema:
-    if edits:
-        raise UsageError("editing fields needs the stream's vmdesc up front: give a regular file "
-                         "(not a pipe or compressed input), or --schema")
-    return Schema()
-
