@@ -191,3 +191,20 @@ def test_qcow2_snapshot_input(tmp_path: Path) -> None:
     assert r.returncode == 2 and "snap1" in r.stderr.decode()
     r = qevm("dump", str(out), "--snapshot", "snap1", check=False)
     assert r.returncode == 2 and "qcow2" in r.stderr.decode()
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_cli_analyze_migration_format_matches_peer(version: str, unpacked) -> None:
+    """`qevm dump --format analyze-migration --peer-version V` prints what QEMU V's script prints."""
+    import os
+
+    peer = Path(os.environ.get("QEVM_CACHE") or Path.home() / ".cache" / "qevm") / "peer" / version
+    script = peer / "analyze-migration.py"
+    if not script.exists():
+        pytest.skip("peer script not fetched (scripts/fetch-peer.sh)")
+    f = unpacked(require_fixture("small-pc-7.2"))
+    want = subprocess.run([sys.executable, str(script), "-f", str(f)], capture_output=True, timeout=300, check=True)
+    got = qevm("dump", "--format", "analyze-migration", "--peer-version", version, str(f))
+    assert got.stdout == want.stdout
+    piped = qevm("dump", "--format", "analyze-migration", "--peer-version", version, "-", stdin=f.read_bytes())
+    assert piped.stdout == want.stdout
