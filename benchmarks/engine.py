@@ -49,7 +49,7 @@ class Proc:
     def __init__(self, work: Path, name: str, *args: str) -> None:
         self.sock = work / f"{name}.qmp"
         self.err = open(work / f"{name}.err", "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, "-m", "qevm.engine", "vm", "--qmp", f"unix:{self.sock}",
+        self.proc = subprocess.Popen([sys.executable, "-m", "qevm", "vm", "--qmp", f"unix:{self.sock}",
                                       "--serial", str(work / f"{name}.serial"), *args],
                                      env=ENV, stdout=subprocess.DEVNULL, stderr=self.err)
         self.qmp = QMPClient(name)

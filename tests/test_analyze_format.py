@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from qevm.analyze_format import FLAVORS, OrderedRamImage, peer_problems, render
-from qevm.events import CommandEvent, Configuration
-from qevm.memory import RamImage
-from qevm.reader import Analysis, iter_events, read_stream
+from qevm.analysis.analyze_format import FLAVORS, OrderedRamImage, peer_problems, render
+from qevm.format.events import CommandEvent, Configuration
+from qevm.format.memory import RamImage
+from qevm.io.reader import Analysis, iter_events, read_stream
 
 PEER = Path(os.environ.get("QEVM_PEER") or Path.home() / ".cache" / "qevm" / "peer")
 FIXTURES = Path(os.environ.get("QEVM_FIXTURES") or Path.home() / ".cache" / "qevm" / "fixtures")

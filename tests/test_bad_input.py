@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import require_fixture, streams
 
+from qevm.analysis.document import dump_document, info_document
 from qevm.errors import DecodeError
-from qevm.reader import read_stream
-from qevm.report import dump_document, info_document
-from qevm.sources import Input
+from qevm.io.reader import read_stream
+from qevm.io.sources import Input
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 

@@ -25,16 +25,16 @@ import pytest
 from conftest import DATA, FIXTURES
 
 from qevm import containers
-from qevm.containers import (
+from qevm.errors import DecodeError, QevmError, UsageError
+from qevm.io.containers import (
     LibvirtSave,
     Qcow2Image,
     Qcow2VmState,
     list_snapshots,
     sniff,
 )
-from qevm.errors import DecodeError, QevmError, UsageError
-from qevm.reader import read_stream
-from qevm.sources import Input
+from qevm.io.reader import read_stream
+from qevm.io.sources import Input
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")

@@ -53,7 +53,7 @@ class VM:
         self.sock = work / f"{name}.qmp"
         self.serial = work / f"{name}.serial"
         self.stderr = work / f"{name}.stderr"
-        cmd = [sys.executable, "-m", "qevm.engine", "vm", "--qmp", f"unix:{self.sock}", "--ram", ram,
+        cmd = [sys.executable, "-m", "qevm", "vm", "--qmp", f"unix:{self.sock}", "--ram", ram,
                "--dirty-rate", str(dirty_rate), "--serial", str(self.serial), *args]
         self._err = open(self.stderr, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=self._err)
@@ -265,7 +265,7 @@ def test_xor_delta_matches_reference() -> None:
     import random
 
     from qevm.engine.stream import xor_delta
-    from qevm.xbzrle import apply_delta, make_delta
+    from qevm.format.xbzrle import apply_delta, make_delta
 
     rng = random.Random(7)
     for _ in range(300):
@@ -290,7 +290,7 @@ def test_stream_round_trip_in_process() -> None:
     """What the engine writes parses, re-encodes to the same bytes with qevm.events, and loads into a
     second machine: same RAM, same CPU, serial and clock state."""
     from qevm.engine.load import StreamLoader
-    from qevm.parser import Parser
+    from qevm.format.parser import Parser
 
     a = _machine(dirty_rate=0, seed=5)
     a.boot()

@@ -25,9 +25,8 @@ import pytest
 from conftest import FIXTURES, require_fixture
 
 from qevm.errors import DecodeError, TruncatedError, UsageError
-from qevm.parser import Parser
-from qevm.reader import read_stream
-from qevm.returnpath import (
+from qevm.format.parser import Parser
+from qevm.format.returnpath import (
     DONE,
     NEED_DATA,
     RpDecoder,
@@ -40,8 +39,9 @@ from qevm.returnpath import (
     shut,
     switchover_ack,
 )
-from qevm.send import LiveResender, TokenBucket
-from qevm.transport import LISTEN_SCHEMES, parse_size, parse_uri
+from qevm.io.reader import read_stream
+from qevm.migration.channels import LISTEN_SCHEMES, parse_size, parse_uri
+from qevm.migration.send import LiveResender, TokenBucket
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = str(ROOT / "src")
@@ -160,7 +160,7 @@ def test_live_resend_framing(tmp_path: Path, unpacked: Any) -> None:
     assert b.passes == a.passes + 2 and res.resent > 0 and b.ram_chunks > a.ram_chunks + 2
     assert [(d.section.idstr, d.data) for d in a.devices] == [(d.section.idstr, d.data) for d in b.devices]
     assert b.vmdesc_raw == a.vmdesc_raw
-    from qevm.memory import RamImage
+    from qevm.format.memory import RamImage
 
     ma, mb = RamImage(4096, str(tmp_path)), RamImage(4096, str(tmp_path))
     try:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import destination_args, fixture_meta, require_fixture
 
-from qevm.memory import RamImage
-from qevm.reader import read_stream
+from qevm.format.memory import RamImage
+from qevm.io.reader import read_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "fixtures"))
 from qemu_driver import Qemu  # noqa: E402

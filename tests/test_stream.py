@@ -9,9 +9,9 @@ import pytest
 from conftest import require_fixture, streams
 
 from qevm.errors import DecodeError
-from qevm.events import DeviceState, MappedRamData, RamPage, VmDescription
-from qevm.parser import DONE, NEED_DATA, Parser
-from qevm.reader import iter_events, read_stream
+from qevm.format.events import DeviceState, MappedRamData, RamPage, VmDescription
+from qevm.format.parser import DONE, NEED_DATA, Parser
+from qevm.io.reader import iter_events, read_stream
 
 
 def _events_whole(data: bytes, **kw) -> list:
@@ -60,7 +60,7 @@ def test_counting_mode_round_trip_and_counts(path: Path, unpacked) -> None:
     """The counting fast path (RamTally events) is lossless too, and counts what the page events show."""
     from collections import Counter
 
-    from qevm.events import RamTally
+    from qevm.format.events import RamTally
 
     f = unpacked(path)
     data_iter = open(f, "rb")
@@ -105,7 +105,7 @@ def test_random_chunks_equal_whole(path: Path, unpacked) -> None:
 
 @pytest.mark.parametrize("path", streams())
 def test_every_device_section_decodes_and_reencodes(path: Path, unpacked) -> None:
-    from qevm.vmsd import encode_struct
+    from qevm.codec.vmsd import encode_struct
 
     an = read_stream(str(unpacked(path)))
     if an.vmdesc is None:
@@ -150,7 +150,7 @@ def test_mapped_ram_skip_matches_reading_everything(unpacked) -> None:
     """The seekable fast path (skip the page regions) sees the same records as a pipe reading them."""
     path = unpacked(require_fixture("mapped-ram-10.0"))
     fast = [e for e in iter_events(str(path), skip_regions=True) if not isinstance(e, MappedRamData)]
-    import qevm.sources as src
+    import qevm.io.sources as src
 
     inp = src.open_input(str(path))
     inp.seekable = False
@@ -167,7 +167,7 @@ def test_device_first_stream_without_configuration(unpacked) -> None:
     are detected from the bytes, with or without a description of the section."""
     import json
 
-    from qevm.events import Footer, SectionHeader
+    from qevm.format.events import Footer, SectionHeader
 
     data = unpacked(require_fixture("pc-10.0-small")).read_bytes()
     evs = _events_whole(data)
@@ -186,6 +186,6 @@ def test_device_first_stream_without_configuration(unpacked) -> None:
 
 
 def read_stream_schema(devices: list) -> object:
-    from qevm.schema import Schema
+    from qevm.codec.schema import Schema
 
     return Schema.from_vmdesc({"devices": devices})

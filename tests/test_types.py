@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qevm.codec.types import REGISTRY, BytesCodec, IntCodec
+from qevm.codec.vmsd import NULL, decode_vmsd, encode_struct
+from qevm.codec.wire import Cursor
 from qevm.errors import DecodeError, EncodeError
-from qevm.parser import Parser
-from qevm.types import REGISTRY, BytesCodec, IntCodec
-from qevm.vmsd import NULL, decode_vmsd, encode_struct
-from qevm.wire import Cursor
-from qevm.xbzrle import apply_delta, make_delta
+from qevm.format.parser import Parser
+from qevm.format.xbzrle import apply_delta, make_delta
 
 VECTORS = [
     ("uint8", 1, 0xAB, b"\xab"),

@@ -21,11 +21,11 @@ from conftest import DATA, FIXTURES, require_fixture, streams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qevm.devices import DESCRIPTIONS, i8254, mc146818rtc, pckbd, serial
+from qevm.codec.vmsd import decode_vmsd, encode_struct
+from qevm.codec.wire import Cursor
 from qevm.errors import DecodeError, EncodeError, QevmError, SchemaError
-from qevm.events import Configuration, DeviceState, SectionHeader, VmDescription
-from qevm.reader import Analysis, iter_events, read_stream
-from qevm.vmsd import decode_vmsd, encode_struct
+from qevm.format.events import Configuration, DeviceState, SectionHeader, VmDescription
+from qevm.io.reader import Analysis, iter_events, read_stream
 from qevm.vmstate import (
     CONFIGURATION,
     MIG_PRI_PCI_BUS,
@@ -53,7 +53,7 @@ from qevm.vmstate import (
     vstruct,
     with_tmp,
 )
-from qevm.wire import Cursor
+from qevm.vmstate.devices import DESCRIPTIONS, i8254, mc146818rtc, pckbd, serial
 
 DEVICE_IDSTRS = ("pckbd", "mc146818rtc", "serial", "i8254")
 
@@ -182,7 +182,7 @@ def _trailer(stream: bytes) -> bytes:
 
 
 def _events(stream: bytes) -> list:
-    from qevm.parser import Parser
+    from qevm.format.parser import Parser
 
     p = Parser()
     p.feed(stream)

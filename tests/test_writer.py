@@ -13,10 +13,10 @@ import pytest
 from conftest import destination_args, fixture_meta, require_fixture, streams
 from test_cli import qevm
 
+from qevm.codec.paths import parse_assignment, parse_path
 from qevm.errors import EncodeError, UsageError
-from qevm.paths import parse_assignment, parse_path
-from qevm.reader import read_stream
-from qevm.writer import Edit, rewrite
+from qevm.io.reader import read_stream
+from qevm.io.writer import Edit, rewrite
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "fixtures"))
 from qemu_driver import Qemu  # noqa: E402

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import UsageError
-from ..reader import load_schema
-from ..sources import Input, open_input
+from qevm.errors import UsageError
+from qevm.io.reader import load_schema
+from qevm.io.sources import Input, open_input
 
 
 def add_input_options(p: argparse.ArgumentParser) -> None:

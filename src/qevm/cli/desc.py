@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from ..errors import DecodeError
-from ..reader import read_stream
-from ..sources import find_vmdesc, open_input
-from .common import add_input_options, read_options
+from qevm.cli.common import add_input_options, read_options
+from qevm.errors import DecodeError
+from qevm.io.reader import read_stream
+from qevm.io.sources import find_vmdesc, open_input
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

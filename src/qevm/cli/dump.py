@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from ..memory import RamImage
-from ..reader import read_stream
-from ..report import dump_document
-from .common import add_input_options, opened, read_options
+from qevm.analysis.document import dump_document
+from qevm.cli.common import add_input_options, opened, read_options
+from qevm.format.memory import RamImage
+from qevm.io.reader import read_stream
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             an = read_stream(inp, memory=image, **opts)
         out = sys.stdout
         if args.format == "analyze-migration":
-            from ..analyze_format import render
+            from qevm.analysis.analyze_format import render
 
             for chunk in render(an, memory=image, flavor=args.peer_version):
                 out.write(chunk)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _image(args: argparse.Namespace, opts: dict) -> RamImage:  # type: ignore[type-arg]
     if args.format == "analyze-migration":
-        from ..analyze_format import OrderedRamImage
+        from qevm.analysis.analyze_format import OrderedRamImage
 
         return OrderedRamImage(opts["page_size"] or 4096)
     return RamImage(opts["page_size"] or 4096)

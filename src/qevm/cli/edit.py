@@ -6,10 +6,10 @@ import argparse
 import json
 from typing import Any
 
-from ..errors import UsageError
-from ..paths import parse_assignment, parse_path
-from ..writer import Edit, PageEdit, rewrite
-from .common import add_input_options, read_options
+from qevm.cli.common import add_input_options, read_options
+from qevm.codec.paths import parse_assignment, parse_path
+from qevm.errors import UsageError
+from qevm.io.writer import Edit, PageEdit, rewrite
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from ..reader import read_stream
-from ..report import info_document
-from .common import add_input_options, opened, print_json, read_options
+from qevm.analysis.document import info_document
+from qevm.cli.common import add_input_options, opened, print_json, read_options
+from qevm.io.reader import read_stream
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

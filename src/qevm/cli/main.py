@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import QevmError
-from . import desc, dump, edit, info, record, rewrite, send, tap, vm
+from qevm.cli import desc, dump, edit, info, record, rewrite, send, tap, vm
+from qevm.errors import QevmError
 
 VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm)
 

@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ..record import Progress, record
-from ..returnpath import RpMessage
-from .common import print_json
-from .info import render as render_info
+from qevm.cli.common import print_json
+from qevm.cli.info import render as render_info
+from qevm.format.returnpath import RpMessage
+from qevm.migration.record import Progress, record
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..writer import rewrite
-from .common import add_input_options, read_options
+from qevm.cli.common import add_input_options, read_options
+from qevm.io.writer import rewrite
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..send import send
-from ..transport import parse_size
-from .record import add_session_options, rate, rp_list, run_session, size
+from qevm.cli.record import add_session_options, rate, rp_list, run_session, size
+from qevm.migration.channels import parse_size
+from qevm.migration.send import send
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..tap import tap
-from .record import add_session_options, on_listen, rate, rp_list, run_session, size
+from qevm.cli.record import add_session_options, on_listen, rate, rp_list, run_session, size
+from qevm.migration.tap import tap
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

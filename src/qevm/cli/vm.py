@@ -8,8 +8,8 @@ import signal
 import sys
 from typing import Any
 
-from ..engine import Engine, Machine, QMPServer
-from ..transport import parse_size
+from qevm.engine import Engine, Machine, QMPServer
+from qevm.migration.channels import parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -17,9 +17,9 @@
 
 from __future__ import annotations
 
-from .core import Engine, QMPError
-from .machine import Machine
-from .qmp import QMPServer
-from .states import MigrationStatus, RunState
+from qevm.engine.core import Engine, QMPError
+from qevm.engine.machine import Machine
+from qevm.engine.qmp import QMPServer
+from qevm.engine.states import MigrationStatus, RunState
 
 __all__ = ["Engine", "QMPError", "Machine", "QMPServer", "MigrationStatus", "RunState"]

@@ -22,8 +22,8 @@ import subprocess
 import threading
 from typing import Any
 
-from ..errors import UsageError
-from ..transport import (
+from qevm.errors import UsageError
+from qevm.migration.channels import (
     Channel,
     Listener,
     MigrationURI,

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import QevmError, UsageError
-from ..transport import Channel
-from .channels import FdTable, open_incoming, open_outgoing
-from .incoming import IncomingMigration
-from .machine import Machine
-from .migration import CAPABILITIES, MAX_MIGRATE_DOWNTIME, SUPPORTED_CAPABILITIES, MigrationState
-from .snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
-from .states import MigrationStatus, RunState
+from qevm.engine.channels import FdTable, open_incoming, open_outgoing
+from qevm.engine.incoming import IncomingMigration
+from qevm.engine.machine import Machine
+from qevm.engine.migration import CAPABILITIES, MAX_MIGRATE_DOWNTIME, SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
+from qevm.engine.states import MigrationStatus, RunState
+from qevm.errors import QevmError, UsageError
+from qevm.migration.channels import Channel
 
 __all__ = ["Engine", "QMPError", "COMMANDS", "QEMU_VERSION"]
 
@@ -185,7 +185,7 @@ class Engine:
         if scheme in ("tcp", "unix"):
             # parse now (errors go back to the caller), connect in the migration thread like QEMU
             try:
-                from ..transport import parse_uri
+                from qevm.migration.channels import parse_uri
                 parse_uri(uri)
             except QevmError as e:
                 raise QMPError(str(e)) from None
@@ -408,7 +408,7 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
 
 @command("human-monitor-command", **{"command-line": Arg("str", True), "cpu-index": Arg("int")})
 def _hmp(e: Engine, a: dict[str, Any]) -> Any:
-    from .hmp import run_hmp
+    from qevm.engine.hmp import run_hmp
 
     return run_hmp(e, a["command-line"]).replace("\n", "\r\n")
 

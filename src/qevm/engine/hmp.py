@@ -10,11 +10,11 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING, Any
 
-from ..errors import QevmError
-from ..transport import parse_size
+from qevm.errors import QevmError
+from qevm.migration.channels import parse_size
 
 if TYPE_CHECKING:
-    from .core import Engine
+    from qevm.engine.core import Engine
 
 __all__ = ["run_hmp", "format_info_migrate"]
 
@@ -28,7 +28,7 @@ def _usage(cmd: str, what: str = "string") -> str:
 
 
 def run_hmp(engine: Engine, line: str) -> str:
-    from .core import QMPError
+    from qevm.engine.core import QMPError
 
     try:
         words = shlex.split(line)

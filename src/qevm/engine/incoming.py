@@ -19,13 +19,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import QevmError
-from ..events import Command
-from ..returnpath import pong, shut
-from .channels import IncomingSource
-from .load import LoadError, StreamLoader
-from .machine import Machine
-from .states import MigrationStatus, RunState, StatusCell
+from qevm.engine.channels import IncomingSource
+from qevm.engine.load import LoadError, StreamLoader
+from qevm.engine.machine import Machine
+from qevm.engine.states import MigrationStatus, RunState, StatusCell
+from qevm.errors import QevmError
+from qevm.format.events import Command
+from qevm.format.returnpath import pong, shut
 
 __all__ = ["IncomingMigration", "CHUNK"]
 

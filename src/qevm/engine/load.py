@@ -16,8 +16,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
-from ..errors import DecodeError, QevmError
-from ..events import (
+from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
+from qevm.errors import DecodeError, QevmError
+from qevm.format.events import (
     Command,
     CommandEvent,
     Configuration,
@@ -31,10 +32,9 @@ from ..events import (
     SectionKind,
     VmDescription,
 )
-from ..parser import DONE, NEED_DATA, Parser
-from ..vmstate import load_state
-from ..xbzrle import apply_delta
-from .machine import MACHINE_TYPE, RAM_BLOCK, Machine
+from qevm.format.parser import DONE, NEED_DATA, Parser
+from qevm.format.xbzrle import apply_delta
+from qevm.vmstate import load_state
 
 __all__ = ["LoadError", "StreamLoader", "LoadStats"]
 

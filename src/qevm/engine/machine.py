@@ -47,9 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..devices.serial import VMSTATE_ISA_SERIAL, ISASerialState
-from ..errors import UsageError
-from ..vmstate import (
+from qevm.engine.states import RUNSTATE_TRANSITIONS, IllegalTransition, RunState
+from qevm.errors import UsageError
+from qevm.vmstate import (
     TIMER_NOT_ARMED,
     HookError,
     LegacyHandler,
@@ -61,7 +61,7 @@ from ..vmstate import (
     timer,
     unused,
 )
-from .states import RUNSTATE_TRANSITIONS, IllegalTransition, RunState
+from qevm.vmstate.devices.serial import VMSTATE_ISA_SERIAL, ISASerialState
 
 __all__ = ["Machine", "CpuState", "TimersState", "GlobalState", "VirtualClock", "VMSTATE_TIMERS", "VMSTATE_CPU",
            "VMSTATE_GLOBALSTATE", "MACHINE_TYPE", "RAM_BLOCK", "TICK_NS", "splitmix64", "workload_op"]

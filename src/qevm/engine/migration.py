@@ -25,15 +25,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import QevmError
-from ..events import Command, CommandEvent
-from ..returnpath import RpDecoder, RpType
-from ..transport import Channel, SocketChannel
-from ..wire import be32
-from .channels import abort_channel
-from .machine import Machine
-from .states import MigrationStatus, RunState, StatusCell
-from .stream import XBZRLE_DEFAULT_CACHE, Cancelled, RamSaver, RateLimiter, SaveSession, StreamOut
+from qevm.codec.wire import be32
+from qevm.engine.channels import abort_channel
+from qevm.engine.machine import Machine
+from qevm.engine.states import MigrationStatus, RunState, StatusCell
+from qevm.engine.stream import XBZRLE_DEFAULT_CACHE, Cancelled, RamSaver, RateLimiter, SaveSession, StreamOut
+from qevm.errors import QevmError
+from qevm.format.events import Command, CommandEvent
+from qevm.format.returnpath import RpDecoder, RpType
+from qevm.migration.channels import Channel, SocketChannel
 
 __all__ = ["MigrationState", "DEFAULT_PARAMETERS", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "BUFFER_DELAY"]
 

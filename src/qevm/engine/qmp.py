@@ -25,8 +25,8 @@ import socket
 import threading
 from typing import Any
 
-from ..errors import UsageError
-from .core import QEMU_VERSION, Engine, QMPError
+from qevm.engine.core import QEMU_VERSION, Engine, QMPError
+from qevm.errors import UsageError
 
 __all__ = ["QMPServer", "parse_qmp_address"]
 
@@ -250,7 +250,7 @@ class _Monitor:
         return self.engine.execute(name, args)
 
     def _getfd(self, args: dict[str, Any]) -> Any:
-        from .core import COMMANDS, _check_args
+        from qevm.engine.core import COMMANDS, _check_args
 
         _check_args(args, COMMANDS["getfd"][1])
         name = args["fdname"]

@@ -21,10 +21,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import UsageError
-from .load import StreamLoader
-from .machine import Machine
-from .stream import SaveSession, StreamOut
+from qevm.engine.load import StreamLoader
+from qevm.engine.machine import Machine
+from qevm.engine.stream import SaveSession, StreamOut
+from qevm.errors import UsageError
 
 __all__ = ["SnapshotInfo", "SnapshotStore", "size_to_str", "format_snapshot_table", "NO_SNAPSHOT_DEVICE"]
 

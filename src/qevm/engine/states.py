@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from enum import StrEnum
 
-from ..errors import QevmError
+from qevm.errors import QevmError
 
 __all__ = ["MigrationStatus", "MIGRATION_TRANSITIONS", "RUNNING_STATUSES", "TERMINAL_STATUSES",
            "IllegalTransition", "StatusCell", "RunState", "RUNSTATE_TRANSITIONS", "transitions_table"]

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..events import (
+from qevm.codec.wire import be64, cstr
+from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
+from qevm.format.events import (
     Configuration,
     EndOfFile,
     FileHeader,
@@ -35,9 +37,7 @@ from ..events import (
     SectionKind,
     VmDescription,
 )
-from ..vmstate import CONFIGURATION, State, save_state, vmdesc_json
-from ..wire import be64, cstr
-from .machine import MACHINE_TYPE, RAM_BLOCK, Machine
+from qevm.vmstate import CONFIGURATION, State, save_state, vmdesc_json
 
 __all__ = ["Cancelled", "RateLimiter", "StreamOut", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
            "XBZRLE_DEFAULT_CACHE"]

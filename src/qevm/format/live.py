@@ -1,0 +1,184 @@
+"""Record codecs for the special live sections and the command table.
+
+Live sections other than ``ram`` have no vmdesc entry; their payloads are lists of
+self-delimiting records (facts from QEMU 7.2 hw/ppc/spapr.c, hw/s390x/s390-stattrib.c,
+migration/block-dirty-bitmap.c, migration/block.c).  Each parser reads one record,
+returns it with a flag telling whether the payload ended, and keeps the raw bytes so the
+record encodes back exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qevm.codec.wire import Cursor
+from qevm.format.events import Command, LiveRecord, SectionKind
+
+__all__ = ["LiveState", "LIVE_HANDLERS", "parse_live_record", "decode_command", "COMMAND_LENGTHS"]
+
+
+@dataclass(slots=True)
+class LiveState:
+    """Per-section parsing state that lives across chunks (names omitted when repeated, ...)."""
+
+    handler: str
+    page_size: int = 4096
+    kind: SectionKind = SectionKind.START
+    started: bool = False  # a chunk header was read in the current payload
+    runs: bool = False  # spapr: runs follow the header
+    names: dict[str, str] = field(default_factory=dict)
+
+
+def _htab(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
+    if not st.started:
+        st.started = True
+        hdr = cur.be32()
+        if st.kind == SectionKind.START:
+            info = {"htab_shift": hdr} if hdr != 0xFFFFFFFF else {"no_hpt": True}
+            return "header", info, True
+        if hdr == 0:
+            st.runs = True
+            return "header", {"value": 0}, False
+        return "header", {"no_hpt": hdr == 0xFFFFFFFF, "value": hdr}, True
+    index = cur.be32()
+    n_valid = cur.be16()
+    n_invalid = cur.be16()
+    if index == 0 and n_valid == 0 and n_invalid == 0:
+        return "end", {}, True
+    cur.take(n_valid * 16)
+    return "run", {"index": index, "n_valid": n_valid, "n_invalid": n_invalid}, False
+
+
+def _stattr(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
+    w = cur.be64()
+    mask = st.page_size - 1
+    flags, addr = w & mask, w & ~mask
+    if flags == 0x01:
+        return "eos", {}, True
+    if flags == 0x02:
+        count = cur.be64()
+        if count > (1 << 28):
+            raise cur.error(f"storage attribute count {count} is absurd", cur.offset - 8)
+        cur.take(count)
+        return "more", {"start_gfn": addr // st.page_size, "count": count}, False
+    if flags == 0x04:
+        return "error", {}, False
+    if flags == 0x08:
+        return "done", {}, False
+    raise cur.error(f"unknown storage-attribute flags 0x{flags:x}", cur.offset - 8)
+
+
+def _dbitmap(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
+    flags = cur.u8()
+    if flags & 0x80:
+        flags = (flags << 8) | cur.u8()
+        if flags & 0x80:
+            flags = (flags << 16) | cur.be16()
+    info: dict[str, Any] = {"flags": flags}
+    if flags & 0x08:
+        st.names["node"] = cur.cstr()
+    if flags & 0x04:
+        st.names["bitmap"] = cur.cstr()
+    info["node"] = st.names.get("node")
+    info["bitmap"] = st.names.get("bitmap")
+    kind = "eos"
+    if flags & 0x10:
+        kind = "start"
+        info["granularity"] = cur.be32()
+        info["bitmap_flags"] = cur.u8()
+    elif flags & 0x20:
+        kind = "complete"
+    elif flags & 0x40:
+        kind = "bits"
+        info["start_sector"] = cur.be64()
+        info["nr_sectors"] = cur.be32()
+        if not flags & 0x02:
+            size = cur.be64()
+            if size > 10 * 1024 * 1024:
+                raise cur.error(f"dirty-bitmap chunk of {size} bytes is absurd", cur.offset - 8)
+            cur.take(size)
+            info["buf_size"] = size
+        else:
+            info["zeroes"] = True
+    return kind, info, bool(flags & 0x01)
+
+
+BLOCK_CHUNK = 1 << 20
+
+
+def _block(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
+    w = cur.be64()
+    flags, sector = w & 0x1FF, w >> 9
+    kind = "eos"
+    info: dict[str, Any] = {"flags": flags}
+    if flags & 0x01:
+        kind = "block"
+        info["device"] = cur.cstr()
+        info["sector"] = sector
+        if flags & 0x08:
+            info["zero"] = True
+        else:
+            cur.take(BLOCK_CHUNK)
+    elif flags & 0x04:
+        kind = "progress"
+        info["percent"] = sector
+    elif not flags & 0x02:
+        raise cur.error(f"unknown block-migration flags 0x{flags:x}", cur.offset - 8)
+    return kind, info, bool(flags & 0x02)
+
+
+LIVE_HANDLERS: dict[str, Callable[[Cursor, LiveState], tuple[str, dict[str, Any], bool]]] = {
+    "spapr/htab": _htab,
+    "s390-storage_attributes": _stattr,
+    "dirty-bitmap": _dbitmap,
+    "block": _block,
+}
+
+
+def parse_live_record(cur: Cursor, st: LiveState) -> tuple[LiveRecord, bool]:
+    """Parse one record at the cursor; returns the record and whether the payload ended."""
+    start = cur.pos
+    off = cur.offset
+    kind, info, end = LIVE_HANDLERS[st.handler](cur, st)
+    return LiveRecord(off, st.handler, kind, info, bytes(cur.buf[start:cur.pos])), end
+
+
+#: fixed argument lengths (None = variable); commands absent here are unknown
+COMMAND_LENGTHS: dict[int, int | None] = {
+    Command.OPEN_RETURN_PATH: 0,
+    Command.PING: 4,
+    Command.POSTCOPY_ADVISE: None,  # 0 or 16
+    Command.POSTCOPY_LISTEN: 0,
+    Command.POSTCOPY_RUN: 0,
+    Command.POSTCOPY_RAM_DISCARD: None,
+    Command.PACKAGED: 4,
+    Command.ENABLE_COLO: 0,
+    Command.POSTCOPY_RESUME: 0,
+    Command.RECV_BITMAP: None,
+    Command.SWITCHOVER_START: 0,
+}
+
+
+def decode_command(cmd: int, data: bytes) -> dict[str, Any]:
+    """A readable view of a command's arguments."""
+    b = data
+    if cmd == Command.PING and len(b) == 4:
+        return {"value": int.from_bytes(b, "big")}
+    if cmd == Command.PACKAGED and len(b) == 4:
+        return {"length": int.from_bytes(b, "big")}
+    if cmd == Command.POSTCOPY_ADVISE and len(b) == 16:
+        return {"page_size_summary": int.from_bytes(b[:8], "big"), "target_page_size": int.from_bytes(b[8:], "big")}
+    if cmd == Command.POSTCOPY_RAM_DISCARD and len(b) >= 2:
+        n = b[1]
+        name = b[2:2 + n].decode("latin-1")
+        ranges = []
+        pos = 2 + n + 1  # a NUL follows the name
+        while pos + 16 <= len(b):
+            ranges.append([int.from_bytes(b[pos:pos + 8], "big"), int.from_bytes(b[pos + 8:pos + 16], "big")])
+            pos += 16
+        return {"version": b[0], "block": name, "ranges": ranges}
+    if cmd == Command.RECV_BITMAP and len(b) >= 1:
+        return {"block": b[1:1 + b[0]].decode("latin-1")}
+    return {"data": b.hex()} if b else {}

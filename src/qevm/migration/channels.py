@@ -1,0 +1,457 @@
+"""Migration URIs and the byte channels behind them: the I/O edge of ``record``, ``tap`` and ``send``.
+
+URIs are spelled and dispatched the way QEMU's ``migrate`` / ``-incoming`` spell them:
+
+    tcp:HOST:PORT[,ipv4|,ipv6]    HOST may be empty (any address) or [IPv6]; PORT 0 = pick one (listen)
+    unix:PATH                     a stream socket at PATH
+    vsock:CID:PORT
+    exec:COMMAND                  (sending) COMMAND run by /bin/sh -c, the stream on its standard input
+    fd:N                          (sending) an inherited file descriptor; a socket there carries a return path
+    file:PATH[,offset=N]          (sending) PATH created/truncated 0600, the stream written from byte N
+
+Anything else fails with QEMU's own words: ``unknown migration protocol: URI``.  Nothing here knows the
+stream format; these objects only move bytes, with timeouts, and raise ``TransportError`` with the
+address in the message when a peer is missing, drops or stalls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from qevm.errors import QevmError, UsageError
+
+__all__ = ["TransportError", "MigrationURI", "parse_uri", "parse_size", "Listener", "Channel", "SocketChannel",
+           "listen", "connect", "open_sink", "LISTEN_SCHEMES", "SEND_SCHEMES"]
+
+LISTEN_SCHEMES = ("tcp", "unix", "vsock")
+SEND_SCHEMES = ("tcp", "unix", "vsock", "exec", "fd", "file")
+
+
+class TransportError(QevmError):
+    """A connection could not be made, was dropped, stalled, or the peer failed."""
+
+
+@dataclass(frozen=True)
+class MigrationURI:
+    """One parsed migration URI.  ``str()`` gives it back in canonical spelling."""
+
+    scheme: str
+    host: str = ""
+    port: int = 0
+    family: int = 0  # socket.AF_INET / AF_INET6 when ",ipv4" / ",ipv6" was given
+    path: str = ""  # unix, file
+    command: str = ""  # exec
+    fd: int = -1  # fd
+    offset: int = 0  # file
+    cid: int = 0  # vsock
+
+    def __str__(self) -> str:
+        if self.scheme == "tcp":
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"tcp:{host}:{self.port}"
+        if self.scheme == "unix":
+            return f"unix:{self.path}"
+        if self.scheme == "vsock":
+            return f"vsock:{self.cid}:{self.port}"
+        if self.scheme == "exec":
+            return f"exec:{self.command}"
+        if self.scheme == "fd":
+            return f"fd:{self.fd}"
+        return f"file:{self.path}" + (f",offset={self.offset}" if self.offset else "")
+
+    @property
+    def is_socket(self) -> bool:
+        return self.scheme in LISTEN_SCHEMES
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)\s*$", re.I)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """A byte count as QEMU's size options take it: a number with an optional B/K/M/G/T/P/E suffix
+    (powers of 1024); a fraction needs a suffix (``1.5M``)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"{what} {text!r} is not a size (a number with an optional K, M, G, T suffix)")
+    num, unit = m.group(1), m.group(2).lower()
+    scale = 1 << (10 * "bkmgtpe".index(unit)) if unit else 1
+    if "." in num and scale == 1:
+        raise UsageError(f"{what} {text!r}: a fraction needs a unit suffix")
+    value = int(float(num) * scale) if "." in num else int(num) * scale
+    if value >= 1 << 64:
+        raise UsageError(f"{what} {text!r} is too large")
+    return value
+
+
+def _inet(rest: str, uri: str) -> tuple[str, int, int]:
+    addr, _, opts = rest.partition(",")
+    if addr.startswith("["):
+        host, sep, tail = addr[1:].partition("]")
+        if not sep or not tail.startswith(":"):
+            raise UsageError(f"error parsing IPv6 address '{rest}'")
+        port_s = tail[1:]
+    else:
+        host, sep, port_s = addr.partition(":")
+        if not sep or ":" in port_s:
+            raise UsageError(f"error parsing address '{rest}'")
+    if not port_s:
+        raise UsageError(f"error parsing address '{rest}': no port")
+    if port_s.isdigit():
+        port = int(port_s)
+    else:
+        try:
+            port = socket.getservbyname(port_s, "tcp")
+        except OSError:
+            raise UsageError(f"error parsing port in address '{rest}'") from None
+    if port > 65535:
+        raise UsageError(f"port {port} in '{uri}' is out of range")
+    family = 0
+    for opt in filter(None, opts.split(",")):
+        key, _, val = opt.partition("=")
+        if key in ("ipv4", "ipv6") and val in ("", "on", "off"):
+            if val != "off":
+                family = socket.AF_INET if key == "ipv4" else socket.AF_INET6
+        else:
+            raise UsageError(f"tcp option {opt!r} in '{uri}' is not supported by qevm")
+    return host, port, family
+
+
+def parse_uri(uri: str, allowed: tuple[str, ...] = SEND_SCHEMES) -> MigrationURI:
+    """Parse ``uri`` as QEMU dispatches it (prefix match on the scheme).  ``allowed`` limits the schemes
+    the caller can use; others known to QEMU give a ``UsageError`` saying why."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme not in ("tcp", "unix", "vsock", "exec", "fd", "file", "rdma"):
+        if uri == "defer":
+            raise UsageError("'defer' only makes sense for QEMU's -incoming; give an address")
+        raise UsageError(f"unknown migration protocol: {uri}")
+    if scheme == "rdma":
+        raise UsageError(f"{uri}: rdma migration is not supported by qevm")
+    if scheme not in allowed:
+        raise UsageError(f"{uri}: a {scheme}: URI cannot be used here; use one of "
+                         + ", ".join(f"{s}:" for s in allowed))
+    if scheme == "tcp":
+        host, port, family = _inet(rest, uri)
+        return MigrationURI("tcp", host=host, port=port, family=family)
+    if scheme == "unix":
+        if not rest:
+            raise UsageError(f"invalid Unix socket address '{uri}'")
+        return MigrationURI("unix", path=rest)
+    if scheme == "vsock":
+        m = re.fullmatch(r"(\d+):(\d+)", rest)
+        if not m:
+            raise UsageError(f"error parsing address '{rest}'")
+        return MigrationURI("vsock", cid=int(m.group(1)), port=int(m.group(2)))
+    if scheme == "exec":
+        if not rest.strip():
+            raise UsageError(f"'{uri}': exec: needs a command")
+        return MigrationURI("exec", command=rest)
+    if scheme == "fd":
+        if not rest.isdigit():
+            raise UsageError(f"'{uri}': fd: needs a file descriptor number (qevm has no monitor for named fds)")
+        return MigrationURI("fd", fd=int(rest))
+    path, marker, off = rest.partition(",offset=")
+    if not path:
+        raise UsageError(f"'{uri}': file: needs a path")
+    try:
+        offset = parse_size(off, "file URI offset") if marker else 0
+    except UsageError:
+        raise UsageError(f"file URI has bad offset {off}") from None
+    return MigrationURI("file", path=path, offset=offset)
+
+
+# ------------------------------------------------------------------------------------------- channels
+
+
+class Channel:
+    """A byte channel to or from a migration peer.  ``has_return_path``: bytes can flow back."""
+
+    name: str = "?"
+    has_return_path: bool = False
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def recv_into(self, view: memoryview, n: int = 0) -> int:
+        raise TransportError(f"{self.name}: no return path on this channel")
+
+    def shutdown_write(self) -> None:
+        """Tell the peer that no more bytes come (EOF), keeping the return path open."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SocketChannel(Channel):
+    """A connected stream socket (tcp, unix, vsock or an inherited socket fd)."""
+
+    has_return_path = True
+
+    def __init__(self, sock: socket.socket, name: str, peer: str = "") -> None:
+        self.sock = sock
+        self.name = name
+        self.peer = peer or name
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def settimeout(self, t: float | None) -> None:
+        self.sock.settimeout(t)
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise TransportError(f"{self.peer}: the peer stopped reading (send timed out)") from None
+        except OSError as e:
+            raise TransportError(f"{self.peer}: connection lost while sending: {e.strerror or e}") from None
+
+    def recv_into(self, view: memoryview, n: int = 0) -> int:
+        return self.sock.recv_into(view, n)
+
+    def shutdown_write(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def shutdown(self) -> None:
+        """Both directions: wakes up any thread blocked on this socket."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _FdChannel(Channel):
+    """A write-only file descriptor (pipe, file, character device)."""
+
+    def __init__(self, fd: int, name: str, owns: bool = True) -> None:
+        self.fd = fd
+        self.name = name
+        self.owns = owns
+        self.closed = False
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as e:
+            raise TransportError(f"{self.name}: write failed: {e.strerror or e}") from None
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.owns:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+
+
+class _ExecChannel(_FdChannel):
+    """``exec:COMMAND``: the stream goes to the command's standard input; closing waits for it."""
+
+    def __init__(self, command: str, timeout: float) -> None:
+        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        assert self.proc.stdin is not None
+        super().__init__(self.proc.stdin.fileno(), f"exec:{command}", owns=False)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            rc = self.proc.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise TransportError(f"{self.name}: the command did not exit within {self.timeout:g}s") from None
+        if rc != 0:
+            raise TransportError(f"{self.name}: the command exited with status {rc}")
+
+    def abort(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _family_and_addr(u: MigrationURI, passive: bool) -> list[tuple[int, Any]]:
+    if u.scheme == "unix":
+        return [(socket.AF_UNIX, u.path)]
+    if u.scheme == "vsock":
+        return [(socket.AF_VSOCK, (u.cid, u.port))]
+    host = u.host or None
+    try:
+        infos = socket.getaddrinfo(host, u.port, u.family, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE if passive else 0)
+    except socket.gaierror as e:
+        raise TransportError(f"address resolution failed for {u}: {e.strerror}") from None
+    return [(fam, addr) for fam, _, _, _, addr in infos]
+
+
+def connect(u: MigrationURI, timeout: float) -> SocketChannel:
+    """Connect to a listening migration peer (tcp, unix, vsock)."""
+    err: OSError | None = None
+    for fam, addr in _family_and_addr(u, passive=False):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(addr)
+        except OSError as e:
+            s.close()
+            err = e
+            continue
+        peer = str(u)
+        return SocketChannel(s, str(u), peer)
+    why = "timed out" if isinstance(err, TimeoutError) else (err.strerror if err and err.strerror else str(err))
+    raise TransportError(f"Failed to connect to '{u}': {why}")
+
+
+def open_sink(u: MigrationURI, timeout: float) -> Channel:
+    """A channel to send a stream to: a socket (with a return path), a command, an fd or a file."""
+    if u.is_socket:
+        return connect(u, timeout)
+    if u.scheme == "exec":
+        try:
+            return _ExecChannel(u.command, timeout)
+        except OSError as e:
+            raise TransportError(f"{u}: cannot run the command: {e.strerror}") from None
+    if u.scheme == "fd":
+        try:
+            st = os.fstat(u.fd)
+        except OSError:
+            raise UsageError(f"{u}: file descriptor {u.fd} is not open") from None
+        if stat.S_ISSOCK(st.st_mode):
+            s = socket.socket(fileno=os.dup(u.fd))
+            return SocketChannel(s, str(u))
+        return _FdChannel(u.fd, str(u), owns=False)
+    try:
+        fd = os.open(u.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise UsageError(f"Failed to open file: {u.path}: {e.strerror}") from None
+    if u.offset:
+        os.lseek(fd, u.offset, os.SEEK_SET)
+    return _FdChannel(fd, str(u))
+
+
+class Listener:
+    """A listening socket for ``tcp:``, ``unix:`` or ``vsock:``.  ``address`` is the bound address
+    (``tcp:127.0.0.1:40123`` when port 0 was asked for)."""
+
+    def __init__(self, u: MigrationURI, backlog: int = 8) -> None:
+        self.uri = u
+        self._unlink: str | None = None
+        err: OSError | None = None
+        self.sock: socket.socket | None = None
+        for fam, addr in _family_and_addr(u, passive=True):
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                if fam == socket.AF_UNIX:
+                    with contextlib.suppress(FileNotFoundError):
+                        if stat.S_ISSOCK(os.lstat(addr).st_mode):
+                            os.unlink(addr)  # a stale socket, as QEMU does
+                else:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if fam == socket.AF_INET6 and not u.host:
+                        with contextlib.suppress(OSError):
+                            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(addr)
+                s.listen(backlog)
+            except OSError as e:
+                s.close()
+                err = e
+                continue
+            self.sock = s
+            if fam == socket.AF_UNIX:
+                self._unlink = addr
+            break
+        if self.sock is None:
+            why = err.strerror if err and err.strerror else str(err)
+            raise TransportError(f"Failed to listen on '{u}': {why}")
+        if u.scheme == "tcp":
+            host, port = self.sock.getsockname()[:2]
+            self.address = str(MigrationURI("tcp", host=u.host or host, port=port))
+        else:
+            self.address = str(u)
+
+    def fileno(self) -> int:
+        assert self.sock is not None
+        return self.sock.fileno()
+
+    def accept(self, timeout: float | None) -> SocketChannel:
+        """Wait for a connection (``timeout`` None = forever)."""
+        assert self.sock is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            # short slices, so that Ctrl-C is seen promptly
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TransportError(f"no connection on {self.address} within {timeout:g}s")
+            self.sock.settimeout(0.5 if left is None else min(left, 0.5))
+            try:
+                s, addr = self.sock.accept()
+            except TimeoutError:
+                continue
+            s.settimeout(None)
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else self.address
+            return SocketChannel(s, self.address, peer)
+
+    def poll_accept(self) -> SocketChannel | None:
+        """A pending connection, or None without waiting."""
+        assert self.sock is not None
+        self.sock.settimeout(0.0)
+        try:
+            s, addr = self.sock.accept()
+        except (BlockingIOError, TimeoutError):
+            return None
+        s.settimeout(None)
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else self.address
+        return SocketChannel(s, self.address, peer)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+        if self._unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unlink)
+            self._unlink = None
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def listen(u: MigrationURI | str) -> Listener:
+    if isinstance(u, str):
+        u = parse_uri(u, LISTEN_SCHEMES)
+    if not u.is_socket:
+        raise UsageError(f"cannot listen on {u}: use tcp:HOST:PORT, unix:PATH or vsock:CID:PORT")
+    return Listener(u)
