@@ -9,55 +9,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
 from qevm.codec.wire import be16, be32, be64, cstr
+from qevm.format.records import MAGIC, VERSION, Command, RamFlag, RecordType, SectionKind, ram_record_head
 
 __all__ = [
     "SectionKind", "RamFlag", "Command", "Section", "Event", "FileHeader", "ConfigSubsection",
     "Configuration", "SectionHeader", "RamMemSize", "MappedRamHeader", "RamBlock", "RamPage",
     "RamControl", "RamTally", "PassTracker", "MappedRamBitmap", "MappedRamData", "LiveRecord", "DeviceState", "Footer",
-    "CommandEvent", "EndOfFile", "VmDescription", "Trailing", "MAGIC", "VERSION",
+    "CommandEvent", "EndOfFile", "VmDescription", "Trailing", "MAGIC", "VERSION", "RecordType",
 ]
-
-MAGIC = 0x5145564D
-VERSION = 3
-
-
-class SectionKind(IntEnum):
-    START = 0x01
-    PART = 0x02
-    END = 0x03
-    FULL = 0x04
-
-
-class RamFlag(IntEnum):
-    FULL = 0x001
-    ZERO = 0x002
-    MEM_SIZE = 0x004
-    PAGE = 0x008
-    EOS = 0x010
-    CONTINUE = 0x020
-    XBZRLE = 0x040
-    HOOK = 0x080
-    COMPRESS_PAGE = 0x100
-    MULTIFD_FLUSH = 0x200
-
-
-class Command(IntEnum):
-    OPEN_RETURN_PATH = 1
-    PING = 2
-    POSTCOPY_ADVISE = 3
-    POSTCOPY_LISTEN = 4
-    POSTCOPY_RUN = 5
-    POSTCOPY_RAM_DISCARD = 6
-    PACKAGED = 7
-    ENABLE_COLO = 8
-    POSTCOPY_RESUME = 9
-    RECV_BITMAP = 10
-    SWITCHOVER_START = 11
-
 
 @dataclass(slots=True)
 class Section:
@@ -220,10 +182,7 @@ class RamPage(Event):
         return not self.flags & 0x20
 
     def encode(self) -> bytes:
-        w = be64(self.addr | self.flags)
-        if self.flags & 0x20:
-            return w + self.payload
-        return w + cstr(self.block) + self.payload
+        return ram_record_head(self.addr, self.flags, self.block) + self.payload
 
 
 class PassTracker:
