@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import DATA, FIXTURES
 
-from qevm import containers
+from qevm.io import containers
 from qevm.errors import DecodeError, QevmError, UsageError
 from qevm.io.containers import (
     LibvirtSave,
@@ -282,6 +282,14 @@ def test_fresh_savevm(fresh_images: dict[str, Path], layout: str) -> None:
             Qcow2VmState(f, "nope")
 
 
+def _without_empty_ram_parts(st: bytes) -> bytes:
+    """Drop RAM iteration sections that carry nothing but EOS: how many of those a savevm writes depends
+    on timing (one more iteration under load), not on the image layout."""
+    i = st.index(b"\x03ram\x00\x00\x00\x00")  # the START record: 0x01, be32 id, name "ram", instance 0
+    sid = st[i - 4 : i]
+    return st.replace(b"\x02" + sid + (0x10).to_bytes(8, "big") + b"\x7e" + sid, b"")
+
+
 def test_fresh_savevm_state_matches_across_layouts(fresh_images: dict[str, Path]) -> None:
     """The same paused machine saved on seven layouts: the states read back differ only in a few
     host timestamps (a translation mistake would garble whole clusters or subclusters)."""
@@ -289,6 +297,7 @@ def test_fresh_savevm_state_matches_across_layouts(fresh_images: dict[str, Path]
     for name, img in fresh_images.items():
         with open(img, "rb") as f:
             states[name] = Qcow2VmState(f, "s1").read()
+    states = {name: _without_empty_ram_parts(st) for name, st in states.items()}
     ref = states["default"]
     for name, st in states.items():
         assert len(st) == len(ref), name
