@@ -118,7 +118,8 @@ class Runner:
 
     def load(self, version: str, machine: str, devices: str, stream: Path) -> tuple[bool, str]:
         """Start the destination with -incoming; True when the state loaded, else False and QEMU's error."""
-        args = ["-M", machine, *COMMON, *DEVICE_SETS[devices], "-incoming", f"exec:cat {self.path_for(version, stream)}"]
+        args = ["-M", machine, *COMMON, *DEVICE_SETS[devices],
+                "-incoming", f"exec:cat {self.path_for(version, stream)}"]
         name = f"load-{version}-{machine}-{devices}-{stream.stem}"
         try:
             with Qemu(BIN, args, self.logs, chroot=self.chroot(version), name=name) as vm:

@@ -382,7 +382,8 @@ class _Replay:
                     continue
                 why = ("the source sends it when its state needs it" if self.src_is_dump
                        else "it is in the stream")
-                self.add(sev, f"subsection {name!r} is unknown to the destination ({why}): the load fails", where + name)
+                self.add(sev, f"subsection {name!r} is unknown to the destination ({why}): the load fails",
+                         where + name)
                 continue
             if dst.all_subsections and sd.version > dd.version:
                 self.add(sev, f"subsection {name!r} version {sd.version} is newer than the destination's "
@@ -460,7 +461,7 @@ def compat(src: Side, dsts: list[Side], devices: set[str] | None = None) -> Comp
                                    f"RAM block {name!r} is {size} bytes in the source, {dsize} at the destination"
                                    + (" (a resizable firmware blob: QEMU resizes it)" if resizable else
                                       ": QEMU rejects the length mismatch"), [f"ram/{name}"]))
-        for name, size in stream.ram.items():
+        for name in stream.ram:
             if name not in src.ram:
                 out.append(Finding(NOTE, "ram", f"RAM block {name!r} exists only at the destination (left as is)",
                                    [f"ram/{name}"]))
