@@ -23,7 +23,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 echo "== python packages"
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -e '.[test,fleet]'
 
 echo "== QEMU 10.0 chroot"
 bash scripts/chroot.sh >/dev/null

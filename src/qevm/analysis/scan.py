@@ -25,7 +25,6 @@ import csv
 import glob
 import gzip
 import importlib
-import importlib.util
 import json
 import logging
 import lzma
@@ -321,7 +320,12 @@ TaskFn = Callable[[str, "list[Side] | None"], list[dict[str, Any]]]
 
 def missing_extra(*modules: str) -> str | None:
     """The one-line install hint when one of ``modules`` cannot be imported, else None."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            missing.append(m)
     if not missing:
         return None
     return f"qevm scan needs {', '.join(missing)} for this (the 'fleet' extra): {FLEET_EXTRA}"
