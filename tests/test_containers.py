@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from conftest import DATA, FIXTURES
 
-from qevm import containers
 from qevm.errors import DecodeError, QevmError, UsageError
+from qevm.io import containers
 from qevm.io.containers import (
     LibvirtSave,
     Qcow2Image,
