@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from qevm.analysis.analyze_format import FLAVORS, OrderedRamImage, peer_problems, render
+from qevm.errors import UsageError
 from qevm.format.events import CommandEvent, Configuration
 from qevm.format.memory import RamImage
 from qevm.io.reader import Analysis, iter_events, read_stream
@@ -604,7 +605,7 @@ def test_output_is_streamed_and_flavor_checked(tmp_path: Path) -> None:
     an = read_stream(str(p))
     chunks = list(render(an))
     assert len(chunks) > 2 and chunks[-1].endswith("}\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="flavor"):
         render(an, flavor="9.0")
     p.write_bytes(case_no_sections()[0])
     assert "".join(render(read_stream(str(p)))) == "{}\n"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from qevm.errors import DecodeError, UsageError
+from qevm.errors import DecodeError, InvalidOperation, UsageError
 from qevm.io.base import Input
 from qevm.io.compression import Decompressing, decompressing, deflate_frame, zstd_frame
 from qevm.units import format_size
@@ -434,9 +434,9 @@ class Qcow2View(io.RawIOBase):
         elif whence == io.SEEK_END:
             pos = self._size + offset
         else:
-            raise ValueError(f"invalid whence {whence}")
+            raise InvalidOperation(f"invalid whence {whence}")
         if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
+            raise InvalidOperation(f"negative seek position {pos}")
         self._pos = pos
         return pos
 
@@ -712,9 +712,9 @@ class _Window(_Reader):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
         if base is None:
-            raise ValueError(f"invalid whence {whence}")
+            raise InvalidOperation(f"invalid whence {whence}")
         if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
+            raise InvalidOperation(f"negative seek position {base + offset}")
         self._pos = base + offset
         return self._pos
 
@@ -822,7 +822,7 @@ class LibvirtSave:
         to the stream's first byte, for uncompressed images in a seekable file.  The same object is
         returned on every call; closing it closes this container."""
         if self._closed:
-            raise ValueError("I/O operation on a closed libvirt save image")
+            raise InvalidOperation("I/O operation on a closed libvirt save image")
         if self._stream is not None:
             return self._stream
         src: _Reader
