@@ -24,5 +24,12 @@ class Input:
     file_offset: int = 0  # where the stream starts in its file (mapped-ram offsets are file offsets)
 
     def close(self) -> None:
+        """Close the file (standard input is left open)."""
         if self.file not in (sys.stdin.buffer, getattr(sys.stdin.buffer, "raw", None)):
             self.file.close()
+
+    def __enter__(self) -> Input:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
