@@ -119,7 +119,10 @@ class _Prefixed:
             h, self._head = self._head, b""
             if n < 0:
                 return h + bytes(self._raw.read())
-            return h if len(h) >= n else h + bytes(self._raw.read(n - len(h)) or b"")
+            if len(h) >= n:  # never more than asked: gzip reads its header 2 and 8 bytes at a time
+                self._head = h[n:]
+                return h[:n]
+            return h + bytes(self._raw.read(n - len(h)) or b"")
         return bytes(self._raw.read(n))
 
     def readinto(self, b: Any) -> int:
