@@ -12,7 +12,6 @@ import gzip
 import io
 import json
 import lzma
-import os
 import random
 import shutil
 import struct
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DATA, FIXTURES
+from conftest import DATA, FIXTURES, missing, require_binary, require_file
 
 from qevm.errors import DecodeError, QevmError, UsageError
 from qevm.io import containers
@@ -46,9 +45,8 @@ MiB = 1 << 20
 
 def need(*tools: str | None) -> None:
     if not all(tools):
-        if os.environ.get("CI"):
-            pytest.fail("QEMU tools missing in CI (scripts/test.sh installs qemu-utils and qemu-system-x86)")
-        pytest.skip("QEMU tools (qemu-img, qemu-io, qemu-system-x86_64) not installed")
+        missing("QEMU tools (qemu-img, qemu-io, qemu-system-x86_64)",
+                "scripts/test.sh installs qemu-utils and qemu-system-x86")
 
 
 def run(*args: str, stdin: bytes | None = None) -> str:
@@ -142,9 +140,7 @@ def test_sniff() -> None:
 
 @pytest.fixture(scope="module")
 def savevm_fixture() -> Path:
-    if not SAVEVM_FIXTURE.exists():
-        pytest.skip(f"{SAVEVM_FIXTURE} not generated (python3 scripts/fixtures/make.py savevm-pc-7.2)")
-    return SAVEVM_FIXTURE
+    return require_file(SAVEVM_FIXTURE, "python3 scripts/fixtures/make.py savevm-pc-7.2")
 
 
 def test_fixture_snapshot_table(savevm_fixture: Path) -> None:
@@ -651,9 +647,7 @@ def test_libvirt_save_image(fmt: str) -> None:
 
 def test_libvirt_gzip_cli_compressed(tmp_path: Path) -> None:
     """libvirt pipes the stream through ``gzip -c``: use the real program when there is one."""
-    gz = shutil.which("gzip")
-    if not gz:
-        pytest.skip("no gzip program")
+    gz = require_binary("gzip", "apt-get install gzip")
     stream = small_stream()
     packed = subprocess.run([gz, "-c"], input=stream, capture_output=True, check=True).stdout
     img = tmp_path / "g.save"
