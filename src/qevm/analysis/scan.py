@@ -23,15 +23,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import glob
-import gzip
 import importlib
 import json
 import logging
-import lzma
 import multiprocessing
 import os
 import tempfile
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -122,7 +119,10 @@ def scan_file(path: str, compat_to: list[Side] | None = None) -> list[dict[str, 
         base["container"] = sniff(head) or "stream"
         if base["container"] == "qcow2":
             return _scan_qcow2(path, base, compat_to)
-        return [_scan_input(lambda: open_input(path), base, compat_to)]
+        row = _scan_input(lambda: open_input(path), base, compat_to)
+        if row["status"] == "damaged" and row["file_version"] is None and not head.startswith(_STATE_MAGIC):
+            row["status"] = "unreadable"  # not a VM state at all: no stream header, no known wrapper
+        return [row]
     except Exception as e:  # noqa: BLE001 - a row with the error, whatever it was
         _fail(base, e)
         return [base]
@@ -160,8 +160,6 @@ def _scan_input(opener: Callable[[], Input], row: dict[str, Any], compat_to: lis
                              pages=False, strict=False)
         except QevmError as e:
             _fail(row, e)
-            if partial.header is None and row["error_offset"] == 0:
-                row["status"] = "unreadable"  # not a VM state at all (no stream header)
             an = partial
             an.size = row["error_offset"] if row["error_offset"] is not None else 0
         except Exception as e:  # noqa: BLE001
@@ -183,18 +181,10 @@ def _scan_input(opener: Callable[[], Input], row: dict[str, Any], compat_to: lis
     return row
 
 
-#: what Python's decompressors raise on a damaged or cut-off .gz/.xz/.bz2 around a stream
-_CODEC_ERRORS = (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)
-
-
 def _fail(row: dict[str, Any], e: BaseException) -> None:
     if isinstance(e, DecodeError):
         row["status"] = "damaged"
         row["error_offset"] = e.offset
-    elif isinstance(e, _CODEC_ERRORS) or (isinstance(e, OSError) and "compressed" in str(e).lower()):
-        row["status"] = "damaged"
-        row["error"] = f"the {row['compression'] or 'compressed'} data around the stream is damaged: {e}"
-        return
     elif isinstance(e, UsageError | OSError):
         row["status"] = "unreadable"
     else:

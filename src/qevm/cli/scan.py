@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from qevm.analysis.scan import FileResult, expand_paths, missing_extra, scan, sort_rows, summarize, write_table
 from qevm.cli.compat import load_side
 from qevm.errors import UsageError
+from qevm.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -69,19 +70,10 @@ class Progress:
             self.out.flush()
 
 
-def _size(n: int) -> str:
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if v < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return str(n)
-
-
 def render(s: dict[str, Any], seconds: float, where: str, problems: int) -> str:
     rate = s["files"] / seconds if seconds > 0 else 0.0
-    out = [f"{s['states']} states in {s['files']} files ({_size(s['bytes'])}, guest RAM {_size(s['ram_bytes'])}) "
-           f"scanned in {seconds:.1f} s ({rate:.1f} files/s, {where})"]
+    out = [f"{s['states']} states in {s['files']} files ({format_size(s['bytes'])}, "
+           f"guest RAM {format_size(s['ram_bytes'])}) scanned in {seconds:.1f} s ({rate:.1f} files/s, {where})"]
     out.append("status    " + ", ".join(f"{k} {v}" for k, v in s["status"].items()))
     if s["machines"]:
         out.append("machines  " + ", ".join(f"{k} {v}" for k, v in s["machines"].items()))
