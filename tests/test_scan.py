@@ -262,6 +262,10 @@ def test_expand_paths(fleet: tuple[Path, dict[str, Entry]], tmp_path: Path) -> N
     rows = {r["path"]: r for p in got for r in scan_file(p)}
     assert rows[str(d / "notes.txt")]["status"] == "unreadable"
     assert rows[str(disk)]["status"] == "unreadable" and "snapshot" in rows[str(disk)]["error"]
+    os.mkfifo(d / "pipe")  # named: a row saying what it is, never a worker blocked on it
+    (row,) = scan_file(str(d / "pipe"))
+    assert row["status"] == "unreadable" and "not a regular file" in row["error"]
+    assert expand_paths([str(d)]) == [str(d / "sub" / "a.mig")]
     with pytest.raises(UsageError):
         expand_paths([str(d / "missing.mig")])
     with pytest.raises(UsageError):

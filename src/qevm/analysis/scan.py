@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -112,8 +113,10 @@ def scan_file(path: str, compat_to: list[Side] | None = None) -> list[dict[str, 
     state).  Never raises for bad input: the error is in the row."""
     base = _row(path)
     try:
-        size = os.stat(path).st_size
-        base["file_bytes"] = size
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a regular file")  # a FIFO or device could block the worker
+        base["file_bytes"] = st.st_size
         with open(path, "rb") as f:
             head = f.read(16)
         base["container"] = sniff(head) or "stream"
@@ -332,7 +335,8 @@ def scan(paths: list[str], *, compat_to: list[Side] | None = None, jobs: int | N
     if scheduler is not None:
         yield from _scan_dask(paths, scheduler, compat_to, task)
     else:
-        yield from _scan_local(paths, jobs or os.cpu_count() or 1, compat_to, task, max_failures)
+        yield from _scan_local(paths, max(1, min(jobs or os.cpu_count() or 1, len(paths))), compat_to, task,
+                               max_failures)
 
 
 def _abs(paths: list[str]) -> dict[str, str]:
