@@ -455,17 +455,18 @@ def _scan_dask(paths: list[str], scheduler: str, compat_to: list[Side] | None, t
         keys = [f"qevm-scan-{i}-{os.path.basename(p)[:40]}" for i, p in enumerate(shown)]
         futures = client.map(task, list(shown), [ctx] * len(shown), key=keys, pure=False)
         by_key = {f.key: p for f, p in zip(futures, shown, strict=True)}
-        for fut in dd.as_completed(futures, loop=client.loop):
+        # with_results: the client fetches finished results concurrently, not one round trip per file
+        for fut, result in dd.as_completed(futures, loop=client.loop, with_results=True, raise_errors=False):
             path = by_key[fut.key]
             if fut.status == "error":
-                exc = fut.exception()
+                exc = result[1]  # (type, exception, traceback)
                 if type(exc).__name__ == "KilledWorker":  # the scheduler's allowed-failures (default 3) ran out
                     rows = _died(shown[path], None)
                 else:
                     rows = [_row(path)]
                     _fail(rows[0], exc)
             else:
-                rows = fut.result()
+                rows = result
             fut.release()
             yield FileResult(shown[path], _relabel(rows, shown[path]), None)
     finally:
