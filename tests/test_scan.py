@@ -210,6 +210,7 @@ def test_cli_local_and_dask(fleet: tuple[Path, dict[str, Entry]], cluster: str, 
     assert a.returncode == 1, a.stderr  # some states are damaged
     n = sum(1 for rel in man if rel.split("/")[0] in ("damaged", "libvirt", "qcow2", "edits"))
     assert f"{n}/{n} files" in a.stderr and "files/s" in a.stderr  # the progress bar
+    assert "Traceback" not in a.stderr and "Exception" not in a.stderr
     assert "status    ok " in a.stdout and "damaged " in a.stdout and "machines  pc-i440fx-7.2" in a.stdout
     assert "not ok (" in a.stdout and "damaged/junk.mig" in a.stdout
     b = qevm("scan", *dirs, "--out", str(tmp_path / "b.csv"), "--scheduler", cluster)

@@ -432,8 +432,12 @@ def _scan_local(paths: list[str], jobs: int, compat_to: list[Side] | None, task:
                 inflight.clear()
                 pool.shutdown(wait=True, cancel_futures=True)
                 pool = new_pool()
-    finally:
+    except BaseException:  # interrupted, or the consumer stopped iterating: do not wait for running files
         pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    # all done: a waited shutdown also unregisters the pool's wakeup pipe, which CPython would
+    # otherwise write to at interpreter exit (an ignored 'Bad file descriptor' traceback)
+    pool.shutdown(wait=True)
 
 
 # -- dask.distributed

@@ -80,7 +80,8 @@ def render(s: dict[str, Any], seconds: float, where: str, problems: int) -> str:
     if s["compat"]:
         out.append("compat    " + ", ".join(f"{k} {v}" for k, v in s["compat"].items()))
         if s["top_breaking"]:
-            out.append("breaking  " + ", ".join(f"{k} ({v} states)" for k, v in s["top_breaking"]))
+            out.append("breaking  " + ", ".join(f"{k} ({v} state{'s' if v != 1 else ''})"
+                                                for k, v in s["top_breaking"]))
     shown = s["problems"][:problems]
     if shown:
         out.append(f"not ok ({len(s['problems'])}):" if len(shown) == len(s["problems"])
