@@ -41,7 +41,8 @@ from qevm.format.returnpath import (
 )
 from qevm.io.reader import read_stream
 from qevm.migration.channels import LISTEN_SCHEMES, parse_size, parse_uri
-from qevm.migration.send import LiveResender, TokenBucket
+from qevm.migration.ratelimit import RateLimiter
+from qevm.migration.send import LiveResender
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = str(ROOT / "src")
@@ -138,7 +139,7 @@ def test_token_bucket() -> None:
     def sleep(s: float) -> None:
         now[0] += s
 
-    b = TokenBucket(1000, burst=100, clock=lambda: now[0], sleep=sleep)
+    b = RateLimiter(1000, burst=100, clock=lambda: now[0], sleep=sleep)
     for _ in range(50):
         b.take(100)
     assert 4.8 <= now[0] <= 5.0  # 5000 bytes at 1000 B/s, the first burst free

@@ -11,11 +11,14 @@ from qevm.migration.tap import tap
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("tap", help="sit between a source and a destination QEMU, decode the stream as it passes",
-                       description="Accept the source QEMU's migration on LISTEN_URI, connect to the destination "
-                       "QEMU (started with -incoming TARGET_URI) and forward every byte unchanged in both "
-                       "directions, return path included; the stream is decoded on the way.")
-    p.add_argument("listen", metavar="LISTEN_URI", help="where the source connects, e.g. tcp:127.0.0.1:4444")
-    p.add_argument("target", metavar="TARGET_URI", help="the destination's -incoming address, e.g. tcp:127.0.0.1:5555")
+                       description="Accept the source QEMU's migration on LISTEN_URI (any -incoming URI), open the "
+                       "destination (a QEMU started with -incoming TARGET_URI, or any migrate URI) and forward "
+                       "every byte unchanged in both directions, return path included when both ends are "
+                       "sockets; the stream is decoded on the way.")
+    p.add_argument("listen", metavar="LISTEN_URI", help="where the source connects, e.g. tcp:127.0.0.1:4444 "
+                   "(or exec:CMD, fd:N, file:PATH to read a stream)")
+    p.add_argument("target", metavar="TARGET_URI", help="the destination, e.g. tcp:127.0.0.1:5555 "
+                   "(or exec:CMD, fd:N, file:PATH)")
     p.add_argument("-o", "--output", metavar="FILE", help="also record the forward stream (FILE.part until complete)")
     p.add_argument("--rp-output", metavar="FILE", help="also record the return-path bytes")
     add_session_options(p)
