@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     def head(res: Any, doc: dict[str, Any]) -> list[str]:
         r = doc["record"]
         out = [f"recorded        {r['bytes']} bytes ({size(r['bytes'])}) in {r['seconds']:.2f} s{rate(r)}",
-               f"from            {r['source']} on {r['listen']}",
+               f"from            {r['source']}" + (f" on {r['listen']}" if r["listen"] != r["source"] else ""),
                f"output          {r['output']} (complete)"]
         if res.return_path:
             out.append(f"return path     opened; sent {rp_list(res.sent)}")

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         t = doc["tap"]
         out = [f"forwarded       {t['forward_bytes']} bytes ({size(t['forward_bytes'])}) in {t['seconds']:.2f} s"
                f"{rate(t)}",
-               f"path            {t['source']} -> {t['listen']} -> {t['target']}",
+               f"path            {' -> '.join(dict.fromkeys((t['source'], t['listen'], t['target'])))}",
                f"return path     {t['back_bytes']} bytes: {rp_list(res.rp_messages)}"]
         if res.page_requests:
             out.append(f"page requests   {res.page_requests} (postcopy faults served through the tap)")

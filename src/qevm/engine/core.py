@@ -23,7 +23,16 @@ from qevm.engine.migration import CAPABILITIES, MAX_MIGRATE_DOWNTIME, SUPPORTED_
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
 from qevm.engine.states import MigrationStatus, RunState
 from qevm.errors import QevmError, UsageError
-from qevm.migration.channels import Channel, FdTable, SocketChannel, open_incoming, open_outgoing, parse_uri
+from qevm.migration.channels import (
+    LISTEN_SCHEMES,
+    SEND_SCHEMES,
+    Channel,
+    FdTable,
+    SocketChannel,
+    open_incoming,
+    open_outgoing,
+    parse_uri,
+)
 
 __all__ = ["Engine", "QMPError", "COMMANDS", "QEMU_VERSION", "Arg", "check_args"]
 
@@ -174,7 +183,7 @@ class Engine:
         if self.m.runstate is RunState.POSTMIGRATE:
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
         scheme = uri.partition(":")[0]
-        if scheme in ("tcp", "unix"):
+        if scheme in LISTEN_SCHEMES:
             # parse now (errors go back to the caller), connect in the migration thread like QEMU
             try:
                 parse_uri(uri)
@@ -183,7 +192,11 @@ class Engine:
             mig.prepare()
             mig.start(lambda: self._open_outgoing(uri), uri)
             return
-        if ":" not in uri or scheme not in ("exec", "fd", "file"):
+        if ":" not in uri or scheme not in SEND_SCHEMES:
+            try:
+                parse_uri(uri)  # rdma: gets its own line
+            except QevmError as e:
+                raise QMPError(str(e)) from None
             raise QMPError(f"unknown migration protocol: {uri}")
         mig.prepare()
         try:
