@@ -279,6 +279,10 @@ def test_rate_limiter() -> None:
         rl.take(64 << 10)
     assert 2.9 < now[0] - t < 3.2
     assert RateLimiter(0).unlimited and RateLimiter(1 << 62).take(1 << 40)
+    t = now[0]
+    cold = RateLimiter(1000, initial=0, clock=lambda: now[0], sleep=sleep)
+    cold.take(500)
+    assert now[0] - t == pytest.approx(0.5)  # no credit at the start
     stop = threading.Event()
     stop.set()
     slow = RateLimiter(1000, burst=1000)

@@ -176,7 +176,7 @@ class MigrationState:
 
     def _migrate(self, ch: Channel) -> None:
         m = self.m
-        limiter = RateLimiter(self.params["max-bandwidth"])
+        limiter = RateLimiter(self.params["max-bandwidth"], initial=0)
         self._rate_param = self.params["max-bandwidth"]
         out = StreamOut(ch.sendall, limiter=limiter, abort=self._abort)
         self.out = out

@@ -27,6 +27,7 @@ from qevm.io.reader import Analysis
 __all__ = ["PushParser", "StreamMonitor"]
 
 _POSTCOPY = (Command.POSTCOPY_LISTEN, Command.POSTCOPY_RUN)
+_LANDMARKS = frozenset({SectionHeader, CommandEvent, EndOfFile, VmDescription})
 
 
 class PushParser:
@@ -82,33 +83,35 @@ class PushParser:
         return cmds
 
     def _drain(self) -> list[CommandEvent]:
-        p = self.parser
+        next_event = self.parser.next_event
         handle = self._sink
+        landmark = self._landmark
         while True:
-            ev = p.next_event()
+            ev = next_event()
             if ev is NEED_DATA:
                 return self.take_commands()
             if ev is DONE:
                 self.done = True
                 return self.take_commands()
-            assert isinstance(ev, Event)
-            t = type(ev)
-            if t is SectionHeader:
-                self.section = f"{ev.section.idstr} {ev.kind.name}"  # type: ignore[attr-defined]
-            elif t is CommandEvent:
-                assert isinstance(ev, CommandEvent)
-                self._cmds.append(ev)
-                if ev.cmd == Command.OPEN_RETURN_PATH:
-                    self.return_path = True
-                elif ev.cmd in _POSTCOPY:
-                    self.postcopy = True
-            elif t is EndOfFile:
-                self.eof = True
-                self.section = "EOF"
-            elif t is VmDescription:
-                self.vmdesc = True
-                self.section = "vmdesc"
-            handle(ev)
+            if type(ev) in _LANDMARKS:  # one set lookup per event: the page path stays short
+                landmark(ev)  # type: ignore[arg-type]
+            handle(ev)  # type: ignore[arg-type]
+
+    def _landmark(self, ev: Event) -> None:
+        if isinstance(ev, SectionHeader):
+            self.section = f"{ev.section.idstr} {ev.kind.name}"
+        elif isinstance(ev, CommandEvent):
+            self._cmds.append(ev)
+            if ev.cmd == Command.OPEN_RETURN_PATH:
+                self.return_path = True
+            elif ev.cmd in _POSTCOPY:
+                self.postcopy = True
+        elif isinstance(ev, EndOfFile):
+            self.eof = True
+            self.section = "EOF"
+        elif isinstance(ev, VmDescription):
+            self.vmdesc = True
+            self.section = "vmdesc"
 
 
 class StreamMonitor(PushParser):

@@ -16,10 +16,11 @@ UNLIMITED = 1 << 62
 class RateLimiter:
     """At most ``rate`` bytes per second on average; up to ``burst`` bytes of credit saved up while
     the sender is idle (default: one ``window`` of traffic, 100 ms like QEMU's BUFFER_DELAY, but at
-    least 4 KiB).  ``rate`` <= 0 or >= ``UNLIMITED``: no limit.  ``clock``/``sleep`` are injectable
-    for tests."""
+    least 4 KiB).  ``initial``: the credit at the start (default: one burst; 0 makes the first bytes
+    wait their turn, so that a run's average holds from its start).  ``rate`` <= 0 or >= ``UNLIMITED``:
+    no limit.  ``clock``/``sleep`` are injectable for tests."""
 
-    def __init__(self, rate: float, burst: int | None = None, *, window: float = 0.1,
+    def __init__(self, rate: float, burst: int | None = None, *, window: float = 0.1, initial: float | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.window = window
         self.fixed_burst = burst
@@ -30,7 +31,7 @@ class RateLimiter:
         self.tokens = 0.0
         self.last = clock()
         self.set_rate(rate)
-        self.tokens = float(self.burst)
+        self.tokens = float(self.burst) if initial is None else min(float(initial), float(self.burst))
 
     @property
     def unlimited(self) -> bool:
