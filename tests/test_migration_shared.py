@@ -25,7 +25,7 @@ from conftest import require_fixture
 import qevm.engine as engine_pkg
 import qevm.migration as migration_pkg
 from qevm.errors import DecodeError, QevmError, UsageError
-from qevm.format.events import CommandEvent, RamPage
+from qevm.format.events import CommandEvent, RamPage, VmDescription
 from qevm.format.parser import Parser
 from qevm.format.records import Command, RamFlag, ram_record_head
 from qevm.format.returnpath import RpType, pong, req_pages, shut
@@ -360,6 +360,10 @@ def test_engine_device_sections_are_the_registry_stream() -> None:
     assert whole.endswith(bytes(buf))
     head = m.registry.events(machine=MACHINE_TYPE, page_size=m.page_size)[:2]
     assert len(whole) - len(buf) == sum(len(ev.encode()) for ev in head)
-    vm = json.loads(bytes(buf)[bytes(buf).index(b"{"):].decode())
+    p = Parser()
+    p.feed(whole)
+    p.close()
+    (vd,) = [ev for ev in p.events() if isinstance(ev, VmDescription)]
+    vm = vd.json()
     assert vm["page_size"] == m.page_size and list(vm) == ["configuration", "page_size", "devices"]
     assert [d["name"] for d in vm["devices"]] == [se.idstr for se in m.registry.handlers if se.idstr != "ram"]
