@@ -21,7 +21,7 @@ from qevm.codec.paths import FieldPath
 from qevm.codec.types import RAW, codec_for
 from qevm.codec.vmsd import NULL, Opaque, Struct
 from qevm.errors import DecodeError
-from qevm.format.events import Event, RamBlock, RamFlag, RamPage
+from qevm.format.events import Event, RamBlock, RamFlag
 from qevm.format.memory import RamImage
 from qevm.format.parser import Parser
 from qevm.io.reader import Analysis, Device, drive, read_stream, trailer_schema
@@ -56,7 +56,6 @@ class PageTable:
         self.sizes: dict[str, int] = {}
         self.tables: dict[str, bytearray] = {}
         self._zero: dict[tuple[int, int], bytes] = {}
-        self.image: RamImage | None = None  # set when an XBZRLE page forces a content rebuild
         self.page_size = granule
 
     def zero_digest(self, size: int, fill: int = 0) -> bytes:
@@ -70,8 +69,6 @@ class PageTable:
         if name not in self.tables:
             self.sizes[name] = size
             self.tables[name] = bytearray((size + self.granule - 1) // self.granule * DIGEST)
-            if self.image is not None:
-                self.image.add_block(name, size)
 
     def put(self, block: str, addr: int, digest: bytes) -> None:
         t = self.tables.get(block)
@@ -100,29 +97,6 @@ class PageTable:
             self.put(block, addr, _digest(data))
         else:
             raise _NeedContent()
-
-    def page(self, ev: RamPage, page_size: int) -> None:
-        kind = ev.kind
-        if self.image is not None:
-            self.image.apply(ev)
-            self.put(ev.block, ev.addr, _digest(self.image.read(ev.block, ev.addr)))
-            return
-        if kind == RamFlag.PAGE:
-            self.put(ev.block, ev.addr, _digest(ev.payload))
-        elif kind == RamFlag.ZERO:
-            self.put(ev.block, ev.addr, self.zero_digest(page_size, ev.payload[0]))
-        elif kind == RamFlag.COMPRESS_PAGE:
-            try:
-                data = zlib.decompress(ev.payload[4:])
-            except zlib.error as e:
-                raise DecodeError(f"compressed page does not inflate: {e}", ev.offset) from None
-            self.put(ev.block, ev.addr, _digest(data))
-        elif kind == RamFlag.XBZRLE:
-            raise _NeedContent()
-
-    def close(self) -> None:
-        if self.image is not None:
-            self.image.close()
 
 
 class _NeedContent(Exception):
@@ -240,8 +214,9 @@ def _read_side(source: str | Input, ram: bool, kw: dict[str, Any]) -> tuple[Anal
         def handle(ev: Event) -> None:
             an.handle(ev)
             if type(ev) is RamBlock:
+                if not table.tables:  # one slot per target page (1 KiB on some Arm machines)
+                    table.granule = table.page_size = parser.page_size or 4096
                 table.add_block(ev.name, ev.used_length)
-                table.page_size = parser.page_size or 4096
 
         parser.page_sink = table.sink
         try:
