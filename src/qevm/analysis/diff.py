@@ -91,10 +91,10 @@ class PageTable:
         elif kind == RamFlag.COMPRESS_PAGE:
             n = int.from_bytes(view[pos:pos + 4], "big")
             try:
-                data = zlib.decompress(view[pos + 4:pos + 4 + n])
+                page = zlib.decompress(view[pos + 4:pos + 4 + n])
             except zlib.error as e:
                 raise DecodeError(f"compressed page does not inflate: {e}") from None
-            self.put(block, addr, _digest(data))
+            self.put(block, addr, _digest(page))
         else:
             raise _NeedContent()
 
