@@ -151,6 +151,13 @@ class BlockDiff:
     appeared: int = 0  # zero (or not sent) in A, data in B
     disappeared: int = 0  # data in A, zero in B
     ranges: list[tuple[int, int, str]] = field(default_factory=list)  # [start, end) byte offsets, kind
+    lowmem: int | None = None  # x86 pc.ram: bytes mapped below 4 GiB (guest-physical = offset below it)
+
+    def gpa(self, offset: int) -> int | None:
+        """Guest-physical address of a block offset, where the layout is known (x86 ``pc.ram``)."""
+        if self.lowmem is None:
+            return None
+        return offset if offset < self.lowmem else (1 << 32) + offset - self.lowmem
 
     @property
     def differs(self) -> bool:
@@ -159,7 +166,9 @@ class BlockDiff:
     def as_json(self) -> dict[str, Any]:
         return {"block": self.name, "size": list(self.size), "pages_changed": self.changed,
                 "pages_appeared": self.appeared, "pages_disappeared": self.disappeared,
-                "ranges": [{"start": s, "end": e, "change": k} for s, e, k in self.ranges]}
+                "ranges": [{"start": s, "end": e, "change": k,
+                            **({"gpa": self.gpa(s)} if self.lowmem is not None else {})}
+                           for s, e, k in self.ranges]}
 
 
 @dataclass
@@ -467,7 +476,33 @@ def diff_analyses(an_a: Analysis, an_b: Analysis, name_a: str = "A", name_b: str
         ps = an_a.page_size or an_b.page_size or tables[0].granule
         res.page_size = ps
         res.ram = [b for b in _ram_diff(tables[0], tables[1], ps) if not _ignored(f"ram/{b.name}", ignore)]
+        machine = an_a.configuration.machine if an_a.configuration else None
+        for b in res.ram:
+            if b.name == "pc.ram" and b.size[0] == b.size[1] and b.size[0] is not None and machine:
+                b.lowmem = _x86_lowmem(machine, b.size[0])
+                if b.lowmem is not None and b.lowmem < b.size[0]:
+                    _split_at(b, b.lowmem)
     return res
+
+
+def _x86_lowmem(machine: str, size: int) -> int | None:
+    """RAM below 4 GiB on QEMU's PC machines with the default ``max-ram-below-4g`` (QEMU's rule:
+    q35 keeps 2 GiB low once RAM reaches 2.75 GiB; i440fx 3 GiB once it reaches 3.5 GiB)."""
+    if machine.startswith("pc-q35"):
+        return 0x80000000 if size >= 0xB0000000 else size
+    if machine.startswith("pc-i440fx"):
+        return 0xC0000000 if size >= 0xE0000000 else size
+    return None
+
+
+def _split_at(b: BlockDiff, cut: int) -> None:
+    out: list[tuple[int, int, str]] = []
+    for s, e, k in b.ranges:
+        if s < cut < e:
+            out += [(s, cut, k), (cut, e, k)]
+        else:
+            out.append((s, e, k))
+    b.ranges = out
 
 
 def _ignored(path: str, patterns: tuple[str, ...]) -> bool:

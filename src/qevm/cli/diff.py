@@ -105,7 +105,9 @@ def render(res: StateDiff, max_ranges: int = 20) -> str:
             out.append(f"ram {b.name} (size {size}): {b.changed} pages changed, {b.appeared} appeared, "
                        f"{b.disappeared} disappeared ({res.page_size}-byte pages)")
             for start, end, kind in b.ranges[:max_ranges]:
-                out.append(f"  [0x{start:x}, 0x{end:x}) {kind}")
+                gpa = b.gpa(start)
+                where = f" (guest-physical 0x{gpa:x})" if gpa is not None and gpa != start else ""
+                out.append(f"  [0x{start:x}, 0x{end:x}) {kind}{where}")
             if len(b.ranges) > max_ranges:
                 out.append(f"  ... {len(b.ranges) - max_ranges} more ranges (--json lists all)")
     for n in res.notes:
