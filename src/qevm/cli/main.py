@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from qevm.cli import desc, dump, edit, info, record, rewrite, send, tap, vm
+from qevm.cli import compat, desc, diff, dump, edit, info, record, rewrite, send, tap, vm
 from qevm.errors import QevmError
 
-VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm)
+VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "takes_extra", False):  # a verb that passes `-- ARGS...` on (compat --qemu)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = [a for a in extra if a != "--"] if extra[:1] == ["--"] else extra
     try:
         return int(args.run(args))
     except QevmError as e:

@@ -17,7 +17,7 @@ vmdesc entry for the section (``schema``) is needed to size it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum, auto
 from typing import Any
 
@@ -150,6 +150,9 @@ class Parser:
         # the parser's buffer, valid only until the parser is fed again: zero-copy for writers)
         self.keep_raw = keep_raw
         self.passes = PassTracker()
+        # counting mode: called for every page record as sink(block, addr, kind, view, payload_pos), the
+        # view valid only during the call (per-page digests without per-page events: ``qevm diff``)
+        self.page_sink: Callable[[str, int, int, memoryview, int], None] | None = None
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -487,6 +490,8 @@ class Parser:
         limit = 1 << 62 if counting else 256
         page_cont = _PAGE | _CONT
         zero_cont = _ZERO | _CONT
+        sink = self.page_sink if counting else None
+        view = memoryview(buf) if sink is not None else None
         try:
             while made < limit:
                 if pos + 8 > end:
@@ -530,6 +535,9 @@ class Parser:
                             tracker.new_pass()
                             passes = tracker.passes
                         seen[j] |= bit
+                        if sink is not None:
+                            assert view is not None and block is not None
+                            sink(block, addr, f & ~_CONT, view, pos + 8)
                         pos = nxt
                         if pos + 8 > end:
                             break
@@ -602,6 +610,9 @@ class Parser:
                         if seen[j] & bit or not tracker.passes:
                             tracker.new_pass()
                         seen[j] |= bit
+                        if sink is not None:
+                            assert view is not None and block is not None
+                            sink(block, addr, kind, view, p)
                     else:
                         q.append(RamPage(base + pos, flags, addr, block, bytes(buf[p:p + ln])))
                     pos = p + ln
@@ -640,6 +651,8 @@ class Parser:
                 else:
                     raise self._err(f"unknown combination of RAM flags 0x{flags:x}", base + pos)
         finally:
+            if view is not None:
+                view.release()
             if counting and pos > span:
                 q.append(self._tally(span, pos, tally))
             self._pos = pos
