@@ -635,7 +635,7 @@ def _zstd_decompress(raw: bytes, size: int, name: str) -> bytes:
     ``compression.zstd``."""
     dobj: Any
     try:
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard  # type: ignore[import-not-found,unused-ignore]
 
         dobj = zstandard.ZstdDecompressor().decompressobj()
     except ImportError:
@@ -916,7 +916,8 @@ class LibvirtSave:
                 import zstandard  # type: ignore[import-not-found,unused-ignore]
             except ImportError:
                 raise UsageError(self._tool_hint("zstd", "zstd -dc", "or install the 'zstandard' package")) from None
-            out = _Guarded(zstandard.ZstdDecompressor().stream_reader(src), src, comp, self.file_offset)
+            out = _Guarded(zstandard.ZstdDecompressor().stream_reader(src),  # type: ignore[arg-type,unused-ignore]
+                           src, comp, self.file_offset)
         else:
             raise UsageError(self._tool_hint(comp, "lzop -dc --ignore-warn"))
         out.on_close = self._release

@@ -160,7 +160,7 @@ def _decompressor(kind: str, raw: Any, head: bytes, regular: bool, name: str) ->
     if kind == "bzip2":
         return bz2.BZ2File(src, "rb")
     try:
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise UsageError(f"{name} is zstd-compressed; install the 'zstandard' package or decompress it "
                          "first (zstd -dc FILE | qevm ... -)") from None
