@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
 import os
 import tempfile
@@ -40,6 +41,7 @@ from qevm.format.events import (
     RamPage,
     RamTally,
     SectionHeader,
+    VmDescription,
 )
 from qevm.format.memory import RamImage
 from qevm.format.parser import DONE, NEED_DATA, Parser
@@ -275,6 +277,34 @@ def _with_caps(cfg: Configuration, caps: list[str]) -> Configuration:
     return Configuration(cfg.offset, cfg.machine, subs)
 
 
+def _vmdesc_with_caps(ev: VmDescription, caps: list[str]) -> VmDescription:
+    """The vmdesc trailer with its description of the configuration's capabilities subsection
+    matching ``caps`` (readers such as analyze-migration.py parse the configuration by it).  QEMU
+    7.2 does not describe the configuration at all: then nothing changes."""
+    try:
+        doc = json.loads(ev.raw)
+    except ValueError:
+        return ev
+    cfg = doc.get("configuration") if isinstance(doc, dict) else None
+    if not isinstance(cfg, dict):
+        return ev
+    subs = [s for s in cfg.get("subsections", []) if not (isinstance(s, dict) and s.get("vmsd_name") == _CAPS)]
+    if caps:
+        elem: dict[str, Any] = {"name": "capabilities", "type": "capability", "size": len(caps[0]) + 1}
+        if len(caps) > 1:
+            elem = {"name": "capabilities", "array_len": len(caps), "type": "capability", "size": len(caps[0]) + 1}
+        desc = {"vmsd_name": _CAPS, "version": 1,
+                "fields": [{"name": "caps_count", "type": "uint32", "size": 4}, elem]}
+        at = next((i + 1 for i, s in enumerate(subs)
+                   if isinstance(s, dict) and s.get("vmsd_name") == "configuration/target-page-bits"), 0)
+        subs.insert(at, desc)
+    if subs:
+        cfg["subsections"] = subs
+    else:
+        cfg.pop("subsections", None)
+    return VmDescription(ev.offset, json.dumps(doc).encode())
+
+
 # --------------------------------------------------------------------------------------------
 # mapped-ram -> sequential
 
@@ -303,6 +333,7 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
     blocks: list[_MappedBlock] = []
     by_name: dict[str, _MappedBlock] = {}
     ram_sid: int | None = None
+    caps: list[str] = []
     in_end = False
     emitted = False
     out: list[bytes] = []
@@ -320,7 +351,8 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
             break
         assert isinstance(ev, Event)
         if isinstance(ev, Configuration):
-            out.append(_with_caps(ev, [c for c in ev.capabilities if c != "mapped-ram"]).encode())
+            caps = [c for c in ev.capabilities if c != "mapped-ram"]
+            out.append(_with_caps(ev, caps).encode())
         elif isinstance(ev, RamBlock):
             if ev.mapped is not None:
                 mb = _MappedBlock(ev.name, ev.used_length, ev.mapped)
@@ -332,6 +364,8 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
             by_name[ev.block].bitmap = bytes(ev.data)
         elif isinstance(ev, MappedRamData):
             pass
+        elif isinstance(ev, VmDescription):
+            out.append(_vmdesc_with_caps(ev, caps).encode())
         elif isinstance(ev, SectionHeader):
             if ev.section.handler == "ram":
                 ram_sid = ev.section.section_id
@@ -347,7 +381,9 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
             if out:
                 yield b"".join(out)
                 out.clear()
+            here = inp.file.tell()
             yield from _mapped_pages(inp, blocks, parser.page_size or 4096, stats)
+            inp.file.seek(here)
             out.append(ev.encode())
         elif isinstance(ev, RamControl) and ev.flags == RamFlag.MULTIFD_FLUSH:
             pass  # no multifd channels in a sequential stream
@@ -491,6 +527,7 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
     ram: _MappedRam | None = None
     regions: dict[str, tuple[int, int]] = {}  # block -> (bitmap offset, pages offset)
     order: list[str] = []
+    new_caps: list[str] = []
     in_ram = False
     pending: list[bytes] = []
 
@@ -511,7 +548,11 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
             caps = ev.capabilities
             if "mapped-ram" in caps:
                 raise UsageError(f"{inp.name} is already a mapped-ram stream")
-            put(_with_caps(ev, [*caps, "mapped-ram"]).encode())
+            new_caps[:] = [*caps, "mapped-ram"]
+            put(_with_caps(ev, new_caps).encode())
+            return
+        if isinstance(ev, VmDescription):
+            put(_vmdesc_with_caps(ev, new_caps).encode())
             return
         if isinstance(ev, SectionHeader):
             in_ram = ev.section.handler == "ram"
