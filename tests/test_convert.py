@@ -387,15 +387,17 @@ def test_loadvm_of_a_written_snapshot(savevm_stream: Path, tmp_path: Path) -> No
 
 
 def test_mapped_ram_loads_into_qemu_7_2_after_round_trip(tmp_path: Path) -> None:
-    """A 7.2 stream with XBZRLE pages -> mapped-ram (pages applied) -> plain: QEMU 7.2 loads it."""
+    """A 7.2 stream with compressed pages -> mapped-ram (pages inflated) -> plain: QEMU 7.2 loads it
+    (without the compress capability) and the guest keeps ticking.  (The xbzrle-7.2 fixture's
+    dirty-workload guest oopses when QEMU loads even the original stream, so it cannot serve.)"""
     need(QEMU, "qemu-system-x86_64")
-    src = require_fixture("xbzrle-7.2")
+    src = require_fixture("compress-7.2")
     m = tmp_path / "x.mapped"
     out = ok("convert", str(src), str(m), "--to", "mapped-ram")
     assert "XBZRLE/compressed pages applied" in out
     plain = tmp_path / "x.mig"
     ok("convert", str(m), str(plain), "--to", "stream")
-    with Qemu(QEMU or "", [*destination_args(meta("xbzrle-7.2")), "-incoming", f"exec:cat {plain}"],
+    with Qemu(QEMU or "", [*destination_args(meta("compress-7.2")), "-incoming", f"exec:cat {plain}"],
               tmp_path / "q") as vm:
         assert_guest_runs(vm)
         vm.quit()
