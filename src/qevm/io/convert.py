@@ -152,7 +152,7 @@ def compressor(kind: str, out: IO[bytes] | Any) -> Any:
     if kind == "gzip":
         return gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0)
     if kind == "xz":
-        return lzma.LZMAFile(out, "wb", preset=3)
+        return lzma.LZMAFile(out, "wb", preset=1)
     if kind == "bzip2":
         return bz2.BZ2File(out, "wb")
     if kind == "zstd":
