@@ -34,7 +34,7 @@ import pytest
 from conftest import FIXTURES, destination_args, require_fixture
 
 from qevm.io.containers import Qcow2Image
-from qevm.io.qcow2write import add_snapshot, delete_snapshot
+from qevm.io.qcow2write import add_snapshot, create_image, delete_snapshot, list_image_snapshots
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = str(ROOT / "src")
@@ -122,7 +122,8 @@ def qemu_view_of_vmstate(img: Path, snap: str, work: Path) -> bytes:
     c = work / "view.qcow2"
     shutil.copy(img, c)
     subprocess.run([QEMU_IMG, "snapshot", "-a", snap, str(c)], check=True)
-    subprocess.run([QEMU_IMG, "resize", "-q", str(c), str((off + size) // (1 << 20) * (1 << 20) + (2 << 20))], check=True)
+    grown = (off + size) // (1 << 20) * (1 << 20) + (2 << 20)
+    subprocess.run([QEMU_IMG, "resize", "-q", str(c), str(grown)], check=True)
     raw = work / "view.raw"
     subprocess.run([QEMU_IMG, "convert", "-O", "raw", str(c), str(raw)], check=True)
     with open(raw, "rb") as f:
@@ -255,6 +256,28 @@ def test_stream_into_new_and_existing_images(savevm_stream: Path, tmp_path: Path
     img_check(img)
     ok("convert", str(img), str(back), "--snapshot", "again")
     assert sha(back) == sha(savevm_stream)
+
+
+def test_library_api(savevm_stream: Path, tmp_path: Path) -> None:
+    """What the engine's savevm uses: chunks of any size, a clock asked for at the end, icount."""
+    need(QEMU_IMG, "qemu-img")
+    img = tmp_path / "lib.qcow2"
+    create_image(str(img), 32 << 20)
+    img_check(img)
+
+    def chunks() -> Iterator[bytes]:
+        with open(savevm_stream, "rb") as f:
+            while b := f.read(100_003):
+                yield b
+
+    snap = add_snapshot(str(img), "lib", chunks(), vm_clock_ns=lambda: 5_250_000_000, icount=12345)
+    assert (snap.vm_state_size, snap.vm_clock_nsec, snap.icount) == (savevm_stream.stat().st_size, 5_250_000_000,
+                                                                     12345)
+    img_check(img)
+    assert re.search(r"lib\s+74\.3 MiB .* 00:00:05\.250\s+12345", snapshot_list(img)), snapshot_list(img)
+    assert delete_snapshot(str(img), "lib").name == "lib"
+    img_check(img)
+    assert list_image_snapshots(str(img)) == []
 
 
 def test_images_written_by_qemu_10(savevm_stream: Path, tmp_path: Path) -> None:

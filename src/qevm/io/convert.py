@@ -21,6 +21,8 @@ import gzip
 import json
 import lzma
 import os
+import re
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ __all__ = [
     "atomic_output",
     "stream_info",
     "vm_clock_of",
+    "find_vm_clock",
 ]
 
 FORMATS = ("stream", "mapped-ram", "qcow2")
@@ -164,12 +167,44 @@ def compressor(kind: str, out: IO[bytes] | Any) -> Any:
     raise UsageError(f"unknown compression {kind!r} (choose from {', '.join(COMPRESSIONS)})")
 
 
-def _write_chunks(chunks: Iterable[bytes | memoryview], out: Any) -> int:
+Chunk = bytes | list[bytes | memoryview]  # a piece of output: bytes, or buffers to write in order
+
+
+def _flat(chunks: Iterable[Chunk]) -> Iterator[bytes]:
+    for c in chunks:
+        yield c if isinstance(c, bytes) else b"".join(c)
+
+
+def _write_chunks(chunks: Iterable[Chunk], out: Any, fd: int | None = None) -> int:
+    """Write every chunk to ``out``; buffer lists go straight to ``fd`` with ``writev`` when given."""
     n = 0
     for c in chunks:
-        out.write(c)
-        n += len(c)
+        if isinstance(c, bytes):
+            if fd is not None:
+                _writev(fd, [c])
+            else:
+                out.write(c)
+            n += len(c)
+        elif fd is not None:
+            n += _writev(fd, c)
+        else:
+            data = b"".join(c)
+            out.write(data)
+            n += len(data)
     return n
+
+
+def _writev(fd: int, bufs: list[bytes | memoryview]) -> int:
+    total = 0
+    for k in range(0, len(bufs), 1024):  # IOV_MAX
+        part = [memoryview(b) for b in bufs[k:k + 1024]]
+        want = sum(len(b) for b in part)
+        done = os.writev(fd, part)
+        while done < want:  # a short write: finish the rest plainly
+            rest = b"".join(part)[done:]
+            done += os.write(fd, rest)
+        total += want
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +352,7 @@ class _MappedBlock:
     bitmap: bytes = b""
 
 
-def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterator[bytes]:
+def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterator[Chunk]:
     """A mapped-ram stream (a seekable file) as a plain sequential stream, in chunks.
 
     The configuration loses the ``mapped-ram`` capability, the block list its mapped-ram headers;
@@ -396,46 +431,60 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
                           "cannot be placed", parser.offset, "ram")
 
 
-def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int, stats: ConvertResult | None) -> Iterator[bytes]:
-    """PAGE records for the set bits of every block's bitmap, ZERO records for the others."""
+def _bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, bool]]:
+    """(first page, end page, present) runs of a little-endian bitmap, at most ``run_max`` long."""
+    bits = "".join(format(b, "08b")[::-1] for b in bm)[:npages].ljust(npages, "0")
+    for m in re.finditer(r"1+|0+", bits):
+        a, e = m.span()
+        present = bits[a] == "1"
+        while a < e:
+            b = min(e, a + run_max)
+            yield a, b, present
+            a = b
+
+
+def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
+                  stats: ConvertResult | None) -> Iterator[list[bytes | memoryview]]:
+    """PAGE records for the set bits of every block's bitmap, ZERO records for the others, as lists
+    of buffers (record heads and page views, no copies) for ``writev``."""
     f = inp.file
-    zero_rec = b"\x00"
     run_max = max(1, (4 << 20) // ps)
+    cont_page = int(RamFlag.PAGE | RamFlag.CONTINUE)
+    cont_zero = int(RamFlag.ZERO | RamFlag.CONTINUE)
     for b in blocks:
         npages = b.used // ps
-        bm = b.bitmap
         base = b.header.pages_offset - inp.file_offset
         first = True
         pages = zeros = 0
-        i = 0
-        while i < npages:
-            bit = bm[i >> 3] >> (i & 7) & 1 if (i >> 3) < len(bm) else 0
-            j = i + 1
-            while j < npages and j - i < run_max and ((bm[j >> 3] >> (j & 7) & 1 if (j >> 3) < len(bm) else 0)
-                                                      == bit):
-                j += 1
-            parts: list[bytes] = []
-            if bit:
+        for i, j, present in _bit_runs(b.bitmap, npages, run_max):
+            vec: list[bytes | memoryview] = []
+            k0 = i
+            if first:  # the block's first record names it
+                flag = RamFlag.PAGE if present else RamFlag.ZERO
+                vec.append(ram_record_head(i * ps, flag, b.name))
+                if not present:
+                    vec.append(b"\x00")
+                k0 = i + 1
+                first = False
+            if present:
                 f.seek(base + i * ps)
                 data = f.read((j - i) * ps)
                 if len(data) < (j - i) * ps:
                     raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page 0x{i * ps:x}",
                                       base + i * ps + len(data), f"ram/{b.name}")
                 mv = memoryview(data)
-                for k in range(j - i):
-                    flags = RamFlag.PAGE | (0 if first else RamFlag.CONTINUE)
-                    parts.append(ram_record_head((i + k) * ps, flags, b.name))
-                    parts.append(mv[k * ps:(k + 1) * ps].tobytes())
-                    first = False
+                if k0 > i:
+                    vec.append(mv[:ps])
+                heads = memoryview(struct.pack(f">{j - k0}Q", *range(k0 * ps | cont_page, j * ps, ps)))
+                for t in range(j - k0):
+                    vec.append(heads[8 * t:8 * t + 8])
+                    vec.append(mv[(k0 - i + t) * ps:(k0 - i + t + 1) * ps])
                 pages += j - i
             else:
-                for k in range(j - i):
-                    flags = RamFlag.ZERO | (0 if first else RamFlag.CONTINUE)
-                    parts.append(ram_record_head((i + k) * ps, flags, b.name) + zero_rec)
-                    first = False
+                vec.append(struct.pack(">" + "QB" * (j - k0),
+                                       *[x for a in range(k0 * ps | cont_zero, j * ps, ps) for x in (a, 0)]))
                 zeros += j - i
-            yield b"".join(parts)
-            i = j
+            yield vec
         if stats is not None:
             stats.pages += pages
             stats.zero_pages += zeros
@@ -459,7 +508,7 @@ class _MappedRam(RamImage):
         self._zero = bytes(page_size)
         self._run_block = ""
         self._run_addr = 0
-        self._run = bytearray()
+        self._run: list[bytes] = []
         self.resolved = 0
 
     def close(self) -> None:
@@ -472,8 +521,15 @@ class _MappedRam(RamImage):
 
     def flush(self) -> None:
         if self._run:
-            os.pwrite(self._fd, self._run, self._base[self._run_block] + self._run_addr)
-            self._run.clear()
+            off = self._base[self._run_block] + self._run_addr
+            for k in range(0, len(self._run), 1024):  # IOV_MAX
+                part = self._run[k:k + 1024]
+                want = len(part) * self.page_size
+                done = os.pwritev(self._fd, part, off)
+                if done < want:
+                    os.pwrite(self._fd, b"".join(part)[done:], off + done)
+                off += want
+            self._run = []
 
     def read(self, block: str, addr: int, length: int | None = None) -> bytes:
         self.flush()
@@ -483,29 +539,29 @@ class _MappedRam(RamImage):
         return super().read(block, addr, length)
 
     def write(self, block: str, addr: int, data: bytes) -> None:
-        if block not in self._base:
+        ps = self.page_size
+        size = self._size.get(block)
+        if size is None:
             raise DecodeError(f"page for RAM block {block!r}, which the stream's block list does not name "
                               "(or which has no mapped-ram region)")
-        ps = self.page_size
-        if addr + len(data) > self._size[block] or addr % ps or len(data) != ps:
-            raise DecodeError(f"page at 0x{addr:x} lies outside RAM block {block!r} "
-                              f"({self._size[block]} bytes)")
+        if addr + len(data) > size or addr % ps or len(data) != ps:
+            raise DecodeError(f"page at 0x{addr:x} lies outside RAM block {block!r} ({size} bytes)")
         i = addr // ps
         bm = self._sent[block]
-        was = bm[i >> 3] >> (i & 7) & 1
         if data == self._zero:
-            bm[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-            if was:  # an earlier copy is on disk: QEMU would leave it, we zero it (no stale data)
+            if bm[i >> 3] >> (i & 7) & 1:  # an earlier copy is on disk: zero it (no stale data)
+                bm[i >> 3] &= ~(1 << (i & 7)) & 0xFF
                 self.flush()
                 os.pwrite(self._fd, data, self._base[block] + addr)
             return
         bm[i >> 3] |= 1 << (i & 7)
-        if self._run and (block != self._run_block or addr != self._run_addr + len(self._run)
-                          or len(self._run) >= (4 << 20)):
+        run = self._run
+        if run and (block != self._run_block or addr != self._run_addr + len(run) * ps or len(run) >= 1024):
             self.flush()
-        if not self._run:
+            run = self._run
+        if not run:
             self._run_block, self._run_addr = block, addr
-        self._run += data
+        run.append(data)
 
     def apply(self, ev: RamPage) -> None:
         if ev.kind in (RamFlag.XBZRLE, RamFlag.COMPRESS_PAGE):
@@ -542,8 +598,18 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
             os.pwrite(fd, data, pos - len(data))
             pending.clear()
 
+    page_kinds = (int(RamFlag.PAGE), int(RamFlag.PAGE | RamFlag.CONTINUE))
+
     def handle(ev: Event) -> None:
         nonlocal pos, ram, in_ram
+        if type(ev) is RamPage:
+            if ram is None:
+                raise DecodeError("RAM page before the block list", ev.offset, "ram")
+            if ev.flags in page_kinds:
+                ram.write(ev.block, ev.addr, ev.payload)
+            else:
+                ram.apply(ev)
+            return
         if isinstance(ev, Configuration):
             caps = ev.capabilities
             if "mapped-ram" in caps:
@@ -578,13 +644,6 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
             regions[ev.name] = (bitmap_at, pages_at)
             order.append(ev.name)
             ram.add_region(ev.name, ev.used_length, pages_at)
-            return
-        if isinstance(ev, RamPage):
-            if ram is None:
-                raise DecodeError("RAM page before the block list", ev.offset, "ram")
-            ram.apply(ev)
-            if stats is not None:
-                stats.pages += 1
             return
         if isinstance(ev, RamControl) and in_ram:
             if ev.flags == RamFlag.MULTIFD_FLUSH:
@@ -633,8 +692,36 @@ def vm_clock_of(data: bytes) -> int | None:
     return max(0, v)
 
 
+_TIMER_HEAD = re.compile(rb"\x04(....)\x05timer\x00\x00\x00\x00\x00\x00\x00\x02", re.DOTALL)
+
+
+def find_vm_clock(f: Any, size: int, limit: int = 64 << 20) -> int | None:
+    """The VM clock of a seekable plain stream without parsing its RAM: the ``timer`` device section
+    (FULL, instance 0, version 2, 24-byte body) sits among the device sections after the RAM, near the
+    end.  Scans backwards (at most ``limit`` bytes) for its header and accepts a match only when its
+    footer (0x7E and the same section id) follows the body.  None when not found."""
+    end = size
+    lo = max(0, size - limit)
+    overlap = 64
+    try:
+        while end > lo:
+            start = max(lo, end - (4 << 20))
+            f.seek(start)
+            data = f.read(min(size, end + overlap) - start)
+            for m in reversed(list(_TIMER_HEAD.finditer(data))):
+                body = m.end()
+                foot = data[body + 24:body + 29]
+                if len(foot) == 5 and foot[0] == 0x7E and foot[1:] == m.group(1):
+                    return vm_clock_of(data[body:body + 24])
+            end = start
+    finally:
+        f.seek(0)
+    return None
+
+
 class _ClockTap:
-    """Chunks passed through unchanged while a counting parser looks for the ``timer`` section."""
+    """Chunks passed through unchanged while a counting parser looks for the ``timer`` section (for
+    inputs that cannot be searched from the end)."""
 
     def __init__(self, chunks: Iterable[bytes], schema: Schema | None, page_size: int | None) -> None:
         self._chunks = chunks
@@ -711,14 +798,15 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
             kind = "mapped-ram"
         res = ConvertResult(out, to, kind, compression=compress)
         if to == "stream":
-            chunks: Iterable[bytes] = sequential_chunks(inp, res) if head.mapped_ram else _raw_chunks(inp, head.head)
+            chunks: Iterable[Chunk] = sequential_chunks(inp, res) if head.mapped_ram else _raw_chunks(inp, head.head)
             with atomic_output(out) as f:
                 if compress:
                     z = compressor(compress, f)
                     res.size = _write_chunks(chunks, z)
                     z.close()
                 else:
-                    res.size = _write_chunks(chunks, f)
+                    f.flush()
+                    res.size = _write_chunks(chunks, f, f.fileno())
             return res
         if to == "mapped-ram":
             if out == "-":
@@ -736,8 +824,12 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
         if out == "-":
             raise UsageError("a qcow2 output must be a file")
         schema, page_size = _schema_and_page(inp)
-        base: Iterable[bytes] = sequential_chunks(inp) if head.mapped_ram else _raw_chunks(inp, head.head)
-        tap = _ClockTap(base, schema, page_size) if vm_clock_ns is None else None
+        base: Iterable[bytes] = _flat(sequential_chunks(inp)) if head.mapped_ram else _raw_chunks(inp, head.head)
+        tap = None
+        if vm_clock_ns is None and inp.seekable and inp.size:
+            vm_clock_ns = find_vm_clock(inp.file, inp.size)
+        if vm_clock_ns is None:
+            tap = _ClockTap(base, schema, page_size)
         stream: Iterable[bytes] = tap if tap is not None else base
         if not os.path.exists(out):
             if size is None:
@@ -754,7 +846,7 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
         snap = add_snapshot(out, name or "", stream, vm_clock_ns=clock, replace=replace)
         res.size = snap.vm_state_size
         res.snapshot = snap.as_dict()
-        if tap is not None and tap.vm_clock is None:
+        if vm_clock_ns is None and (tap is None or tap.vm_clock is None):
             res.notes.append("no timer section found: VM clock stored as 0")
         return res
     finally:

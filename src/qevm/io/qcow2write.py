@@ -452,19 +452,11 @@ def add_snapshot(image_path: str, name: str, vmstate: Iterable[bytes | bytearray
         first = im.end_cluster
         pos = first * cs
         size = 0
-        pending = bytearray()
-        for chunk in vmstate:
-            pending += chunk
-            if len(pending) >= (4 << 20):
-                k = len(pending) - len(pending) % cs
-                im.pwrite(pos, memoryview(pending)[:k])
-                pos += k
-                size += k
-                del pending[:k]
-        size += len(pending)
-        if pending:
-            pending += bytes(-len(pending) % cs)
-            im.pwrite(pos, pending)
+        for chunk in vmstate:  # the data clusters are contiguous: the stream goes in as it comes
+            im.pwrite(pos + size, chunk)
+            size += len(chunk)
+        if size % cs:
+            im.pwrite(pos + size, bytes(-size % cs))
         if size == 0:
             raise UsageError("the VM state is empty")
         nvm = -(-size // cs)
