@@ -11,7 +11,7 @@ export QEVM_FIXTURES="${QEVM_FIXTURES:-$QEVM_CACHE/fixtures}"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-pkgs=(qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils debootstrap cpio xz-utils)
+pkgs=(qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils debootstrap cpio xz-utils gzip bzip2 zstd)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,14 +1,23 @@
-"""Shared test fixtures: real QEMU streams.
+"""Shared test fixtures: real QEMU streams, QEMU's own scripts, QEMU binaries.
 
-Streams come from ``scripts/fixtures/make.py`` (written to ``$QEVM_FIXTURES`` or
-``~/.cache/qevm/fixtures``) and from the small compressed ones in ``tests/data``.
+Heavy artifacts live under ``$QEVM_CACHE`` (default ``~/.cache/qevm``), as ``scripts/test.sh`` builds them:
+streams from ``scripts/fixtures/make.py`` in ``$QEVM_FIXTURES`` (default ``$QEVM_CACHE/fixtures``), QEMU's
+``analyze-migration.py`` in ``$QEVM_PEER`` (default ``$QEVM_CACHE/peer``, from ``scripts/fetch-peer.sh``).
+Small compressed streams are committed in ``tests/data``.
+
+A missing prerequisite (fixture, peer script, QEMU binary, Python package) skips a test on a developer's
+machine and FAILS it when the environment variable ``CI`` is set: under CI nothing passes by skipping.
+Skips that depend on what a fixture holds (a device absent from a machine, a stream without vmdesc) are
+decided from the fixture itself and stay skips.
 """
 
 from __future__ import annotations
 
 import lzma
 import os
+import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -18,7 +27,42 @@ DATA = Path(__file__).parent / "data"
 def stream_id(p: Path) -> str:
     return p.name.removesuffix(".xz").removesuffix(".mig")
 
-FIXTURES = Path(os.environ.get("QEVM_FIXTURES") or Path.home() / ".cache" / "qevm" / "fixtures")
+#: true when running under CI: a missing prerequisite is a failure there
+IN_CI = bool(os.environ.get("CI"))
+CACHE = Path(os.environ.get("QEVM_CACHE") or Path.home() / ".cache" / "qevm")
+FIXTURES = Path(os.environ.get("QEVM_FIXTURES") or CACHE / "fixtures")
+PEER = Path(os.environ.get("QEVM_PEER") or CACHE / "peer")
+
+
+def missing(what: str, how: str) -> NoReturn:
+    """``what`` is not there: fail under CI (``scripts/test.sh`` should have provided it, ``how``
+    says how), skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{what} missing in CI ({how})", pytrace=False)
+    pytest.skip(f"{what} missing ({how})")
+
+
+def require_peer(version: str) -> Path:
+    """QEMU ``version``'s ``scripts/analyze-migration.py`` (``$QEVM_PEER/VERSION/``)."""
+    p = PEER / version / "analyze-migration.py"
+    if not p.exists():
+        missing(f"peer script {p}", "bash scripts/fetch-peer.sh")
+    return p
+
+
+def require_binary(name: str, how: str = "scripts/test.sh installs QEMU from Debian") -> str:
+    """The path of program ``name`` on PATH."""
+    p = shutil.which(name)
+    if p is None:
+        missing(f"program {name}", how)
+    return p
+
+
+def require_file(p: Path, how: str) -> Path:
+    """An artifact of the fixture generators that is not a ``.mig`` stream (a qcow2 image, a return path)."""
+    if not p.exists():
+        missing(f"fixture {p}", how)
+    return p
 #: fixtures small enough to feed byte-at-a-time or mutate hundreds of times
 SMALL_LIMIT = 400 << 10
 
@@ -58,7 +102,11 @@ def streams(small: bool = False) -> list:
         if small and p.suffix != ".xz" and p.stat().st_size > SMALL_LIMIT:
             continue
         out.append(pytest.param(p, id=stream_id(p)))
-    return out or [pytest.param(None, marks=pytest.mark.skip(reason="no fixture streams generated"))]
+    if not out:  # tests/data is committed: only a broken checkout gets here
+        if IN_CI:
+            raise RuntimeError(f"no fixture streams in {FIXTURES} or {DATA}")
+        return [pytest.param(None, marks=pytest.mark.skip(reason="no fixture streams"))]
+    return out
 
 
 def require_fixture(name: str) -> Path:
@@ -67,9 +115,7 @@ def require_fixture(name: str) -> Path:
         d = DATA / f"{name}.mig.xz"
         if d.exists():
             return d
-        if os.environ.get("CI"):
-            pytest.fail(f"fixture {name} missing in CI (scripts/fixtures/make.py should have built it)")
-        pytest.skip(f"fixture {name} not generated (python3 scripts/fixtures/make.py {name})")
+        missing(f"fixture {name} ({p})", f"python3 scripts/fixtures/make.py {name}")
     return p
 
 
@@ -94,5 +140,5 @@ def fixture_meta(f: Path) -> dict:
 
     m = f.with_suffix(".json")
     if not m.exists():
-        pytest.skip("fixture metadata missing")
+        missing(f"fixture metadata {m}", "scripts/fixtures/make.py writes it beside the stream")
     return json.loads(m.read_text())

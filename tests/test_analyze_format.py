@@ -1,8 +1,8 @@
 """``--format analyze-migration`` against QEMU's own ``scripts/analyze-migration.py``.
 
-The peer scripts come from ``scripts/fetch-peer.sh`` (``~/.cache/qevm/peer/{7.2,10.0}`` or
-``$QEVM_PEER``).  For every stream the script prints, qevm must print the same bytes; where the script
-fails, qevm must still read the stream, and ``peer_problems`` must have predicted the failure.
+The peer scripts come from ``scripts/fetch-peer.sh`` (``$QEVM_CACHE/peer/{7.2,10.0}``, or ``$QEVM_PEER``;
+see ``conftest.require_peer``).  For every stream the script prints, qevm must print the same bytes; where
+the script fails, qevm must still read the stream, and ``peer_problems`` must have predicted the failure.
 
 Three sets of streams: the real fixtures (each checked with both scripts: the one of the QEMU that
 wrote it, and the other one), hand-built streams that reach the corners of the format (both
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
 import re
 import subprocess
 import sys
@@ -24,24 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FIXTURES, IN_CI, require_peer
 
 from qevm.analysis.analyze_format import FLAVORS, OrderedRamImage, peer_problems, render
+from qevm.errors import UsageError
 from qevm.format.events import CommandEvent, Configuration
 from qevm.format.memory import RamImage
 from qevm.io.reader import Analysis, iter_events, read_stream
 
-PEER = Path(os.environ.get("QEVM_PEER") or Path.home() / ".cache" / "qevm" / "peer")
-FIXTURES = Path(os.environ.get("QEVM_FIXTURES") or Path.home() / ".cache" / "qevm" / "fixtures")
 DATA = Path(__file__).parent / "data"
 SMALL = 2 << 20  # -m only on streams up to this size (the dump is ~3x the RAM sent)
 PEER_TIMEOUT = 600
 
 
 def peer_script(flavor: str) -> Path:
-    p = PEER / flavor / "analyze-migration.py"
-    if not p.exists():
-        pytest.skip(f"peer script {p} missing (bash scripts/fetch-peer.sh)")
-    return p
+    return require_peer(flavor)
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +121,8 @@ def _stream_params(small: bool = False) -> list[Any]:
         if small and p.suffix != ".xz" and p.stat().st_size > SMALL:
             continue
         out.append(pytest.param(p, id=p.name.removesuffix(".mig") if p.suffix == ".mig" else p.name))
+    if not out and IN_CI:
+        raise RuntimeError(f"no fixture streams in {FIXTURES} or {DATA}")
     return out or [pytest.param(None, marks=pytest.mark.skip(reason="no fixture streams"))]
 
 
@@ -604,7 +602,7 @@ def test_output_is_streamed_and_flavor_checked(tmp_path: Path) -> None:
     an = read_stream(str(p))
     chunks = list(render(an))
     assert len(chunks) > 2 and chunks[-1].endswith("}\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="flavor"):
         render(an, flavor="9.0")
     p.write_bytes(case_no_sections()[0])
     assert "".join(render(read_stream(str(p)))) == "{}\n"

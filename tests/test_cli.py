@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA, FIXTURES, require_fixture, streams
+from conftest import DATA, FIXTURES, fixture_meta, require_file, require_fixture, require_peer, streams
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -85,11 +85,9 @@ def test_info_text_and_json(unpacked) -> None:
 
 @pytest.mark.parametrize("name", ["pc-7.2", "q35-7.2", "xbzrle-10.0", "q35-10.0"])
 def test_page_counts_match_qemu_counters(name: str, unpacked) -> None:
-    f = unpacked(require_fixture(name))
-    meta_path = f.with_suffix(".json")
-    if not meta_path.exists():
-        pytest.skip("no metadata")
-    q = json.loads(meta_path.read_text())["query_migrate"]
+    fx = require_fixture(name)
+    q = fixture_meta(fx)["query_migrate"]
+    f = unpacked(fx)
     pages = json.loads(qevm("info", "--json", str(f)).stdout)["ram"]["pages"]
     assert (pages["normal"], pages["zero"]) == (q["ram"]["normal"], q["ram"]["duplicate"])
 
@@ -178,9 +176,8 @@ def test_memory_dump_small(unpacked) -> None:
 
 def test_qcow2_snapshot_input(tmp_path: Path) -> None:
     """`savevm` stores the stream inside the qcow2 image: every verb reads it with --snapshot."""
-    img = FIXTURES / "savevm-pc-7.2.qcow2"  # the artifact is a .qcow2, not a .mig
-    if not img.exists():
-        pytest.skip("savevm fixture not generated")
+    img = require_file(FIXTURES / "savevm-pc-7.2.qcow2",  # the artifact is a .qcow2, not a .mig
+                       "python3 scripts/fixtures/make.py savevm-pc-7.2")
     doc = json.loads(qevm("dump", str(img), "--snapshot", "snap1").stdout)
     assert doc["vmdesc"] and all("fields" in s for s in doc["sections"] if s["kind"] == "device")
     assert json.loads(qevm("info", "--json", str(img)).stdout)["machine"] == "pc-i440fx-7.2"
@@ -196,12 +193,7 @@ def test_qcow2_snapshot_input(tmp_path: Path) -> None:
 @pytest.mark.parametrize("version", ["7.2", "10.0"])
 def test_cli_analyze_migration_format_matches_peer(version: str, unpacked) -> None:
     """`qevm dump --format analyze-migration --peer-version V` prints what QEMU V's script prints."""
-    import os
-
-    peer = Path(os.environ.get("QEVM_CACHE") or Path.home() / ".cache" / "qevm") / "peer" / version
-    script = peer / "analyze-migration.py"
-    if not script.exists():
-        pytest.skip("peer script not fetched (scripts/fetch-peer.sh)")
+    script = require_peer(version)
     f = unpacked(require_fixture("small-pc-7.2"))
     want = subprocess.run([sys.executable, str(script), "-f", str(f)], capture_output=True, timeout=300, check=True)
     got = qevm("dump", "--format", "analyze-migration", "--peer-version", version, str(f))

@@ -9,7 +9,6 @@ The first tests need no QEMU: URI parsing, the return-path codec, the token buck
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FIXTURES, require_fixture
+from conftest import FIXTURES, IN_CI, missing, require_binary, require_file, require_fixture
 
 from qevm.errors import DecodeError, TruncatedError, UsageError
 from qevm.format.parser import Parser
@@ -122,9 +121,7 @@ def test_return_path_codec() -> None:
 
 
 def test_return_path_of_a_real_postcopy_migration() -> None:
-    rp = FIXTURES / "postcopy-7.2.rp"
-    if not rp.exists():
-        pytest.skip("postcopy-7.2 fixture not generated")
+    rp = require_file(FIXTURES / "postcopy-7.2.rp", "python3 scripts/fixtures/make.py postcopy-7.2")
     got = _decode_all(rp.read_bytes(), 7)
     names = [m.name for m in got]
     assert [m.info()["value"] for m in got if m.type == RpType.PONG] == [1, 2, 4, 3]
@@ -229,16 +226,15 @@ def qevm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def guest_args(work: str | None = None, mem: int = 128) -> list[str]:
-    if QEMU is None:
-        pytest.skip("qemu-system-x86_64 not installed")
+    require_binary("qemu-system-x86_64")
     from guest import ensure_guest, qemu_args
 
     try:
         g = ensure_guest(verbose=False)
     except Exception as e:  # noqa: BLE001 - no network/apt: skip outside CI
-        if os.environ.get("CI"):
+        if IN_CI:
             raise
-        pytest.skip(f"guest kernel not available: {e}")
+        missing("guest kernel", f"scripts/fixtures/guest.py: {e}")
     return [*BASE, "-m", str(mem), *qemu_args(g, work)]
 
 

@@ -40,12 +40,11 @@ def _destination_memory(fixture: Path, tmp_path: Path, size: int) -> bytes:
         return out.read_bytes()
 
 
-@pytest.mark.parametrize("name", ["xbzrle-7.2", "compress-7.2", "xbzrle-10.0"])
+@pytest.mark.parametrize("name", ["xbzrle-7.2", "compress-7.2"])
 def test_rebuilt_ram_equals_qemu_destination(name: str, tmp_path: Path) -> None:
     fixture = require_fixture(name)
     meta = fixture_meta(fixture)
-    if meta.get("chroot") or "10.0" in name:
-        pytest.skip("destination QEMU of another release: compared on the 7.2 fixtures")
+    assert not meta.get("chroot"), "the destination is the host's QEMU 7.2: compare 7.2 fixtures only"
     image = RamImage(4096, str(tmp_path))
     an = read_stream(str(fixture), memory=image)
     size = an.blocks["pc.ram"].used_length

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DATA, FIXTURES, require_fixture, streams
+from conftest import DATA, require_binary, require_fixture, streams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,9 +159,7 @@ def test_registry_loads_real_stream(name: str, unpacked) -> None:
 def test_configuration_vmsd_matches_qemu_10() -> None:
     """QEMU >= 8.2 describes the configuration record; our CONFIGURATION vmsd gives the same entry
     and the same bytes as the record (qevm.events.Configuration)."""
-    path = FIXTURES / "q35-10.0.mig"
-    if not path.exists():
-        pytest.skip("q35-10.0 fixture not generated")
+    path = require_fixture("q35-10.0")
     an = _analysis(path)
     assert an.configuration is not None and an.vmdesc is not None
     machine = an.configuration.machine.encode()
@@ -190,10 +187,6 @@ def _events(stream: bytes) -> list:
     return list(p.events())
 
 
-QEMU_X86 = shutil.which("qemu-system-x86_64")
-
-
-@pytest.mark.skipif(QEMU_X86 is None, reason="qemu-system-x86_64 not installed")
 def test_real_qemu_loads_our_stream_and_saves_the_same_bytes(tmp_path: Path, unpacked) -> None:
     """A stream written entirely by the registry is accepted by a real QEMU (``-incoming``); QEMU then
     migrates the four devices out again with the bytes we wrote (the RTC's clock and status
@@ -201,6 +194,7 @@ def test_real_qemu_loads_our_stream_and_saves_the_same_bytes(tmp_path: Path, unp
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "fixtures"))
     from qemu_driver import Qemu
 
+    qemu_x86 = require_binary("qemu-system-x86_64")
     an = _analysis_of(DATA / "small-pc-7.2.mig.xz", unpacked)
     reg = SaveStateRegistry()
     objs: dict[str, Any] = {}
@@ -225,7 +219,7 @@ def test_real_qemu_loads_our_stream_and_saves_the_same_bytes(tmp_path: Path, unp
     src = tmp_path / "ours.mig"
     reg.write(str(src), machine="pc-i440fx-7.2")
     out = tmp_path / "back.mig"
-    with Qemu(QEMU_X86, ["-M", "pc-i440fx-7.2", "-m", "32", "-S", "-accel", "tcg", "-incoming", "defer"],
+    with Qemu(qemu_x86, ["-M", "pc-i440fx-7.2", "-m", "32", "-S", "-accel", "tcg", "-incoming", "defer"],
               tmp_path) as vm:
         vm.command("migrate-incoming", {"uri": f"exec:cat {src}"})
         deadline = time.monotonic() + 60

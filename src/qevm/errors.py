@@ -15,6 +15,7 @@ __all__ = [
     "EncodeError",
     "SchemaError",
     "UsageError",
+    "InvalidOperation",
 ]
 
 
@@ -59,3 +60,8 @@ class SchemaError(QevmError):
 
 class UsageError(QevmError):
     """The caller asked for something that cannot be done."""
+
+
+class InvalidOperation(UsageError, ValueError):
+    """A call the object's state does not allow: ``feed()`` after ``close()``, I/O on a closed file,
+    a seek before the start.  Also a ``ValueError``, as Python's file protocol has it."""

@@ -68,6 +68,7 @@ from typing import Any
 
 from qevm.codec.types import codec_for
 from qevm.codec.vmsd import NULL, Opaque, Struct, encode_struct
+from qevm.errors import UsageError
 from qevm.format.events import RamFlag, RamPage, Section
 from qevm.format.memory import RamImage
 from qevm.io.reader import Analysis, Device
@@ -185,7 +186,7 @@ class _Peer:
 
     def __init__(self, an: Analysis, flavor: str, want_memory: bool, image: RamImage | None) -> None:
         if flavor not in FLAVORS:
-            raise ValueError(f"unknown analyze-migration flavor {flavor!r} (one of {', '.join(FLAVORS)})")
+            raise UsageError(f"unknown analyze-migration flavor {flavor!r} (one of {', '.join(FLAVORS)})")
         self.an = an
         self.v10 = flavor == "10.0"
         self.readers = _READERS_10 if self.v10 else _READERS_72

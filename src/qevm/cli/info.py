@@ -9,6 +9,7 @@ from typing import Any
 from qevm.analysis.document import info_document
 from qevm.cli.common import add_input_options, opened, print_json, read_options
 from qevm.io.reader import read_stream
+from qevm.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,20 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(run=run)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def render(doc: dict[str, Any]) -> str:
     lines = []
     q = doc["qemu"]
     qv = " and ".join(x for x in ((f">= {q['min']}" if q["min"] else ""), (f"<= {q['max']}" if q["max"] else ""))
                       if x) or "unknown"
-    lines.append(f"stream size     {doc['size']} bytes ({_size(doc['size'])})")
+    lines.append(f"stream size     {doc['size']} bytes ({format_size(doc['size'])})")
     lines.append(f"machine         {doc['machine'] or '(no configuration record)'}")
     lines.append(f"page size       {doc['page_size']}")
     lines.append(f"capabilities    {', '.join(doc['capabilities']) or '(none validated)'}")
@@ -52,7 +45,7 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  {'block':<40} {'size':>12} {'normal':>9} {'zero':>9} {'xbzrle':>9} {'compr':>9}")
         for b in ram["blocks"]:
             p = b["pages"]
-            lines.append(f"  {b['name'][:40]:<40} {_size(b['size']):>12} {p['normal']:>9} {p['zero']:>9} "
+            lines.append(f"  {b['name'][:40]:<40} {format_size(b['size']):>12} {p['normal']:>9} {p['zero']:>9} "
                          f"{p['xbzrle']:>9} {p['compressed']:>9}")
     lines.append("")
     lines.append(f"  {'id':>4} {'section':<44} {'inst':>10} {'ver':>4} {'kind':<6} {'chunks':>6} {'bytes':>12}")

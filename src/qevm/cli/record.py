@@ -1,6 +1,6 @@
 """``qevm record URI -o FILE``: be the destination of a real QEMU migration and keep the stream.
 
-Also home of the live progress line and the byte formatting shared by ``tap`` and ``send``.
+Also home of the live progress line and the summary helpers shared by ``tap`` and ``send``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from qevm.cli.common import print_json
 from qevm.cli.info import render as render_info
 from qevm.format.returnpath import RpMessage
 from qevm.migration.record import Progress, record
+from qevm.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,17 +43,9 @@ def add_session_options(p: argparse.ArgumentParser, listen: bool = True) -> None
                    help="live progress on stderr (default: when stderr is a terminal)")
 
 
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
-
 def render_progress(p: Progress) -> str:
-    done = f"{size(p.bytes)}" + (f"/{size(p.total)} {100 * p.bytes / p.total:3.0f}%" if p.total else "")
-    parts = [f"{p.elapsed:6.1f}s", f"{done} {size(p.rate)}/s", f"pages {p.pages}", f"pass {p.passes}"]
+    done = f"{format_size(p.bytes)}" + (f"/{format_size(p.total)} {100 * p.bytes / p.total:3.0f}%" if p.total else "")
+    parts = [f"{p.elapsed:6.1f}s", f"{done} {format_size(p.rate)}/s", f"pages {p.pages}", f"pass {p.passes}"]
     if p.rp_messages or p.back_bytes:
         rp = f"rp {p.rp_messages} msg"
         if p.page_requests:
@@ -135,13 +128,13 @@ def run_session(args: argparse.Namespace, call: Callable[[ProgressLine], Any],
 
 
 def rate(d: dict[str, Any]) -> str:
-    return f" ({size(d['rate_bytes_per_s'])}/s)" if d["rate_bytes_per_s"] else ""
+    return f" ({format_size(d['rate_bytes_per_s'])}/s)" if d["rate_bytes_per_s"] else ""
 
 
 def run(args: argparse.Namespace) -> int:
     def head(res: Any, doc: dict[str, Any]) -> list[str]:
         r = doc["record"]
-        out = [f"recorded        {r['bytes']} bytes ({size(r['bytes'])}) in {r['seconds']:.2f} s{rate(r)}",
+        out = [f"recorded        {r['bytes']} bytes ({format_size(r['bytes'])}) in {r['seconds']:.2f} s{rate(r)}",
                f"from            {r['source']} on {r['listen']}",
                f"output          {r['output']} (complete)"]
         if res.return_path:

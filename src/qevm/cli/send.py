@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qevm.cli.record import add_session_options, rate, rp_list, run_session, size
+from qevm.cli.record import add_session_options, rate, rp_list, run_session
 from qevm.migration.channels import parse_size
 from qevm.migration.send import send
+from qevm.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     def head(res: Any, doc: dict[str, Any]) -> list[str]:
         s = doc["send"]
-        out = [f"sent            {s['bytes']} bytes ({size(s['bytes'])}) in {s['seconds']:.2f} s{rate(s)}",
+        out = [f"sent            {s['bytes']} bytes ({format_size(s['bytes'])}) in {s['seconds']:.2f} s{rate(s)}",
                f"path            {s['source']} -> {s['target']}"]
         if res.live:
             out.append(f"live            {s['input_bytes']} input bytes; {res.resent_pages} page(s) sent again in "

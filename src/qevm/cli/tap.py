@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qevm.cli.record import add_session_options, on_listen, rate, rp_list, run_session, size
+from qevm.cli.record import add_session_options, on_listen, rate, rp_list, run_session
 from qevm.migration.tap import tap
+from qevm.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def run(args: argparse.Namespace) -> int:
     def head(res: Any, doc: dict[str, Any]) -> list[str]:
         t = doc["tap"]
-        out = [f"forwarded       {t['forward_bytes']} bytes ({size(t['forward_bytes'])}) in {t['seconds']:.2f} s"
+        out = [f"forwarded       {t['forward_bytes']} bytes ({format_size(t['forward_bytes'])}) in {t['seconds']:.2f} s"
                f"{rate(t)}",
                f"path            {t['source']} -> {t['listen']} -> {t['target']}",
                f"return path     {t['back_bytes']} bytes: {rp_list(res.rp_messages)}"]

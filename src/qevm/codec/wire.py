@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 
-from qevm.errors import DecodeError, TruncatedError
+from qevm.errors import DecodeError, EncodeError, QevmError, TruncatedError
 
 __all__ = ["Cursor", "Incomplete", "cstr", "be16", "be32", "be64", "u8"]
 
@@ -20,8 +20,9 @@ _B32 = struct.Struct(">I")
 _B64 = struct.Struct(">Q")
 
 
-class Incomplete(Exception):
-    """More input is needed to finish the current record (not an error)."""
+class Incomplete(QevmError):
+    """More input is needed to finish the current record: a signal between the cursor and the
+    push parser, which catches it and waits for data (it never reaches a caller)."""
 
 
 class Cursor:
@@ -115,5 +116,5 @@ def be64(v: int) -> bytes:
 def cstr(s: str) -> bytes:
     b = s.encode("latin-1")
     if len(b) > 255:
-        raise ValueError(f"counted string longer than 255 bytes: {s[:40]!r}...")
+        raise EncodeError(f"counted string longer than 255 bytes: {s[:40]!r}...")
     return bytes((len(b),)) + b

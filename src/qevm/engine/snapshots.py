@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
 import os
 import re
 import tempfile
@@ -25,6 +24,7 @@ from qevm.engine.load import StreamLoader
 from qevm.engine.machine import Machine
 from qevm.engine.stream import SaveSession, StreamOut
 from qevm.errors import UsageError
+from qevm.units import format_size
 
 __all__ = ["SnapshotInfo", "SnapshotStore", "size_to_str", "format_snapshot_table", "NO_SNAPSHOT_DEVICE"]
 
@@ -46,20 +46,7 @@ class SnapshotInfo:
     icount: int = -1
 
 
-def size_to_str(val: int) -> str:
-    """QEMU's size_to_str: three significant digits and a binary prefix ("651 KiB", "1.5 MiB")."""
-    if val <= 0:
-        i = 0
-    else:
-        _, e = math.frexp(val / (1000.0 / 1024.0))
-        i = (e - 1) // 10 * 10
-    prefix = {0: "", 10: "Ki", 20: "Mi", 30: "Gi", 40: "Ti", 50: "Pi", 60: "Ei"}[i]
-    return f"{_g3(val / (1 << i))} {prefix}B"
-
-
-def _g3(x: float) -> str:
-    """printf's ``%0.3g``."""
-    return f"{x:.3g}"
+size_to_str = format_size  # QEMU's name for it (qevm.units)
 
 
 def format_snapshot_table(snaps: list[SnapshotInfo]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qevm.codec.wire import be16, be32, be64, cstr
+from qevm.errors import EncodeError
 from qevm.format.records import MAGIC, VERSION, Command, RamFlag, RecordType, SectionKind, ram_record_head
 
 __all__ = [
@@ -228,7 +229,7 @@ class RamTally(Event):
 
     def encode(self) -> bytes:
         if self.raw is None:
-            raise ValueError("this RAM tally was made without keeping the page bytes (keep_raw=False)")
+            raise EncodeError("this RAM tally was made without keeping the page bytes (keep_raw=False)")
         return bytes(self.raw)
 
 
@@ -266,7 +267,7 @@ class MappedRamData(Event):
 
     def encode(self) -> bytes:
         if self.data is None:
-            raise ValueError("mapped-ram region was skipped while reading; its bytes are not in the event")
+            raise EncodeError("mapped-ram region was skipped while reading; its bytes are not in the event")
         return self.data
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from qevm.codec.schema import Schema
 from qevm.codec.vmsd import decode_vmsd
 from qevm.codec.wire import _B64, Cursor, Incomplete
-from qevm.errors import DecodeError, TruncatedError
+from qevm.errors import DecodeError, InvalidOperation, TruncatedError
 from qevm.format.events import (
     MAGIC,
     CommandEvent,
@@ -154,7 +154,7 @@ class Parser:
     # -- input ---------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
-            raise ValueError("feed() after close()")
+            raise InvalidOperation("feed() after close()")
         n = len(data)
         self._reserve(n)
         self._buf[self._end:self._end + n] = data
@@ -165,13 +165,13 @@ class Parser:
         asyncio's BufferedProtocol); call ``buffer_updated(n)`` with the bytes written, after
         releasing the view."""
         if self._closed:
-            raise ValueError("get_buffer() after close()")
+            raise InvalidOperation("get_buffer() after close()")
         self._reserve(size)
         return memoryview(self._buf)[self._end:]
 
     def buffer_updated(self, n: int) -> None:
         if n < 0 or self._end + n > len(self._buf):
-            raise ValueError("buffer_updated() beyond the buffer")
+            raise InvalidOperation("buffer_updated() beyond the buffer")
         self._end += n
 
     def _reserve(self, n: int) -> None:
@@ -212,7 +212,7 @@ class Parser:
 
     def skip(self, n: int) -> None:
         if n > self.skippable():
-            raise ValueError("skip() beyond what the parser can pass over")
+            raise InvalidOperation("skip() beyond what the parser can pass over")
         if n:
             block = self._mapped[0][1]
             self._queue.append(MappedRamData(self.offset, block, n, None))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from qevm.codec.wire import be64, cstr
+from qevm.errors import EncodeError
 
 __all__ = ["MAGIC", "VERSION", "RecordType", "SectionKind", "RamFlag", "Command", "ram_record_head"]
 
@@ -70,5 +71,5 @@ def ram_record_head(addr: int, flags: int, block: str | None) -> bytes:
     if flags & RamFlag.CONTINUE:
         return w
     if block is None:
-        raise ValueError("a RAM record without CONTINUE needs its block name")
+        raise EncodeError("a RAM record without CONTINUE needs its block name")
     return w + cstr(block)

@@ -30,7 +30,7 @@ from enum import IntEnum
 from typing import Any
 
 from qevm.codec.wire import be16, be32, be64, cstr
-from qevm.errors import DecodeError, TruncatedError
+from qevm.errors import DecodeError, InvalidOperation, TruncatedError
 from qevm.format.parser import DONE, NEED_DATA, _Sentinel
 
 __all__ = ["RpType", "RpMessage", "RpDecoder", "RECV_BITMAP_END", "shut", "pong", "req_pages", "recv_bitmap",
@@ -163,7 +163,7 @@ class RpDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
-            raise ValueError("feed() after close()")
+            raise InvalidOperation("feed() after close()")
         self._buf += data
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ bytes stay as they are, then ``nzrun`` literal bytes replace the page content.
 
 from __future__ import annotations
 
-from qevm.errors import DecodeError
+from qevm.errors import DecodeError, EncodeError
 
 __all__ = ["apply_delta", "make_delta"]
 
@@ -58,7 +58,7 @@ def _put_uleb(out: bytearray, v: int) -> None:
 def make_delta(old: bytes, new: bytes) -> bytes:
     """A delta that turns ``old`` into ``new`` (same length, at most 16 KiB pages)."""
     if len(old) != len(new):
-        raise ValueError("pages differ in length")
+        raise EncodeError("pages differ in length")
     out = bytearray()
     i, n = 0, len(new)
     while i < n:

@@ -16,22 +16,18 @@ stream grammar: the parser gets bytes as from any other file.
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
-import lzma
 import struct
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from qevm.errors import DecodeError, UsageError
-
-if TYPE_CHECKING:
-    from qevm.io.sources import Input
+from qevm.errors import DecodeError, InvalidOperation, UsageError
+from qevm.io.base import Input
+from qevm.io.compression import Decompressing, decompressing, deflate_frame, zstd_frame
+from qevm.units import format_size
 
 __all__ = [
     "sniff",
@@ -126,18 +122,6 @@ def _is_seekable(f: Any) -> bool:
         return False
 
 
-def _human(n: int) -> str:
-    """Sizes as qemu-img prints them (``948 KiB``, ``74.3 MiB``)."""
-    if n < 1024:
-        return f"{n} B"
-    x = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        x /= 1024
-        if x < 1024 or unit == "TiB":
-            break
-    return f"{x:.3g} {unit}" if x < 1000 else f"{x:.0f} {unit}"
-
-
 # --------------------------------------------------------------------------------------------
 # qcow2
 
@@ -197,7 +181,7 @@ class Qcow2Snapshot:
         return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
 
     def label(self) -> str:
-        what = f"{_human(self.vm_state_size)} VM state" if self.vm_state_size else "disk only"
+        what = f"{format_size(self.vm_state_size)} VM state" if self.vm_state_size else "disk only"
         return f"id {self.id} {self.name!r} ({what}, {self.date})"
 
     def as_dict(self) -> dict[str, Any]:
@@ -450,9 +434,9 @@ class Qcow2View(io.RawIOBase):
         elif whence == io.SEEK_END:
             pos = self._size + offset
         else:
-            raise ValueError(f"invalid whence {whence}")
+            raise InvalidOperation(f"invalid whence {whence}")
         if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
+            raise InvalidOperation(f"negative seek position {pos}")
         self._pos = pos
         return pos
 
@@ -611,46 +595,20 @@ class Qcow2View(io.RawIOBase):
         if not raw:
             raise DecodeError(f"compressed cluster for guest offset 0x{g:x} lies past the end of the file",
                               host, self.path)
-        if img.compression_type == 0:
-            # qcow2 stores raw deflate (no zlib header) made with a 4 KiB window; a 32 KiB-window
-            # inflater reads every such stream and those of writers that used a bigger window.
-            d = zlib.decompressobj(-15)
-            try:
-                out = d.decompress(raw, cs)
-            except zlib.error as e:
-                raise DecodeError(f"compressed cluster for guest offset 0x{g:x}: deflate error: {e}", host,
-                                  self.path) from None
-        else:
-            out = _zstd_decompress(raw, cs, self.image.name)
+        missing = (f"{self.image.name or 'the qcow2 image'} has zstd-compressed clusters, which need the "
+                   "'zstandard' package (pip install zstandard)")
+        try:
+            if img.compression_type == 0:
+                out = deflate_frame(raw, cs)
+            else:
+                out = zstd_frame(raw, cs, missing=missing)
+        except DecodeError as e:
+            raise DecodeError(f"compressed cluster for guest offset 0x{g:x}: {e.msg}", host, self.path) from e
         if len(out) != cs:
             raise DecodeError(f"compressed cluster for guest offset 0x{g:x} inflates to {len(out)} bytes, "
                               f"not {cs}", host, self.path)
         self._zc = (desc, out)
         return out
-
-
-def _zstd_decompress(raw: bytes, size: int, name: str) -> bytes:
-    """Inflate the zstd frame of one qcow2 cluster (QEMU writes one frame per cluster, followed by
-    padding up to the sector).  Needs the optional ``zstandard`` module or Python 3.14's
-    ``compression.zstd``."""
-    dobj: Any
-    try:
-        import zstandard  # type: ignore[import-not-found,unused-ignore]
-
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-    except ImportError:
-        try:
-            from compression import zstd  # type: ignore[import-not-found]
-
-            dobj = zstd.ZstdDecompressor()
-        except ImportError:
-            raise UsageError(f"{name or 'the qcow2 image'} has zstd-compressed clusters, which need the "
-                             "'zstandard' package (pip install zstandard)") from None
-    try:
-        out = dobj.decompress(raw)
-    except Exception as e:  # each zstd module has its own error type
-        raise DecodeError(f"zstd error in a compressed cluster: {e}") from None
-    return bytes(out[:size])
 
 
 class Qcow2VmState(Qcow2View):
@@ -681,7 +639,7 @@ class Qcow2VmState(Qcow2View):
         covered = snap.l1_size * image.l1_span
         if start + snap.vm_state_size > covered:
             raise DecodeError(f"snapshot {snap.label()}: its L1 table ({snap.l1_size} entries, "
-                              f"{_human(covered)} of guest space) does not cover the VM state at guest offsets "
+                              f"{format_size(covered)} of guest space) does not cover the VM state at guest offsets "
                               f"0x{start:x}..0x{start + snap.vm_state_size:x}", snap.entry_offset + 8, path)
         super().__init__(image, snap.l1_table_offset, snap.l1_size, start, snap.vm_state_size, path, close_file)
         self.snapshot = snap
@@ -699,8 +657,6 @@ class Qcow2VmState(Qcow2View):
 
     def to_input(self, name: str | None = None) -> Input:
         """An ``Input`` for ``qevm.reader``: seekable, sized, so the vmdesc trailer is found up front."""
-        from qevm.io.sources import Input
-
         label = name or self.image.name or "<qcow2>"
         return Input(f"{label}@{self.snapshot.name or self.snapshot.id}", self, True, None, self._size)
 
@@ -718,11 +674,6 @@ LIBVIRT_FORMATS = {0: "raw", 1: "gzip", 2: "bzip2", 3: "xz", 4: "lzop", 5: "zstd
 _LIBVIRT_VERSION = 2
 _LIBVIRT_HEADER = struct.Struct("16s5I56x")  # 92 bytes; the byte order prefix is added when unpacking
 _LIBVIRT_MAX_DATA = 64 << 20
-_DECOMPRESSORS: dict[str, Callable[[Any], Any]] = {
-    "gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
-    "bzip2": lambda f: bz2.BZ2File(f, "rb"),
-    "xz": lambda f: lzma.LZMAFile(f, "rb"),
-}
 
 
 class _Reader(io.RawIOBase):
@@ -761,9 +712,9 @@ class _Window(_Reader):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
         if base is None:
-            raise ValueError(f"invalid whence {whence}")
+            raise InvalidOperation(f"invalid whence {whence}")
         if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
+            raise InvalidOperation(f"negative seek position {base + offset}")
         self._pos = base + offset
         return self._pos
 
@@ -791,31 +742,6 @@ class _Sequential(_Reader):
         data = self._f.read(len(b))
         b[:len(data)] = data
         return len(data)
-
-
-class _Guarded(_Reader):
-    """A decompressing reader whose codec errors become ``DecodeError`` (at the compressed data)."""
-
-    def __init__(self, inner: Any, src: _Reader, kind: str, offset: int) -> None:
-        super().__init__()
-        self._inner = inner
-        self._src = src
-        self._kind = kind
-        self._offset = offset
-
-    def readinto(self, b: Any) -> int:
-        try:
-            n = self._inner.readinto(b)
-        except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as e:
-            raise DecodeError(f"the {self._kind}-compressed stream is damaged: {e}", self._offset,
-                              "libvirt") from None
-        return int(n or 0)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._inner.close()
-            self._src.close()
-        super().close()
 
 
 class LibvirtSave:
@@ -870,7 +796,7 @@ class LibvirtSave:
         #: offset of the stream's first byte from the start of the header
         self.stream_offset = self.HEADER_SIZE + self.data_len
         self._base = base
-        self._stream: _Reader | None = None
+        self._stream: _Reader | Decompressing | None = None
         self._closed = False
 
     @property
@@ -896,7 +822,7 @@ class LibvirtSave:
         to the stream's first byte, for uncompressed images in a seekable file.  The same object is
         returned on every call; closing it closes this container."""
         if self._closed:
-            raise ValueError("I/O operation on a closed libvirt save image")
+            raise InvalidOperation("I/O operation on a closed libvirt save image")
         if self._stream is not None:
             return self._stream
         src: _Reader
@@ -906,20 +832,14 @@ class LibvirtSave:
         else:
             src = _Sequential(self._f)
         comp = self.compression
-        out: _Reader
+        out: _Reader | Decompressing
         if comp is None:
             out = src
-        elif comp in _DECOMPRESSORS:
-            out = _Guarded(_DECOMPRESSORS[comp](src), src, comp, self.file_offset)
-        elif comp == "zstd":
-            try:
-                import zstandard  # type: ignore[import-not-found,unused-ignore]
-            except ImportError:
-                raise UsageError(self._tool_hint("zstd", "zstd -dc", "or install the 'zstandard' package")) from None
-            out = _Guarded(zstandard.ZstdDecompressor().stream_reader(src),  # type: ignore[arg-type,unused-ignore]
-                           src, comp, self.file_offset)
-        else:
+        elif comp == "lzop":
             raise UsageError(self._tool_hint(comp, "lzop -dc --ignore-warn"))
+        else:
+            missing = self._tool_hint("zstd", "zstd -dc", "or install the 'zstandard' package")
+            out = decompressing(comp, src, offset=self.file_offset, path="libvirt", missing=missing)
         out.on_close = self._release
         self._stream = out
         return out
@@ -943,13 +863,9 @@ class LibvirtSave:
 
     def to_input(self, name: str | None = None) -> Input:
         """An ``Input`` for ``qevm.reader`` reading the embedded stream; closing it closes this."""
-        from qevm.io.sources import Input
-
-        # mapped-ram offsets are file offsets: hand the stream's own offset to readers that take it
-        extra = {"file_offset": self.file_offset} if "file_offset" in getattr(Input, "__dataclass_fields__", {}) \
-            else {}
+        # mapped-ram offsets are file offsets: hand the stream's own offset to the reader
         return Input(name or self.name or "<libvirt>", self.stream(), self.stream_seekable, self.compression,
-                     self.stream_size, **extra)
+                     self.stream_size, file_offset=self.file_offset)
 
     def _release(self) -> None:
         if not self._closed:

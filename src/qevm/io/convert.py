@@ -16,17 +16,14 @@ complete (the qcow2 image is changed in place, snapshot table last).  The input 
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import json
-import lzma
 import os
 import re
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from qevm.codec.schema import Schema
 from qevm.codec.wire import be32, cstr
@@ -48,8 +45,10 @@ from qevm.format.events import (
 from qevm.format.memory import RamImage
 from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
+from qevm.io.compression import compressing
 from qevm.io.reader import drive, trailer_schema
-from qevm.io.sources import CHUNK, Input, open_input
+from qevm.io.base import CHUNK, Input
+from qevm.io.sources import open_input
 
 __all__ = [
     "FORMATS",
@@ -59,7 +58,6 @@ __all__ = [
     "convert",
     "sequential_chunks",
     "write_mapped_ram",
-    "compressor",
     "atomic_output",
     "stream_info",
     "vm_clock_of",
@@ -148,23 +146,6 @@ class atomic_output:  # noqa: N801 - used as a context manager like open()
                     os.unlink(self.tmp)
                 except OSError:
                     pass
-
-
-def compressor(kind: str, out: IO[bytes] | Any) -> Any:
-    """A writable file object compressing into ``out`` (not closing it) with ``kind``."""
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0)
-    if kind == "xz":
-        return lzma.LZMAFile(out, "wb", preset=1)
-    if kind == "bzip2":
-        return bz2.BZ2File(out, "wb")
-    if kind == "zstd":
-        try:
-            import zstandard  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise UsageError("--compress zstd needs the 'zstandard' package (pip install zstandard)") from None
-        return zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False)
-    raise UsageError(f"unknown compression {kind!r} (choose from {', '.join(COMPRESSIONS)})")
 
 
 Chunk = bytes | list[bytes | memoryview]  # a piece of output: bytes, or buffers to write in order
@@ -801,7 +782,7 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
             chunks: Iterable[Chunk] = sequential_chunks(inp, res) if head.mapped_ram else _raw_chunks(inp, head.head)
             with atomic_output(out) as f:
                 if compress:
-                    z = compressor(compress, f)
+                    z = compressing(compress, f)
                     res.size = _write_chunks(chunks, z)
                     z.close()
                 else:

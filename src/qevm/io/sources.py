@@ -5,47 +5,23 @@ Nothing in the core reads files; these helpers hand bytes to the parser.
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import logging
-import lzma
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from typing import IO, Any
 
 from qevm.errors import UsageError
+from qevm.io.base import CHUNK, Input
+from qevm.io.compression import decompressing, sniff_compression
 from qevm.io.containers import LibvirtSave, Qcow2VmState, sniff
 
 __all__ = ["Input", "open_input", "find_vmdesc", "CHUNK"]
 
-CHUNK = 1 << 20
-
-_WRAPPERS = (
-    (b"\x1f\x8b", "gzip"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"BZh", "bzip2"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-)
-
-
-@dataclass
-class Input:
-    name: str
-    file: Any  # a binary reader: read(n), and readinto/seek/tell when it has them
-    seekable: bool  # a regular file read raw: random access to the stream's own offsets
-    compression: str | None
-    size: int | None
-    file_offset: int = 0  # where the stream starts in its file (mapped-ram offsets are file offsets)
-
-    def close(self) -> None:
-        if self.file not in (sys.stdin.buffer, getattr(sys.stdin.buffer, "raw", None)):
-            self.file.close()
-
 
 def open_input(path: str, snapshot: str | None = None) -> Input:
-    """Open ``path`` (``-`` = standard input).  gzip/xz/bzip2 wrappers are undone on the fly.
+    """Open ``path`` (``-`` = standard input).  gzip/xz/bzip2/zstd wrappers are undone on the fly
+    (``qevm.io.compression``).
 
     A qcow2 image yields the VM state of its internal snapshot ``snapshot`` (a name or id; default:
     the newest with a VM state); a libvirt save image yields the stream after its header and XML."""
@@ -89,9 +65,18 @@ def open_input(path: str, snapshot: str | None = None) -> Input:
         if not save.complete:
             logging.getLogger(__name__).warning("%s: the libvirt save image is incomplete (LibvirtQemudPart)", name)
         return save.to_input(name)
-    for magic, kind in _WRAPPERS:
-        if head.startswith(magic):
-            return Input(name, _decompressor(kind, raw, head, regular, name), False, kind, None)
+    kind = sniff_compression(head)
+    if kind is not None:
+        src = raw if regular else _Prefixed(head, raw, owns=path != "-")
+        missing = (f"{name} is zstd-compressed; install the 'zstandard' package or decompress it first "
+                   "(zstd -dc FILE | qevm ... -)")
+        try:
+            return Input(name, decompressing(kind, src, offset=0, missing=missing,
+                                                 close_src=path != "-"), False, kind, None)
+        except BaseException:
+            if path != "-":
+                src.close()
+            raise
     if not regular:
         return Input(name, _Prefixed(head, raw, owns=path != "-"), False, None, None)
     return Input(name, raw, True, None, st.st_size if st else None)
@@ -134,7 +119,10 @@ class _Prefixed:
             h, self._head = self._head, b""
             if n < 0:
                 return h + bytes(self._raw.read())
-            return h if len(h) >= n else h + bytes(self._raw.read(n - len(h)) or b"")
+            if len(h) >= n:  # never more than asked: gzip reads its header 2 and 8 bytes at a time
+                self._head = h[n:]
+                return h[:n]
+            return h + bytes(self._raw.read(n - len(h)) or b"")
         return bytes(self._raw.read(n))
 
     def readinto(self, b: Any) -> int:
@@ -149,22 +137,6 @@ class _Prefixed:
     def close(self) -> None:
         if self._owns:
             self._raw.close()
-
-
-def _decompressor(kind: str, raw: Any, head: bytes, regular: bool, name: str) -> Any:
-    src: Any = raw if regular else _Prefixed(head, raw, owns=name != "<stdin>")
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=src, mode="rb")
-    if kind == "xz":
-        return lzma.LZMAFile(src, "rb")
-    if kind == "bzip2":
-        return bz2.BZ2File(src, "rb")
-    try:
-        import zstandard  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise UsageError(f"{name} is zstd-compressed; install the 'zstandard' package or decompress it "
-                         "first (zstd -dc FILE | qevm ... -)") from None
-    return zstandard.ZstdDecompressor().stream_reader(src)
 
 
 def find_vmdesc(f: IO[bytes], size: int, limit: int = 64 << 20) -> tuple[int, bytes] | None:

@@ -429,13 +429,13 @@ def validate(name: str, test: Test) -> VMStateField:
 
 def _check_equal(local: Any, incoming: Any) -> Any:
     if local is not MISSING and local != incoming:
-        raise ValueError(f"{incoming!r} != our {local!r}")
+        raise DecodeError(f"{incoming!r} != our {local!r}")
     return incoming
 
 
 def _check_le(local: Any, incoming: Any) -> Any:
     if incoming < 0 or (local is not MISSING and incoming > local):
-        raise ValueError(f"invalid value {incoming}, expecting a positive value <= {local!r}")
+        raise DecodeError(f"invalid value {incoming}, expecting a positive value <= {local!r}")
     return incoming
 
 

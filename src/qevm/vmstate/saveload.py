@@ -296,7 +296,9 @@ def _checked(f: VMStateField, local: Any, v: Any, cur: Cursor, path: str) -> Any
     assert f.check is not None
     try:
         return f.check(local, v)
-    except ValueError as e:
+    except DecodeError as e:  # the checks of equal() and int32_le()
+        raise DecodeError(f"{f.type}: {e.msg}", cur.offset, path) from None
+    except ValueError as e:  # a check written by hand
         raise DecodeError(f"{f.type}: {e}", cur.offset, path) from None
 
 
