@@ -45,9 +45,9 @@ from qevm.format.events import (
 from qevm.format.memory import RamImage
 from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
+from qevm.io.base import CHUNK, Input
 from qevm.io.compression import compressing
 from qevm.io.reader import drive, trailer_schema
-from qevm.io.base import CHUNK, Input
 from qevm.io.sources import open_input
 
 __all__ = [
