@@ -6,6 +6,7 @@ Each operation runs ``--runs`` times (best wall time kept), round-robin with ``c
 filesystem, with a warm page cache; GNU ``time`` gives CPU time and peak RSS:
 
 * ``cp``                       cp STREAM OUT (the anchor)
+* ``cp + sync``                cp, then fsync OUT (what a writer that flushes, like the qcow2 one, pays)
 * ``to mapped-ram``            qevm convert STREAM OUT.mapped --to mapped-ram
 * ``mapped-ram to stream``     qevm convert OUT.mapped OUT.mig --to stream
 * ``to qcow2 snapshot``        qevm convert STREAM NEW.qcow2 --name big --size 1G
@@ -69,6 +70,9 @@ def main() -> int:
     mapped = work / "big.mapped"
     ops: list[tuple[str, list[str], Path]] = [
         ("cp", ["cp", str(stream), str(work / "cp.mig")], work / "cp.mig"),
+        # the qcow2 writer flushes the image (fsync) before and after switching the snapshot table
+        ("cp + sync", ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(stream), str(work / "cps.mig")],
+         work / "cps.mig"),
         ("to mapped-ram", [*qevm, str(stream), str(mapped), "--to", "mapped-ram"], mapped),
         ("mapped-ram to stream", [*qevm, str(mapped), str(work / "back.mig"), "--to", "stream"], work / "back.mig"),
         ("to qcow2 snapshot", [*qevm, str(stream), str(work / "new.qcow2"), "--name", "big", "--size", "1G"],
@@ -98,7 +102,7 @@ def main() -> int:
         wall, cpu, rss = best[name]
         row = {"op": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1),
                "vs_cp": round(wall / cp_wall, 2)}
-        if name != "cp":
+        if not name.startswith("cp"):
             row["ok"] = wall <= VS_CP * cp_wall and rss <= MAX_RSS_MB
             ok = ok and bool(row["ok"])
         rows.append(row)
@@ -110,7 +114,7 @@ def main() -> int:
               f"load average {load:.1f}); targets: <= {VS_CP}x cp, <= {MAX_RSS_MB:.0f} MB RSS")
         print(f"{'operation':24s} {'wall':>8s} {'cpu':>8s} {'x cp':>6s} {'peak RSS':>9s}  target")
         for r in rows:
-            mark = "" if r["op"] == "cp" else ("met" if r["ok"] else "MISSED")
+            mark = "" if r["op"].startswith("cp") else ("met" if r["ok"] else "MISSED")
             print(f"{r['op']:24s} {r['wall_s']:7.2f}s {r['cpu_s']:7.2f}s {r['vs_cp']:6.2f} {r['peak_rss_mb']:7.1f} MB"
                   f"  {mark}")
     return 0 if ok or not args.check else 1

@@ -358,6 +358,18 @@ def test_refusals(savevm_stream: Path, tmp_path: Path) -> None:
         assert "is in use" in line
         vm.quit()
     assert sha(img) == before
+    # pages loadvm cannot decode: refused, the image keeps its size and stays clean
+    img = tmp_path / "small.qcow2"
+    ok("convert", str(savevm_stream), str(img), "--name", "fine", "--size", "32M")
+    size = img.stat().st_size
+    line = fails("convert", str(require_fixture("compress-7.2")), str(img), "--name", "bad")
+    assert "compressed (COMPRESS_PAGE) pages" in line and "--to mapped-ram" in line
+    assert img.stat().st_size == size and "bad" not in snapshot_list(img)
+    img_check(img)
+    assert not (tmp_path / "never.qcow2").exists()
+    fails("convert", str(require_fixture("compress-7.2")), str(tmp_path / "never.qcow2"), "--name", "bad", "--size",
+          "32M")
+    assert not (tmp_path / "never.qcow2").exists() and not list(tmp_path.glob(".*part"))
     # IN is never modified
     h = sha(savevm_stream)
     ok("convert", str(savevm_stream), str(img), "--name", "x")

@@ -700,18 +700,35 @@ def find_vm_clock(f: Any, size: int, limit: int = 64 << 20) -> int | None:
     return None
 
 
-class _ClockTap:
-    """Chunks passed through unchanged while a counting parser looks for the ``timer`` section (for
-    inputs that cannot be searched from the end)."""
+class _LoadvmCheck:
+    """Chunks passed through unchanged while a counting parser checks that ``loadvm`` can read the
+    stream (QEMU's loadvm sets up no XBZRLE cache and no decompression threads, and cannot run a
+    postcopy) and picks up the VM clock from the ``timer`` section.  Raises ``UsageError`` at the
+    first record loadvm cannot take."""
 
     def __init__(self, chunks: Iterable[bytes], schema: Schema | None, page_size: int | None) -> None:
         self._chunks = chunks
         self._parser: Parser | None = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw=False)
         self.vm_clock: int | None = None
 
-    def __iter__(self) -> Iterator[bytes]:
-        from qevm.format.events import DeviceState
+    def _look(self, ev: Event) -> None:
+        from qevm.format.events import CommandEvent, DeviceState
 
+        if isinstance(ev, RamTally):
+            for block, (_, _, xbzrle, compressed) in ev.counts.items():
+                if xbzrle or compressed:
+                    kind = "XBZRLE" if xbzrle else "compressed (COMPRESS_PAGE)"
+                    raise UsageError(f"the stream has {kind} pages (block {block!r}, near offset {ev.offset}), which "
+                                     "QEMU's loadvm cannot decode; resolve them first: qevm convert IN tmp.mapped "
+                                     "--to mapped-ram && qevm convert tmp.mapped plain.mig --to stream")
+        elif isinstance(ev, CommandEvent) and ev.cmd in (Command.POSTCOPY_ADVISE, Command.POSTCOPY_LISTEN,
+                                                         Command.POSTCOPY_RUN, Command.PACKAGED):
+            raise UsageError(f"the stream is a postcopy migration ({ev.name} at offset {ev.offset}); loadvm "
+                             "cannot replay it")
+        elif isinstance(ev, DeviceState) and ev.section.idstr == "timer" and ev.section.instance_id == 0:
+            self.vm_clock = vm_clock_of(ev.data)
+
+    def __iter__(self) -> Iterator[bytes]:
         for c in self._chunks:
             p = self._parser
             if p is not None:
@@ -721,13 +738,10 @@ class _ClockTap:
                         ev = p.next_event()
                         if ev is NEED_DATA or ev is DONE:
                             break
-                        if isinstance(ev, DeviceState) and ev.section.idstr == "timer" \
-                                and ev.section.instance_id == 0:
-                            self.vm_clock = vm_clock_of(ev.data)
-                            self._parser = None
-                            break
+                        assert isinstance(ev, Event)
+                        self._look(ev)
                 except DecodeError:
-                    self._parser = None  # the clock stays unknown; the copy goes on
+                    self._parser = None  # QEMU will judge the rest; the copy goes on
             yield c
 
 
@@ -806,28 +820,37 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
             raise UsageError("a qcow2 output must be a file")
         schema, page_size = _schema_and_page(inp)
         base: Iterable[bytes] = _flat(sequential_chunks(inp)) if head.mapped_ram else _raw_chunks(inp, head.head)
-        tap = None
         if vm_clock_ns is None and inp.seekable and inp.size:
             vm_clock_ns = find_vm_clock(inp.file, inp.size)
-        if vm_clock_ns is None:
-            tap = _ClockTap(base, schema, page_size)
-        stream: Iterable[bytes] = tap if tap is not None else base
+        tap = _LoadvmCheck(base, schema, page_size)
+        stream: Iterable[bytes] = tap
+        target = out
         if not os.path.exists(out):
             if size is None:
                 raise UsageError(f"{out} does not exist: give --size to create a new image")
-            create_image(out, size)
+            # a new image is built under a temporary name and renamed once it holds the snapshot
+            fd, target = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".part",
+                                          dir=os.path.dirname(os.path.abspath(out)))
+            os.close(fd)
+            create_image(target, size)
         elif size is not None:
             raise UsageError(f"{out} exists; --size is only for a new image")
 
         def clock() -> int:
             if vm_clock_ns is not None:
                 return vm_clock_ns
-            return tap.vm_clock if tap is not None and tap.vm_clock is not None else 0
+            return tap.vm_clock if tap.vm_clock is not None else 0
 
-        snap = add_snapshot(out, name or "", stream, vm_clock_ns=clock, replace=replace)
+        try:
+            snap = add_snapshot(target, name or "", stream, vm_clock_ns=clock, replace=replace)
+            if target != out:
+                os.replace(target, out)
+        finally:
+            if target != out and os.path.exists(target):
+                os.unlink(target)
         res.size = snap.vm_state_size
         res.snapshot = snap.as_dict()
-        if vm_clock_ns is None and (tap is None or tap.vm_clock is None):
+        if vm_clock_ns is None and tap.vm_clock is None:
             res.notes.append("no timer section found: VM clock stored as 0")
         return res
     finally:

@@ -452,13 +452,18 @@ def add_snapshot(image_path: str, name: str, vmstate: Iterable[bytes | bytearray
         first = im.end_cluster
         pos = first * cs
         size = 0
-        for chunk in vmstate:  # the data clusters are contiguous: the stream goes in as it comes
-            im.pwrite(pos + size, chunk)
-            size += len(chunk)
-        if size % cs:
-            im.pwrite(pos + size, bytes(-size % cs))
-        if size == 0:
-            raise UsageError("the VM state is empty")
+        old_size = os.fstat(im.fd).st_size
+        try:
+            for chunk in vmstate:  # the data clusters are contiguous: the stream goes in as it comes
+                im.pwrite(pos + size, chunk)
+                size += len(chunk)
+            if size % cs:
+                im.pwrite(pos + size, bytes(-size % cs))
+            if size == 0:
+                raise UsageError("the VM state is empty")
+        except BaseException:
+            os.ftruncate(im.fd, old_size)  # nothing refers to those clusters yet: give the space back
+            raise
         nvm = -(-size // cs)
         # 2. L2 tables mapping it at vm_off
         l1_first = vm_off // img.l1_span
@@ -579,6 +584,9 @@ def create_image(path: str, size: int, cluster_bits: int = 16) -> None:
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=directory)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(bytes(header) + bytes(rt) + bytes(rb) + l1)
