@@ -407,25 +407,19 @@ def test_loadvm_of_a_written_snapshot(savevm_stream: Path, tmp_path: Path) -> No
     """QEMU 7.2 restores, with -loadvm, a snapshot qevm wrote into a new image (and into a QEMU 10.0
     extended-L2 image), and the Linux guest keeps running."""
     need(QEMU, "qemu-system-x86_64")
-    img = tmp_path / "disk.qcow2"
-    ok("convert", str(savevm_stream), str(img), "--name", "restored", "--size", "32M")
-    args = [a if not a.startswith("file=") else f"file={img},format=qcow2,if=virtio,id=drive0"
-            for a in destination_args(meta("savevm-pc-7.2"))]
-    with Qemu(QEMU or "", [*args, "-loadvm", "restored"], tmp_path / "q") as vm:
-        assert_guest_runs(vm)
-        vm.quit()
-    img_check(img)
+    ok("convert", str(savevm_stream), str(tmp_path / "new.qcow2"), "--name", "restored", "--size", "32M")
     # extended L2 entries, 32 KiB clusters, made by qemu-img
-    img2 = tmp_path / "extl2.qcow2"
     subprocess.run([QEMU_IMG or "qemu-img", "create", "-q", "-f", "qcow2", "-o",
-                    "extended_l2=on,cluster_size=32768", str(img2), "32M"], check=True)
-    ok("convert", str(savevm_stream), str(img2), "--name", "restored")
-    args = [a if not a.startswith("file=") else f"file={img2},format=qcow2,if=virtio,id=drive0"
-            for a in destination_args(meta("savevm-pc-7.2"))]
-    with Qemu(QEMU or "", [*args, "-loadvm", "restored"], tmp_path / "q2") as vm:
-        assert_guest_runs(vm)
-        vm.quit()
-    img_check(img2)
+                    "extended_l2=on,cluster_size=32768", str(tmp_path / "extl2.qcow2"), "32M"], check=True)
+    ok("convert", str(savevm_stream), str(tmp_path / "extl2.qcow2"), "--name", "restored")
+    for name in ("new", "extl2"):
+        img = tmp_path / f"{name}.qcow2"
+        args = [a if not a.startswith("file=") else f"file={img},format=qcow2,if=virtio,id=drive0"
+                for a in destination_args(meta("savevm-pc-7.2"))]
+        with Qemu(QEMU or "", [*args, "-loadvm", "restored"], tmp_path / name) as vm:
+            assert_guest_runs(vm)
+            vm.quit()
+        img_check(img)
 
 
 def test_mapped_ram_loads_into_qemu_7_2_after_round_trip(tmp_path: Path) -> None:

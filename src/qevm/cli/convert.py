@@ -6,17 +6,7 @@ from __future__ import annotations
 import argparse
 
 from qevm.io.convert import COMPRESSIONS, FORMATS, convert
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mul = units.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in units else t
-    try:
-        return int(float(num) * mul)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+from qevm.migration.channels import parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--compress", choices=COMPRESSIONS, help="compress the output stream")
     p.add_argument("--snapshot", metavar="NAME", help="IN is a qcow2 image: take this snapshot (default: newest)")
     p.add_argument("--name", metavar="NAME", help="--to qcow2: name of the new snapshot")
-    p.add_argument("--size", metavar="SIZE", type=_size,
+    p.add_argument("--size", metavar="SIZE",
                    help="--to qcow2: create OUT as a new image of this virtual size (e.g. 1G)")
     p.add_argument("--replace", action="store_true", help="--to qcow2: overwrite a snapshot of the same name")
     p.add_argument("--vm-clock", metavar="NS", type=int,
@@ -39,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
+    size = None if args.size is None else parse_size(args.size, "--size")
     res = convert(args.input, args.output, to=args.to, compress=args.compress, snapshot=args.snapshot,
-                  name=args.name, size=args.size, replace=args.replace, vm_clock_ns=args.vm_clock)
+                  name=args.name, size=size, replace=args.replace, vm_clock_ns=args.vm_clock)
     if args.output == "-":
         return 0
     what = res.to + (f" ({res.compression})" if res.compression else "")
