@@ -280,6 +280,41 @@ def test_library_api(savevm_stream: Path, tmp_path: Path) -> None:
     assert list_image_snapshots(str(img)) == []
 
 
+def test_crash_before_the_table_leaves_leaks_only(savevm_stream: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the clusters and refcounts were written but before the header switched to the new
+    table: the image keeps its snapshots, ``qemu-img check`` reports leaked clusters and no error."""
+    need(QEMU_IMG, "qemu-img")
+    import qevm.io.qcow2write as w
+
+    img = tmp_path / "d.qcow2"
+    shutil.copy(SAVEVM, img)
+    listing = snapshot_list(img)
+
+    def crash(self: Any, offset: int, count: int) -> None:
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(w._Image, "commit_table", crash)
+    with pytest.raises(KeyboardInterrupt):
+        add_snapshot(str(img), "lost", [savevm_stream.read_bytes()], vm_clock_ns=1)
+    r = subprocess.run([QEMU_IMG, "check", str(img)], capture_output=True, text=True)
+    assert r.returncode == 3 and "leaked clusters" in r.stdout and "ERROR" not in r.stdout, r.stdout[-800:]
+    assert snapshot_list(img) == listing
+    # and a stream that fails midway leaves the image as it was
+    monkeypatch.undo()
+    img2 = tmp_path / "e.qcow2"
+    shutil.copy(SAVEVM, img2)
+    before = sha(img2)
+
+    def broken() -> Iterator[bytes]:
+        yield savevm_stream.read_bytes()[:1 << 20]
+        raise OSError("read error")
+
+    with pytest.raises(OSError):
+        add_snapshot(str(img2), "lost", broken())
+    assert sha(img2) == before
+
+
 def test_images_written_by_qemu_10(savevm_stream: Path, tmp_path: Path) -> None:
     """qcow2 images made by QEMU 10.0's qemu-img: default, extended L2 + zstd, with compressed and
     normal clusters in the active layer; checked by both qemu-img versions."""
