@@ -37,7 +37,7 @@ echo "   fixtures ready in $(( $(date +%s) - start )) s"
 echo "== ruff"
 python3 -m ruff check $(ls -d src tests scripts benchmarks 2>/dev/null)
 echo "== import-linter (layers contract in pyproject.toml)"
-lint-imports
+PYTHONPATH=src lint-imports --no-cache
 echo "== mypy"
 MYPYPATH=src python3 -m mypy --strict -p qevm
 echo "== pytest"
