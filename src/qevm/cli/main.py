@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from qevm.cli import compat, desc, diff, dump, edit, info, record, rewrite, send, tap, vm
+from qevm.cli import compat, convert, desc, diff, dump, edit, info, record, rewrite, send, tap, vm
 from qevm.errors import QevmError
 
-VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat)
+VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
