@@ -174,7 +174,7 @@ def collect(source: str | Input, *, pages: bool | None = None, name: str | None 
         entry: dict[str, Any] = {"section": sec.idstr, "instance": sec.instance_id, "path": prefix,
                                  "offset": d.offset, "size": len(d.data)}
         if d.struct is not None:
-            entry["vmsd"] = d.struct.vmsd_name
+            entry["vmsd"] = d.struct.vmsd_name or sec.idstr
             entry["rows"] = list(device_rows(d.struct, prefix))
         else:
             entry["rows"] = [[prefix, "raw", _show_bytes(d.data), d.offset, len(d.data),

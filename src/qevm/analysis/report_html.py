@@ -74,7 +74,8 @@ details.dev table{margin:0}
 .hidden{display:none}
 mark{background:#ffe58a}
 .chg td.a{background:#fdecea} .chg td.b{background:#e6f4ea}
-svg text{font-size:11px;fill:var(--fg)}
+svg text{font-size:11px;fill:var(--fg)} svg.sizechart{display:block;max-width:100%;height:auto;margin:4px 0 10px}
+.scroll{max-height:460px;overflow:auto;border:1px solid var(--line);border-radius:6px} .scroll th{top:0}
 </style></head>
 <body>
 <header><h1 id="title"></h1><div class="sub" id="subtitle"></div></header>
@@ -184,7 +185,7 @@ function sizeChart(secs) {
   const W = 620, rowH = 18, lab = 250, H = top.length * rowH + 6;
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", "0 0 " + W + " " + H); svg.setAttribute("width", "100%"); svg.setAttribute("class", "sizechart");
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H); svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("class", "sizechart");
   top.forEach((s, i) => {
     const y = i * rowH + 3, w = Math.max(1, Math.sqrt(s.size / max) * (W - lab - 90));
     const t = document.createElementNS(ns, "text");
@@ -208,7 +209,7 @@ for (const d of docs) {
     {t: "chunks", num: 1}, {t: "bytes", num: 1}, {t: "%", num: 1, fmt: (v) => v.toFixed(2)}, {t: "decoded"}], rows, "sections");
   t.id = "sectable-" + docs.indexOf(d);
   sortable(t);
-  $("sectionviews").append(el("div", null, two ? el("h3", {text: short(d.name)}) : null, sizeChart(d.sections), t));
+  $("sectionviews").append(el("div", null, two ? el("h3", {text: short(d.name)}) : null, sizeChart(d.sections), el("div", {cls: "scroll"}, t)));
 }
 
 /* RAM map */
@@ -221,13 +222,11 @@ function heat(t) { /* 0..1 -> pale yellow .. dark red */
 }
 const tip = $("tip");
 const canvases = [];
+let maxRate = 1;
 function drawBlock(cv, b, mode) {
   const n = b.sent.length, per = 64, cw = 9, ch = 9, rowsN = Math.max(1, Math.ceil(n / per));
   cv.width = Math.min(n, per) * cw; cv.height = rowsN * ch;
   const g = cv.getContext("2d"); g.clearRect(0, 0, cv.width, cv.height);
-  const cellPages = b.cell_pages;
-  let maxRate = 0;
-  for (let i = 0; i < n; i++) maxRate = Math.max(maxRate, b.sent[i] / cellPagesAt(b, i));
   for (let i = 0; i < n; i++) {
     let col;
     if (mode === "kind" && b.kinds) {
@@ -236,11 +235,10 @@ function drawBlock(cv, b, mode) {
       col = best > 0 ? KIND_COL[bi] : "#ffffff";
     } else {
       const r = b.sent[i] / cellPagesAt(b, i);
-      col = b.sent[i] ? heat(maxRate > 1 ? (r - 0) / maxRate : r) : "#ffffff";
+      col = b.sent[i] ? heat(maxRate > 1 ? (r - 1) / (maxRate - 1) : 0) : "#ffffff";
     }
     g.fillStyle = col; g.fillRect((i % per) * cw, Math.floor(i / per) * ch, cw - 1, ch - 1);
   }
-  cv.dataset.maxrate = maxRate.toFixed(2);
 }
 function cellPagesAt(b, i) { return Math.max(1, Math.min(b.cell_pages, b.npages - i * b.cell_pages)); }
 function ramView(d) {
@@ -248,9 +246,9 @@ function ramView(d) {
   if (two) box.append(el("h3", {text: short(d.name)}));
   const r = d.ram;
   box.append(el("div", {cls: "legend"},
-    el("span", null, el("i", {style: "background:" + heat(0)}), "sent once"),
+    el("span", null, el("i", {style: "background:" + heat(0)}), "each page sent once"),
     el("span", null, el("i", {style: "background:" + heat(0.5)}), ""),
-    el("span", null, el("i", {style: "background:" + heat(1)}), "sent most often"),
+    el("span", null, el("i", {style: "background:" + heat(1)}), "sent most often (" + (d.ram.passes || 1) + " passes)"),
     el("span", null, el("i", {style: "background:#fff"}), "never sent"),
     ...KIND_NAME.map((k, i) => el("span", null, el("i", {style: "background:" + KIND_COL[i]}), k)),
     el("span", {cls: "badge", text: r.detail ? "record kinds per cell: gathered" : "record kinds per cell: not gathered (use --pages); heat map only"})));
@@ -288,6 +286,7 @@ function ramView(d) {
   return box;
 }
 for (const d of docs) $("ramviews").append(ramView(d));
+for (const [, b] of canvases) for (let i = 0; i < b.sent.length; i++) maxRate = Math.max(maxRate, b.sent[i] / cellPagesAt(b, i));
 function redraw() {
   const mode = document.querySelector("input[name=rammode]:checked").value;
   for (const [cv, b] of canvases) drawBlock(cv, b, mode);
