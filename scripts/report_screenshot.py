@@ -1,8 +1,8 @@
 """Screenshots of a ``qevm report`` page in headless Chromium (for docs/): the overview and a search.
 
 Usage: python3 scripts/report_screenshot.py REPORT.html OUT_PREFIX [SEARCH]
-Writes OUT_PREFIX-overview.png (summary, sections), OUT_PREFIX-ram.png (the RAM map) and, with SEARCH, OUT_PREFIX-search.png
-(the device tree filtered by SEARCH).  Needs chromium, chromium-driver and selenium.
+Writes OUT_PREFIX-overview.png (summary, sections), OUT_PREFIX-ram.png (the RAM map) and, with SEARCH,
+OUT_PREFIX-search.png (the device tree filtered by SEARCH).  Needs chromium, chromium-driver and selenium.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from qevm.io.reader import read_stream
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "fixtures"))
 from qemu_driver import Qemu  # noqa: E402
 
-BLOB_TYPES = ("pci config", "virtio")
+BLOB_TYPES = ("pci config", "virtio", "virtio-gpu")
 
 
 def _fields(st: Struct) -> Iterator[Field]:
@@ -43,7 +43,7 @@ def _fields(st: Struct) -> Iterator[Field]:
 
 
 def _raw_notes(st: Struct) -> list[str]:
-    return [f"{f.name}: {f.desc['note']}" for f in _fields(st) if "note" in f.desc]
+    return [f"{f.name}: {f.desc['note']}" for f in _fields(st) if "note" in f.desc and f.type == "buffer"]
 
 
 def blobs(path: Path) -> list[tuple[str, Field]]:
@@ -98,6 +98,8 @@ def test_virtio_devices_fully_decoded(name: str) -> None:
     assert any(f.name.startswith("virtio_common@") for f in cfg.fields)
     if "q35" in name:
         assert any(f.name.startswith("pcie@") for f in cfg.fields)
+    gpu = next(d for d in an.devices if d.section.idstr.endswith("/virtio-gpu")).struct.field("virtio-gpu").value
+    assert isinstance(gpu, Struct) and gpu.field("max_outputs").value == len(gpu.field("scanout").value) == 1
     # the guest's driver set the rings up: DRIVER_OK and a ring address on queue 0
     blk = seen["virtio-blk"]
     assert blk.field("status").value & 4 and blk.field("vq").value[0].field("desc").value
@@ -148,7 +150,7 @@ def test_edited_mac_loads_in_qemu(tmp_path: Path) -> None:
 def test_unknown_layouts_stay_raw() -> None:
     """Random bytes, truncated blobs and a foreign transport decode as raw bytes, never an error."""
     rng = random.Random(7)
-    for codec in (REGISTRY["pci config"], REGISTRY["virtio"]):
+    for codec in (REGISTRY["pci config"], REGISTRY["virtio"], REGISTRY["virtio-gpu"]):
         assert isinstance(codec, BlobCodec)
         for n in (0, 3, 63, 256, 4096, 5000):
             data = bytes(rng.getrandbits(8) for _ in range(n))
@@ -173,3 +175,16 @@ def test_virtio_blob_mutations_never_fail() -> None:
             b[rng.randrange(len(b))] = rng.getrandbits(8)
         v = codec.decode(Cursor(bytes(b)), len(b))
         assert codec.encode(v, len(b)) == bytes(b)
+
+
+def test_virtio_mmio_decoded() -> None:
+    """aarch64 virt: a virtio-mmio device (no PCI config, per-queue ring alignment) decodes too; the
+    device part is recognised by its layout."""
+    an = read_stream(str(require_fixture("aarch64-virt-7.2")))
+    d = next(d for d in an.devices if d.section.idstr.startswith("virtio-mmio@"))
+    v = d.struct.field("virtio").value
+    assert isinstance(v, Struct) and not _raw_notes(v)
+    assert v.field("transport").value.vmsd_name == "virtio-mmio"
+    assert v.field("vq").value[0].field("align").value == 4096
+    assert v.field("device").value.field("mac").value == bytes.fromhex("525400124002")
+    assert encode_struct(d.struct) == d.data

@@ -11,6 +11,7 @@ documents up for the side-by-side view; ``qevm.analysis.report_html`` renders th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -337,13 +338,10 @@ def write_report(sources: list[str], out_path: str, *, pages: bool | None = None
         with os.fdopen(fd, "wb") as out:
             out.write(page)
         os.replace(tmp, out_path)
-        tmp = ""
-    finally:
-        if tmp:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return {"bytes": len(page), "fields": sum(len(dv["rows"]) for d in docs for dv in d["devices"]),
             "changed": diff["changed"] if diff else None}
 

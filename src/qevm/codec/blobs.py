@@ -1,4 +1,4 @@
-"""Codecs for the vmstate types QEMU writes by hand: ``pci config`` and ``virtio``.
+"""Codecs for the vmstate types QEMU writes by hand: ``pci config``, ``virtio``, ``virtio-gpu``.
 
 QEMU's vmdesc stops at these fields (a PCI config space is a 256/4096-byte buffer, a virtio
 device's ``virtio`` field is the output of ``virtio_save``).  Their layout depends on the bytes
@@ -73,10 +73,11 @@ class BlobCodec(TypeCodec):
 
 def _register() -> None:
     from qevm.codec.pci import pci_config_layout
-    from qevm.codec.virtio import virtio_layout
+    from qevm.codec.virtio import virtio_gpu_layout, virtio_layout
 
     REGISTRY["pci config"] = BlobCodec("pci config", pci_config_layout)
     REGISTRY["virtio"] = BlobCodec("virtio", virtio_layout)
+    REGISTRY["virtio-gpu"] = BlobCodec("virtio-gpu", virtio_gpu_layout)
 
 
 _register()

@@ -18,8 +18,10 @@ Describes (same wire layout in both versions):
   gpu}.h`` (little-endian, as a VERSION_1 device keeps them).
 
 A device part qevm does not describe (or that does not fit) stays raw up to the first virtio
-subsection; subsections qevm does not know leave the tail raw.  Only the PCI transport is
-described; others (virtio-mmio, ccw) keep the whole blob raw.
+subsection; subsections qevm does not know leave the tail raw.  Transports: virtio-pci, and
+virtio-mmio (``hw/virtio/virtio-mmio.c``: ``virtio_mmio_save_config``, the
+per-queue ring alignment, the ``virtio_mmio/state`` extra state) whose device part is recognised by
+the layout that fits, since that transport names no device; virtio-ccw keeps the whole blob raw.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 from qevm.codec.layout import Peek, arr, buf, le, rows, size_of, struct, subsection, uint
 from qevm.codec.pci import VIRTIO_VENDOR, capabilities
 
-__all__ = ["virtio_layout", "DEVICE_NAMES"]
+__all__ = ["virtio_layout", "virtio_gpu_layout", "DEVICE_NAMES"]
 
 Desc = dict[str, Any]
 QUEUE_MAX = 1024  # VIRTIO_QUEUE_MAX
@@ -77,6 +79,13 @@ _PCI_MODERN = subsection("virtio_pci/modern_state", [
     uint("dfselect", 4), uint("gfselect", 4), arr(uint("guest_features", 4), 2),
     arr(struct("vqs", "virtio_pci/modern_queue_state", [
         uint("num", 2), buf("unused", 1), {"name": "enabled", "type": "bool", "size": 1},
+        arr(uint("desc", 4), 2), arr(uint("avail", 4), 2), arr(uint("used", 4), 2)]), QUEUE_MAX)])
+
+# hw/virtio/virtio-mmio.c vmstate_virtio_mmio_state_sub
+_MMIO_STATE = subsection("virtio_mmio/state", [
+    arr(uint("guest_features", 4), 2),
+    arr(struct("vqs", "virtio_mmio/queue_state", [
+        uint("num", 2), {"name": "enabled", "type": "bool", "size": 1},
         arr(uint("desc", 4), 2), arr(uint("avail", 4), 2), arr(uint("used", 4), 2)]), QUEUE_MAX)])
 
 _BOOL = "bool"
@@ -224,19 +233,33 @@ def _has_express(data: bytes) -> bool:
 
 def virtio_layout(data: bytes) -> Desc:
     """The vmsd description of one ``virtio`` field (raises ``ValueError`` when it does not fit)."""
-    sizes = (4096, 256) if _has_express(data) else (256, 4096)
     err: ValueError | None = None
-    for cfg_size in sizes:
-        try:
-            return _layout(data, cfg_size)
-        except ValueError as e:
-            err = err or e
-    raise err or ValueError("no layout")
+    if len(data) >= 6 and data[4:6] == VIRTIO_VENDOR.to_bytes(2, "little"):
+        for cfg_size in (4096, 256) if _has_express(data) else (256, 4096):
+            try:
+                return _layout(data, cfg_size)
+            except ValueError as e:
+                err = err or e
+    try:
+        return _layout(data, None)
+    except ValueError as e:
+        raise err or e from None
 
 
-def _layout(data: bytes, cfg_size: int) -> Desc:
+def _mmio_transport() -> Desc:
+    """hw/virtio/virtio-mmio.c ``virtio_mmio_save_config``."""
+    return struct("transport", "virtio-mmio", [uint("host_features_sel", 4), uint("guest_features_sel", 4),
+                                               uint("guest_page_shift", 4)])
+
+
+def _layout(data: bytes, cfg_size: int | None) -> Desc:
+    """PCI transport with a config space of ``cfg_size`` bytes, or virtio-mmio when None (the
+    transport carries no device id there: the device part is recognised by which layout fits)."""
     p = Peek(data)
-    transport, dev, msix = _transport(p, cfg_size)
+    if cfg_size is None:
+        transport, dev, msix = _mmio_transport(), 0, False
+    else:
+        transport, dev, msix = _transport(p, cfg_size)
     fields: list[Desc] = [transport]
     p.pos += transport["size"]
     features = p.be(4, 4)
@@ -245,16 +268,15 @@ def _layout(data: bytes, cfg_size: int) -> Desc:
         raise ValueError("config_len past the end")
     fields += [uint("status", 1), uint("isr", 1), uint("queue_sel", 2), uint("guest_features_lo", 4),
                uint("config_len", 4)]
-    if config_len:
-        table = _CONFIG.get(dev)
-        name = DEVICE_NAMES.get(dev, str(dev))
-        fields.append(struct("config", f"virtio-{name} config", rows(table, config_len))
-                      if table else buf("config", config_len))
+    config_at = len(fields)
     p.pos += 12 + config_len
     nq = p.be(4)
     if nq > QUEUE_MAX:
         raise ValueError(f"{nq} queues")
-    queue = [uint("num", 4), uint("desc", 8), uint("last_avail_idx", 2)]
+    queue = [uint("num", 4)]
+    if cfg_size is None:
+        queue.append(uint("align", 4))  # has_variable_vring_alignment
+    queue += [uint("desc", 8), uint("last_avail_idx", 2)]
     if msix:
         queue.append(uint("vector", 2))
     fields.append(uint("num_queues", 4))
@@ -264,27 +286,40 @@ def _layout(data: bytes, cfg_size: int) -> Desc:
     if p.left() < 0:
         raise ValueError("queues past the end")
 
-    dev_fn = _DEVICES.get(dev)
     device: Desc | None = None
-    if dev_fn is not None:
+    for cand in ([dev] if cfg_size is not None else [1, 2, 3, 5, 4]):
+        dev_fn = _DEVICES.get(cand)
+        if dev_fn is None:
+            continue
         try:
             device = dev_fn(p, _Ctx(features, nq, msix))
             end = p.pos + (device["size"] if device else 0)
             if end != len(data) and Peek(data, end).subsection_at() not in SUBSECTION_NAMES:
-                device = None
                 raise ValueError("device part does not end at a virtio subsection")
         except ValueError:
             device = None
-            dev_fn = None
-    if device is not None:
-        fields.append(device)
-        p.pos += device["size"]
-    elif dev_fn is None:
+            continue
+        dev = cand
+        if cfg_size is None:
+            if device is None:
+                dev = 0  # no device part: rng, scsi, gpu, input... cannot be told apart here
+            else:
+                device["note"] = "device recognised by its layout (virtio-mmio carries no device id)"
+        break
+    else:
         end = _find_subsections(data, p.pos)
         if end > p.pos:
             fields.append(buf("device", end - p.pos, note=f"virtio-{DEVICE_NAMES.get(dev, dev)} device "
                                                           "state not described by qevm"))
         p.pos = end
+    if device is not None:
+        fields.append(device)
+        p.pos += device["size"]
+    if config_len:
+        table = _CONFIG.get(dev)
+        name = DEVICE_NAMES.get(dev, str(dev))
+        fields.insert(config_at, struct("config", f"virtio-{name} config", rows(table, config_len))
+                      if table else buf("config", config_len))
 
     subs: list[Desc] = []
     start = p.pos
@@ -298,9 +333,10 @@ def _layout(data: bytes, cfg_size: int) -> Desc:
             if body is not None:
                 sd = subsection(sname, body)
             elif sname == "virtio/extra_state":
-                inner = Peek(data, p.pos + head)
-                extra = subsection("virtio_pci", [],
-                                   [_PCI_MODERN] if inner.subsection_at() == "virtio_pci/modern_state" else None)
+                inner = Peek(data, p.pos + head).subsection_at()
+                known = {_PCI_MODERN["vmsd_name"]: _PCI_MODERN, _MMIO_STATE["vmsd_name"]: _MMIO_STATE}
+                extra = subsection("virtio_pci" if cfg_size else "virtio_mmio", [],
+                                   [known[inner]] if inner in known else None)
                 sd = subsection(sname, [{"name": "extra_state", "type": "struct", "size": size_of(extra),
                                         "struct": extra}])
             else:
@@ -326,3 +362,48 @@ def _find_subsections(data: bytes, pos: int) -> int:
         if 0 <= k < best:
             best = k
     return best
+
+
+_SCANOUT = [uint("resource_id", 4), uint("width", 4), uint("height", 4), {"name": "x", "type": "int32", "size": 4},
+            {"name": "y", "type": "int32", "size": 4}, uint("cursor.resource_id", 4), uint("cursor.hot_x", 4),
+            uint("cursor.hot_y", 4), uint("cursor.pos.x", 4), uint("cursor.pos.y", 4)]
+# scanout_vmstate_after_v2 (QEMU 10.0 machine types; absent in 7.2): the framebuffer fields
+_SCANOUT_V2 = [uint("fb.format", 4), buf("unused", 4), uint("fb.width", 4), uint("fb.height", 4),
+               uint("fb.stride", 4), uint("fb.offset", 4)]
+
+
+def virtio_gpu_layout(data: bytes) -> Desc:
+    """The ``virtio-gpu`` field: ``hw/display/virtio-gpu.c`` ``virtio_gpu_save`` (QEMU 7.2 and 10.0):
+    each 2D resource (id, size, format, backing pages, then its pixels: every virtio-gpu format
+    is 32 bits per pixel, so width * 4 * height bytes), a zero terminator, then
+    ``vmstate_virtio_gpu_scanouts`` (enable, max_outputs, one ``virtio-gpu-one-scanout`` per
+    output; 40 bytes each, 64 with the framebuffer fields of newer machine types)."""
+    p = Peek(data)
+    fields: list[Desc] = []
+    while p.be(4):
+        cnt = p.be(4, 16)
+        if cnt > 16384:
+            raise ValueError("implausible iov_cnt")
+        res = [uint("resource_id", 4), uint("width", 4), uint("height", 4), uint("format", 4), uint("iov_cnt", 4)]
+        if cnt:
+            res.append(arr(struct("iov", "backing page", [uint("addr", 8), uint("len", 4)]), cnt))
+        pixels = p.be(4, 4) * 4 * p.be(4, 8)
+        if pixels > p.left():
+            raise ValueError("resource pixels past the end")
+        res.append(buf("pixels", pixels))
+        f = dict(struct("resource", "virtio-gpu resource", res), index=len(fields))
+        fields.append(f)
+        p.pos += f["size"]
+    fields.append(uint("end", 4))
+    p.pos += 4
+    n = p.be(4, 4)
+    rest = p.left() - 8
+    if n == 0 or rest % n:
+        raise ValueError("scanouts do not divide the rest")
+    per = rest // n
+    one = {40: _SCANOUT, 64: _SCANOUT + _SCANOUT_V2}.get(per)
+    if one is None:
+        raise ValueError(f"{per}-byte scanouts")
+    fields += [{"name": "enable", "type": "int32", "size": 4}, uint("max_outputs", 4),
+               arr(struct("scanout", "virtio-gpu-one-scanout", one), n)]
+    return {"vmsd_name": "virtio-gpu", "version": 1, "fields": fields}
