@@ -234,7 +234,7 @@ def device_rows(st: Struct, prefix: str) -> Iterator[list[Any]]:
             n = len(vals)
             if vals and isinstance(vals[0], Struct):
                 last = n - 1
-                if n > 8:
+                if n > 8 and isinstance(vals[-1], Struct):
                     tail = encode_struct(vals[-1])
                     while last > 0 and isinstance(vals[last - 1], Struct) and encode_struct(vals[last - 1]) == tail:
                         last -= 1
