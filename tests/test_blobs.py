@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,23 +129,46 @@ def test_dump_and_edit_paths(tmp_path: Path) -> None:
     assert r.returncode == 2 and "6 bytes" in r.stderr.decode()
 
 
-def test_edited_mac_loads_in_qemu(tmp_path: Path) -> None:
-    """QEMU 7.2 loads a stream whose virtio-net MAC was changed; QMP reports the new MAC."""
-    f = require_fixture("virtio-pc-7.2")
+def _load_edited_mac(name: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Change the virtio-net MAC of fixture ``name``, load the stream in the QEMU that wrote it (10.0:
+    inside the trixie chroot), and return QMP's ``query-rx-filter``."""
+    f = require_fixture(name)
+    meta = fixture_meta(f)
     an = read_stream(str(f))
     sec = next(d.section for d in an.devices if d.section.idstr.endswith("/virtio-net"))
-    out = tmp_path / "mac.mig"
-    qevm("edit", str(f), str(out), "--set", f'"{sec.idstr}":{sec.instance_id}/virtio/device/mac=5254009abcde')
-    meta = fixture_meta(f)
-    vm = Qemu(meta.get("binary", "qemu-system-x86_64"), destination_args(meta) + ["-incoming", "defer", "-S"],
-              tmp_path)
-    with vm:
-        vm.qmp("migrate-incoming", uri=f"exec:cat {out}")
-        deadline = time.time() + 120
-        while vm.qmp("query-status")["status"] == "inmigrate" and time.time() < deadline:
-            time.sleep(0.1)
-        assert vm.qmp("query-migrate").get("status") == "completed", vm.qmp("query-migrate")
-        filters = vm.qmp("query-rx-filter")
+    root = None
+    work = tmp_path
+    if meta.get("chroot"):
+        from gen_qemu10 import chroot_dir
+
+        root = chroot_dir()
+        work = Path(tempfile.mkdtemp(prefix="qevm-test-blobs-", dir=root / "tmp"))
+    try:
+        out = work / "mac.mig"
+        qevm("edit", str(f), str(out), "--set",
+             f'"{sec.idstr}":{sec.instance_id}/virtio/device/mac=5254009abcde')
+        uri = f"exec:cat {'/' + str(out.relative_to(root)) if root else out}"
+        vm = Qemu(meta.get("binary", "qemu-system-x86_64"),
+                  destination_args(meta) + ["-incoming", "defer", "-S"], tmp_path,
+                  chroot=str(root) if root else None)
+        with vm:
+            vm.qmp("migrate-incoming", uri=uri)
+            deadline = time.time() + 120
+            while vm.qmp("query-status")["status"] == "inmigrate" and time.time() < deadline:
+                time.sleep(0.1)
+            assert vm.qmp("query-migrate").get("status") == "completed", vm.qmp("query-migrate")
+            filters: list[dict[str, Any]] = vm.qmp("query-rx-filter")
+        return filters
+    finally:
+        if root:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", ["virtio-pc-7.2", "virtio-q35-10.0"])
+def test_edited_mac_loads_in_qemu(name: str, tmp_path: Path) -> None:
+    """QEMU (7.2, and 10.0 in its chroot) loads a stream whose virtio-net MAC was changed inside the
+    decoded ``virtio`` blob; QMP reports the new MAC."""
+    filters = _load_edited_mac(name, tmp_path)
     assert [x["main-mac"] for x in filters] == ["52:54:00:9a:bc:de"], filters
 
 
