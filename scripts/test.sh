@@ -11,7 +11,8 @@ export QEVM_FIXTURES="${QEVM_FIXTURES:-$QEVM_CACHE/fixtures}"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-pkgs=(qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils debootstrap cpio xz-utils gzip bzip2 zstd)
+pkgs=(qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils debootstrap cpio xz-utils gzip bzip2 zstd
+      chromium chromium-driver)  # chromium: tests/test_report.py drives the HTML report in a real browser
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,6 +25,7 @@ fi
 
 echo "== python packages"
 python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q selenium  # tests/test_report.py (with chromium-driver)
 
 echo "== QEMU 10.0 chroot"
 bash scripts/chroot.sh >/dev/null

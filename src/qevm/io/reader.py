@@ -332,12 +332,13 @@ def trailer_schema(inp: Input) -> tuple[Schema | None, int | None]:
 
 def read_stream(source: str | Input, *, schema: Schema | None = None, page_size: int | None = None,
                 memory: RamImage | None = None, on_event: Callable[[Event], None] | None = None,
-                strict: bool = True, pages: bool | None = None) -> Analysis:
+                strict: bool = True, pages: bool | None = None, tracker: PassTracker | None = None) -> Analysis:
     """Read a whole stream from a path, ``-`` or an ``Input`` into an ``Analysis``.
 
     ``pages``: deliver every RAM page as an event (needed by ``memory`` and ``on_event``
     consumers that look at pages); by default only when one of those is given, otherwise the
-    parser counts pages without materialising them (the fast path)."""
+    parser counts pages without materialising them (the fast path).  ``tracker``: the pass tracker
+    to use (a subclass sees each pass's page bitmap before it is cleared, in both modes)."""
     inp = open_input(source) if isinstance(source, str) else source
     try:
         parse_schema = schema
@@ -349,6 +350,8 @@ def read_stream(source: str | Input, *, schema: Schema | None = None, page_size:
         parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False,
                         file_offset=inp.file_offset)
         an = Analysis(schema=schema, memory=memory, page_size=lambda: parser.page_size or 4096)
+        if tracker is not None:
+            parser.passes = an._tracker = tracker
         drive(parser, inp, _chain(an.handle, on_event))
         an.size = parser.offset
         an.stream_page_size = parser.page_size
