@@ -2,9 +2,10 @@
 
 Two machines, both data:
 
-* ``RECORD_GRAMMAR``: where the parser stands in the stream (``Place``) and which top-level record types
-  (``RecordType``) may come next, with the place each one leads to.  A type absent from a place's row is
-  illegal there: ``RecordGrammar.after`` raises ``IllegalRecord``.
+* ``RECORD_GRAMMAR``: where the parser stands in the stream (``Place``) and which records (``Token``: the
+  top-level record types, and the commands that change the place) may come next, with the place each one
+  leads to.  A token absent from a place's row is illegal there: ``RecordGrammar.after`` raises
+  ``IllegalRecord``.  ``COMMAND_NEEDS`` lists the commands that need an earlier one.
 * ``SECTION_LIFE``: the life of one section (one savevm entry, named by idstr and instance) through the
   section records: START -> PART* -> END for a live section, FULL alone for device state.  Each cell gives
   the next ``Life`` and, where QEMU's loader goes along with something no correct source writes (a PART
@@ -20,7 +21,12 @@ what these tables encode:
   reusing another section's id: all load.
 * PART and END name only a section id; the loader looks for an entry whose current id it is.  None: the
   load fails.  An entry that has ended: it loads again (a PART after END loads and the migration
-  completes).
+  completes).  Two entries holding the id (one took it with a FULL): the loader takes the one the
+  destination registered first, which the stream cannot tell; qevm refuses the record (with the 7.2 pc
+  machine, a PART for ram's id after the timer's FULL took it goes to the timer and fails).
+* A PACKAGED command carries a nested stream that the loader runs to its EOF or POSTCOPY_RUN; the rest of
+  the blob is never read; a blob without either makes the nested loader read past its end and fail.
+* PING needs the return path that OPEN_RETURN_PATH opens.
 * The footer after every payload repeats the entry's current id.
 * EOF ends the records; after it the loader reads a vmdesc if one follows and ignores everything else.
 
@@ -35,11 +41,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from qevm.errors import DecodeError
-from qevm.format.records import RecordType, SectionKind
+from qevm.format.records import Command, RecordType, SectionKind
 
 __all__ = [
-    "Place", "RECORD_GRAMMAR", "RecordGrammar", "IllegalRecord", "Life", "Oddity", "SECTION_LIFE", "ODDITY_TEXT",
-    "LIVE_SECTION_NAMES", "is_live_name", "Sections", "SectionEntry", "Resolved",
+    "Place", "Token", "token", "RECORD_GRAMMAR", "PACKAGE_MAY_END_IN", "COMMAND_NEEDS", "RecordGrammar",
+    "IllegalRecord", "Life", "Oddity", "SECTION_LIFE", "ODDITY_TEXT", "LIVE_SECTION_NAMES", "is_live_name",
+    "Sections", "SectionEntry", "Resolved",
 ]
 
 
@@ -52,69 +59,125 @@ class IllegalRecord(DecodeError):
 class Place(Enum):
     """Where the parser stands between top-level records."""
 
-    RECORDS = "records"  # the main run of sections and commands
-    PACKAGED = "packaged"  # inside a MIG_CMD_PACKAGED blob (postcopy): the same records, no EOF
-    AFTER_EOF = "after-eof"  # after EOF: a vmdesc may follow; anything else is trailing data
-    AFTER_VMDESC = "after-vmdesc"  # after the vmdesc: the loader reads nothing more
+    RECORDS = "among the records"  # the main run of sections and commands
+    PACKAGED = "inside a PACKAGED blob"  # a nested stream (postcopy): the same records
+    PACKAGE_DONE = "after the nested loader ended"  # EOF or POSTCOPY_RUN ended the blob: its rest is unread
+    AFTER_EOF = "after EOF"  # a vmdesc may follow; anything else is trailing data
+    AFTER_VMDESC = "after the vmdesc"  # the loader reads nothing more
 
 
-_SECTION_RECORDS = (RecordType.SECTION_START, RecordType.SECTION_PART, RecordType.SECTION_END,
-                    RecordType.SECTION_FULL, RecordType.COMMAND)
+class Token(Enum):
+    """What moves the record machine: a top-level record type, or one of the commands that change the
+    place (PACKAGED opens a nested stream, POSTCOPY_RUN ends every nested loader)."""
 
-#: place -> {record type that may come next -> the place it leads to}
-RECORD_GRAMMAR: dict[Place, dict[RecordType, Place]] = {
-    Place.RECORDS: {**{t: Place.RECORDS for t in _SECTION_RECORDS}, RecordType.EOF: Place.AFTER_EOF},
-    # QEMU runs a nested loader on the blob: EOF there would end the blob early, leaving its remaining bytes
-    # unread; no source writes that and qevm rejects it (an EOF in a blob is a cut or corrupt package)
-    Place.PACKAGED: {t: Place.PACKAGED for t in _SECTION_RECORDS},
-    Place.AFTER_EOF: {RecordType.VMDESCRIPTION: Place.AFTER_VMDESC},
+    START = RecordType.SECTION_START
+    PART = RecordType.SECTION_PART
+    END = RecordType.SECTION_END
+    FULL = RecordType.SECTION_FULL
+    COMMAND = RecordType.COMMAND
+    EOF = RecordType.EOF
+    VMDESC = RecordType.VMDESCRIPTION
+    PACKAGED = 0x100 | Command.PACKAGED
+    POSTCOPY_RUN = 0x100 | Command.POSTCOPY_RUN
+
+
+_RECORDS = (Token.START, Token.PART, Token.END, Token.FULL, Token.COMMAND, Token.PACKAGED)
+
+#: place -> {token that may come next -> the place it leads to}.  QEMU 7.2's loader runs a nested loader on
+#: a PACKAGED blob: EOF or POSTCOPY_RUN ends it (the rest of the blob is never read), and a blob that ends
+#: before either makes the nested loader read past its end and fail (``PACKAGE_END_NEEDS``).
+RECORD_GRAMMAR: dict[Place, dict[Token, Place]] = {
+    Place.RECORDS: {**{t: Place.RECORDS for t in _RECORDS}, Token.POSTCOPY_RUN: Place.RECORDS,
+                    Token.EOF: Place.AFTER_EOF},
+    Place.PACKAGED: {**{t: Place.PACKAGED for t in _RECORDS}, Token.POSTCOPY_RUN: Place.PACKAGE_DONE,
+                     Token.EOF: Place.PACKAGE_DONE},
+    Place.PACKAGE_DONE: {},
+    Place.AFTER_EOF: {Token.VMDESC: Place.AFTER_VMDESC},
     Place.AFTER_VMDESC: {},
 }
 
+#: the places a PACKAGED blob may end in (its last byte read); ``PACKAGED``: the nested loader still wants more
+PACKAGE_MAY_END_IN = frozenset((Place.PACKAGE_DONE,))
+
+#: commands QEMU's loader refuses unless an earlier command came (7.2 ``loadvm_process_command``: a PING
+#: answers on the return path, which OPEN_RETURN_PATH opens)
+COMMAND_NEEDS: dict[Command, Command] = {Command.PING: Command.OPEN_RETURN_PATH}
+
+
+def token(rtype: int, cmd: int | None = None) -> Token | None:
+    """The token of a record (``cmd``: the command number of a COMMAND record), None if unknown."""
+    if cmd is not None and (cmd == Command.PACKAGED or cmd == Command.POSTCOPY_RUN):
+        return Token(0x100 | cmd)
+    try:
+        return Token(rtype)
+    except ValueError:
+        return None
+
 
 class RecordGrammar:
-    """The record machine of one stream: ``after(type, offset)`` gives the next place or raises
-    ``IllegalRecord``; ``go(place)`` moves there."""
+    """The record machine of one stream: ``after(token, offset)`` gives the next place or raises
+    ``IllegalRecord``; ``go(place)`` moves there.  PACKAGED blobs nest."""
 
-    __slots__ = ("place", "_stack")
+    __slots__ = ("place", "_stack", "commands")
 
     def __init__(self) -> None:
         self.place = Place.RECORDS
         self._stack: list[Place] = []
+        self.commands: set[int] = set()  # command numbers seen
 
     def allows(self, rtype: int) -> bool:
-        return rtype in RECORD_GRAMMAR[self.place]
+        """May a record of this type come next (commands: any)?"""
+        t = _BY_TYPE.get(rtype)
+        return t is not None and t in RECORD_GRAMMAR[self.place]
 
-    def after(self, rtype: int, offset: int) -> Place:
-        """The place a record of type ``rtype`` leads to from here; ``IllegalRecord`` if it may not come here.
-        Pure: the caller moves with ``go()`` once the whole record has been read."""
-        nxt: Place | None = RECORD_GRAMMAR[self.place].get(rtype)  # type: ignore[call-overload]  # int keys
+    def after(self, rtype: int, offset: int, cmd: int | None = None) -> Place:
+        """The place the record leads to from here; ``IllegalRecord`` if it may not come here.  Pure: the
+        caller moves with ``go()`` (and ``command()``) once the whole record has been read."""
+        t = token(rtype, cmd)
+        nxt = RECORD_GRAMMAR[self.place].get(t) if t is not None else None
         if nxt is None:
-            raise IllegalRecord(self._why(rtype), offset)
+            raise IllegalRecord(self._why(rtype, t), offset)
+        if cmd is not None:
+            try:
+                need = COMMAND_NEEDS.get(Command(cmd))
+            except ValueError:
+                need = None
+            if need is not None and need not in self.commands:
+                raise IllegalRecord(f"{Command(cmd).name} before any {need.name} (QEMU refuses it: no return "
+                                    "path to answer on)", offset)
         return nxt
 
-    def go(self, place: Place) -> None:
-        self.place = place
-
-    def _why(self, rtype: int) -> str:
-        try:
-            name = RecordType(rtype).name
-        except ValueError:
+    def _why(self, rtype: int, t: Token | None) -> str:
+        if t is None:
             return f"unknown top-level record type 0x{rtype:02x}"
-        if self.place is Place.PACKAGED and rtype == RecordType.EOF:
-            return "EOF inside a PACKAGED blob"
-        return f"record {name} (0x{rtype:02x}) is not allowed {self.place.value.replace('-', ' ')}"
+        if self.place is Place.PACKAGE_DONE:
+            return f"a {t.name} record in a PACKAGED blob after its nested loader ended"
+        if self.place is Place.PACKAGED and t is Token.VMDESC:
+            return "a vmdesc inside a PACKAGED blob"
+        return f"record {RecordType(rtype).name} (0x{rtype:02x}) is not allowed {self.place.value}"
 
-    def enter_package(self) -> None:
-        self._stack.append(self.place)
-        self.place = Place.PACKAGED
+    def go(self, place: Place, cmd: int | None = None) -> None:
+        self.place = place
+        if cmd is not None:
+            self.commands.add(cmd)
+            if cmd == Command.PACKAGED:
+                self._stack.append(place)
+                self.place = Place.PACKAGED
 
-    def leave_package(self) -> None:
+    def leave_package(self, offset: int) -> None:
+        """The PACKAGED blob's bytes are all read: back to the enclosing place, or ``IllegalRecord`` when its
+        nested loader had not ended (QEMU reads past the blob and fails)."""
+        if self.place not in PACKAGE_MAY_END_IN:
+            raise IllegalRecord("the PACKAGED blob ends without EOF or POSTCOPY_RUN (QEMU's nested loader reads "
+                                "past its end)", offset)
         self.place = self._stack.pop()
 
     def trailing(self) -> None:
         """Bytes after EOF that are not a vmdesc (or after the vmdesc): the loader never reads them."""
         self.place = Place.AFTER_VMDESC
+
+
+_BY_TYPE: dict[int, Token] = {int(t.value): t for t in Token if t.value < 0x100}
 
 
 # -- section lives --------------------------------------------------------------------------------------
@@ -141,6 +204,7 @@ class Oddity(Enum):
     FULL_OF_LIVE = "full-of-live"
     SECOND_FULL = "second-full"
     NOT_LIVE = "not-live"
+    EOF_IN_PACKAGE = "eof-in-package"
     ID_REUSED = "id-reused"
     ID_CHANGED = "id-changed"
     TRAILING = "trailing"
@@ -179,7 +243,8 @@ ODDITY_TEXT: dict[Oddity, str] = {
                      "if it registers that name)",
     Oddity.ID_REUSED: "a section id that another section holds",
     Oddity.ID_CHANGED: "a section that comes back under another section id",
-    Oddity.TRAILING: "bytes after the end of the stream that QEMU's loader never reads",
+    Oddity.EOF_IN_PACKAGE: "an EOF that ends a PACKAGED blob (sources end it with POSTCOPY_RUN)",
+    Oddity.TRAILING: "bytes after the end of the stream (or of a PACKAGED blob) that QEMU's loader never reads",
 }
 
 #: idstrs QEMU registers with iterative (live) handlers, in any release (migration/ram.c, migration/block.c,
@@ -218,9 +283,10 @@ class Sections:
 
     def __init__(self) -> None:
         self.entries: dict[tuple[str, int], SectionEntry] = {}
-        self.holders: dict[int, list[SectionEntry]] = {}  # id -> entries whose current id it is, first first
+        self.holders: dict[int, list[SectionEntry]] = {}  # id -> entries whose current id it is
 
     def holds(self, section_id: int) -> bool:
+        """Does a section hold this id (so that a PART or END may name it)?"""
         return bool(self.holders.get(section_id))
 
     def open(self, kind: SectionKind, section_id: int, idstr: str, instance_id: int, offset: int) -> Resolved:
@@ -255,6 +321,10 @@ class Sections:
         if not hs:
             raise IllegalRecord(f"{kind.name} for section id {section_id}, which no START or FULL has named "
                                 "(QEMU: unknown savevm section)", offset)
+        if len(hs) > 1:
+            names = " and ".join(f"{e.idstr!r}" for e in hs)
+            raise IllegalRecord(f"{kind.name} for section id {section_id}, which {names} both hold (QEMU loads "
+                                "whichever the destination registered first)", offset)
         return self._move(hs[0], kind, [])
 
     def _move(self, e: SectionEntry, kind: SectionKind, odd: list[tuple[Oddity, str]]) -> Resolved:

@@ -52,7 +52,7 @@ from qevm.format.events import (
     Trailing,
     VmDescription,
 )
-from qevm.format.grammar import Oddity, RecordGrammar, Resolved, Sections
+from qevm.format.grammar import Oddity, Place, RecordGrammar, Resolved, Sections
 from qevm.format.live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
 from qevm.format.records import VERSION, Command, RecordType
 
@@ -123,6 +123,7 @@ class _St(Enum):
     FOOTER = auto()
     TRAILER = auto()
     AFTER = auto()
+    PKG_REST = auto()
     DONE = auto()
 
 
@@ -165,7 +166,6 @@ class Parser:
         self._scan = 0  # footer scan resume position (relative to payload start)
         self._rejected: int | None = None  # first footer candidate followed by an implausible record
         self._pkg_end: list[int] = []  # stream offsets where PACKAGED blobs end
-        self._pkg_enter = False
         # counting mode: RAM page records become per-payload RamTally events (fast path for summaries)
         self.count_pages = count_pages
         # counting mode: keep the bytes of the page runs (False: counts only; "borrow": a memoryview into
@@ -307,6 +307,8 @@ class Parser:
             self._step_trailer()
         elif st is _St.AFTER:
             self._step_after()
+        elif st is _St.PKG_REST:
+            self._step_pkg_rest()
 
     def _step_header(self) -> None:
         cur = self._cursor()
@@ -384,25 +386,44 @@ class Parser:
         if self._pkg_end and self.offset >= self._pkg_end[-1]:
             if self.offset > self._pkg_end[-1]:
                 raise self._err(f"a record crosses the end of the PACKAGED blob at {self._pkg_end[-1]}")
+            g.leave_package(self.offset)  # IllegalRecord if the blob's nested loader had not ended
             self._pkg_end.pop()
-            g.leave_package()
         cur = self._cursor()
         off = cur.offset
         t = cur.u8()
-        nxt = g.after(t, off)  # IllegalRecord unless the grammar table allows t here
+        cmd = cur.be16() if t == _T_COMMAND else None
+        nxt = g.after(t, off, cmd)  # IllegalRecord unless the grammar table allows the record here
         if t == _T_START or t == _T_FULL:
             self._section_open(cur, off, t)
         elif t == _T_PART or t == _T_END:
             self._section_more(cur, off, t)
-        elif t == _T_COMMAND:
-            self._command(cur, off)
+        elif cmd is not None:
+            self._command(cur, off, cmd)
         else:  # EOF: the only other record the grammar allows among the records
             self._emit(EndOfFile(off), cur)
+        g.go(nxt, cmd)  # the record was whole (Incomplete leaves the machine where it was)
+        if nxt is Place.AFTER_EOF:
             self._state = _St.TRAILER
-        g.go(nxt)  # the record was whole (Incomplete leaves the machine where it was)
-        if self._pkg_enter:
-            self._pkg_enter = False
-            g.enter_package()
+        elif nxt is Place.PACKAGE_DONE:
+            if t == _T_EOF:
+                self._anomaly(off, Oddity.EOF_IN_PACKAGE, "EOF inside a PACKAGED blob")
+            self._state = _St.PKG_REST
+
+    def _step_pkg_rest(self) -> None:
+        """The bytes of a PACKAGED blob after its nested loader ended: QEMU never reads them."""
+        cur = self._cursor()
+        n = min(self._pkg_end[-1] - cur.offset, cur.remaining(), 1 << 20)
+        if n <= 0:
+            if self._pkg_end[-1] == cur.offset:
+                self._state = _St.TOP
+                return
+            cur.need(1)
+        off = cur.offset
+        if not self._trailing_seen:
+            self._trailing_seen = True
+            self._anomaly(off, Oddity.TRAILING, f"bytes from offset {off} to the end of the PACKAGED blob at "
+                                                f"{self._pkg_end[-1]} are never read")
+        self._emit(Trailing(off, cur.take(n)), cur)
 
     def _section_open(self, cur: Cursor, off: int, t: int) -> None:
         """START or FULL: the header names the section; the handler follows its name (as QEMU's loader)."""
@@ -444,8 +465,7 @@ class Parser:
         self.anomalies.append(a)
         self._queue.append(a)
 
-    def _command(self, cur: Cursor, off: int) -> None:
-        cmd = cur.be16()
+    def _command(self, cur: Cursor, off: int, cmd: int) -> None:
         ln = cur.be16()
         fixed = COMMAND_LENGTHS.get(cmd, -1)
         if fixed == -1:
@@ -461,7 +481,6 @@ class Parser:
         self._emit(ev, cur)
         if cmd == _CMD_PACKAGED:
             self._pkg_end.append(self.offset + int.from_bytes(data, "big"))
-            self._pkg_enter = True
 
     def _begin_payload(self, sec: Section, kind: SectionKind) -> None:
         self._cur = sec
@@ -863,17 +882,27 @@ class Parser:
 
     def _plausible_next(self, p: int) -> bool | None:
         """Is there a plausible record at buffer position p?  None = cannot tell yet."""
+        if p >= self._end:
+            return False if self._closed else None
+        if not self._grammar.allows(self._buf[p]):
+            return False
+        return self._looks_like_record(p, True)
+
+    def _looks_like_record(self, p: int, top: bool) -> bool | None:
         buf = self._buf
         end = self._end
         if p >= end:
             return False if self._closed else None
         t = buf[p]
-        if not self._grammar.allows(t):
-            return False
         if t == _T_EOF:
+            if not top:
+                return False
             if p + 1 == end:
                 return True if self._closed else None
-            return buf[p + 1] == _T_VMDESC
+            if self._grammar.place is Place.PACKAGED or buf[p + 1] == _T_VMDESC:
+                return True
+            # QEMU reads only a vmdesc after EOF and ignores the rest: plausible if a record follows
+            return self._looks_like_record(p + 1, False)
         if t == _T_START or t == _T_FULL:
             if p + 6 > end:
                 return False if self._closed else None
