@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import fixture_meta, require_fixture
+from conftest import fixture_meta, require_fixture, streams
 from crafted import (
     EOS,
     Cut,
@@ -23,8 +23,10 @@ from crafted import (
     with_footer_id,
     with_section_id,
 )
+from test_cli import qevm
 
-from qevm.format.grammar import RECORD_GRAMMAR, SECTION_LIFE, Life, Oddity, Place, Token
+from qevm.format.grammar import ODDITY_TEXT, RECORD_GRAMMAR, SECTION_LIFE, Life, Oddity, Place, Token
+from qevm.format.parser import Parser
 from qevm.format.records import Command, RecordType, SectionKind
 
 BOGUS_ID = 99
@@ -237,3 +239,44 @@ def test_tables_are_complete() -> None:
     # every place the parser can stand in knows every token (absent = illegal there, by design)
     assert Token.EOF in RECORD_GRAMMAR[Place.PACKAGED] and Token.VMDESC not in RECORD_GRAMMAR[Place.PACKAGED]
     assert not RECORD_GRAMMAR[Place.AFTER_VMDESC]
+
+
+@pytest.mark.parametrize("name", ["part_after_end", "second_start", "records_after_eof", "packaged_devices_eof"])
+def test_info_warns_and_rewrite_keeps_bytes(name: str, base: tuple[Cut, dict], tmp_path: Path) -> None:
+    c, _ = base
+    build, _, _, oddity = CASES[name]
+    assert oddity is not None
+    f = tmp_path / f"{name}.mig"
+    f.write_bytes(build(c))
+    doc = json.loads(qevm("info", "--json", str(f)).stdout)
+    assert [w["code"] for w in doc["warnings"]] == [oddity.value], doc["warnings"]
+    w = doc["warnings"][0]
+    assert w["what"] == ODDITY_TEXT[oddity] and isinstance(w["offset"], int)
+    text = qevm("info", str(f)).stdout.decode()
+    assert f"warning         offset {w['offset']}: {ODDITY_TEXT[oddity]}" in text, text
+    out = tmp_path / "out.mig"
+    qevm("rewrite", str(f), str(out))
+    assert out.read_bytes() == f.read_bytes()
+
+
+def test_info_of_a_correct_stream_has_no_warnings(base: tuple[Cut, dict], tmp_path: Path) -> None:
+    c, _ = base
+    f = tmp_path / "base.mig"
+    f.write_bytes(c.join())
+    assert json.loads(qevm("info", "--json", str(f)).stdout)["warnings"] == []
+    assert "warning" not in qevm("info", str(f)).stdout.decode()
+
+
+@pytest.mark.parametrize("path", streams())
+def test_real_streams_have_no_anomalies(path: Path, unpacked) -> None:
+    # every stream a real QEMU wrote follows the grammar without an oddity
+    p = Parser(count_pages=True, keep_raw=False)
+    with open(unpacked(path), "rb") as f:
+        while chunk := f.read(1 << 20):
+            p.feed(chunk)
+            for _ in p.events():
+                pass
+    p.close()
+    for _ in p.events():
+        pass
+    assert p.anomalies == []

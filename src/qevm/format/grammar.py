@@ -244,7 +244,7 @@ ODDITY_TEXT: dict[Oddity, str] = {
     Oddity.ID_REUSED: "a section id that another section holds",
     Oddity.ID_CHANGED: "a section that comes back under another section id",
     Oddity.EOF_IN_PACKAGE: "an EOF that ends a PACKAGED blob (sources end it with POSTCOPY_RUN)",
-    Oddity.TRAILING: "bytes after the end of the stream (or of a PACKAGED blob) that QEMU's loader never reads",
+    Oddity.TRAILING: "bytes after the end of the stream (or of a PACKAGED blob) that QEMU's loader skips",
 }
 
 #: idstrs QEMU registers with iterative (live) handlers, in any release (migration/ram.c, migration/block.c,
@@ -298,6 +298,14 @@ class Sections:
             e = self.entries[key] = SectionEntry(idstr, instance_id, section_id)
             self.holders.setdefault(section_id, []).append(e)
         elif e.section_id != section_id:
+            if kind == SectionKind.FULL and e.life is Life.LOADED:
+                # Two registrations under one name (QEMU 7.2 writes one FULL "slirp" instance 0 per user
+                # netdev): the loader finds the first for both and the id moves; a correct source does this.
+                self._release(e)
+                e.section_id = section_id
+                self.holders.setdefault(section_id, []).append(e)
+                e.records += 1
+                return Resolved(e, [])
             odd.append((Oddity.ID_CHANGED, f"section {idstr!r} instance {instance_id} comes back as id "
                                            f"{section_id}, was {e.section_id}"))
             self._release(e)
