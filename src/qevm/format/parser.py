@@ -54,7 +54,7 @@ from qevm.format.events import (
 )
 from qevm.format.grammar import Oddity, Place, RecordGrammar, Resolved, Sections
 from qevm.format.live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
-from qevm.format.records import VERSION, Command, RecordType
+from qevm.format.records import VERSION, XBZRLE_ENCODING, Command, RecordType
 
 __all__ = ["Parser", "Sentinel", "NEED_DATA", "DONE", "page_size_for_machine"]
 
@@ -639,9 +639,9 @@ class Parser:
                     elif kind == _XBZRLE:
                         if p + 3 > end:
                             break
-                        if buf[p] != 0x01:
-                            raise self._err(f"XBZRLE page with encoding byte 0x{buf[p]:02x}, expected 0x01",
-                                            base + p)
+                        if buf[p] != XBZRLE_ENCODING:
+                            raise self._err(f"XBZRLE page with encoding byte 0x{buf[p]:02x}, expected "
+                                            f"0x{XBZRLE_ENCODING:02x}", base + p)
                         dl = int.from_bytes(buf[p + 1:p + 3], "big")
                         if dl > page:
                             raise self._err(f"XBZRLE delta of {dl} bytes exceeds the page size {page}",

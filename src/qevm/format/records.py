@@ -8,7 +8,8 @@ from enum import IntEnum
 
 from qevm.codec.wire import be64, cstr
 
-__all__ = ["MAGIC", "VERSION", "RecordType", "SectionKind", "RamFlag", "Command", "ram_record_head"]
+__all__ = ["MAGIC", "VERSION", "RecordType", "SectionKind", "RamFlag", "Command", "XBZRLE_ENCODING",
+           "ram_record_head"]
 
 MAGIC = 0x5145564D
 VERSION = 3
@@ -47,6 +48,10 @@ class RamFlag(IntEnum):
     HOOK = 0x080
     COMPRESS_PAGE = 0x100
     MULTIFD_FLUSH = 0x200
+
+
+#: the byte after an XBZRLE page record's head (migration/ram.c ENCODING_FLAG_XBZRLE)
+XBZRLE_ENCODING = 0x01
 
 
 class Command(IntEnum):
