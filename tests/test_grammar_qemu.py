@@ -190,7 +190,8 @@ CASES: dict[str, tuple[Callable[[Cut], bytes], bool, bool, Oddity | None]] = {
     "eof_missing_vmdesc_kept": (eof_missing_vmdesc_kept, False, False, None),
     "footer_wrong_id": (footer_wrong_id, False, False, None),
     "unknown_command": (unknown_command, False, False, None),
-    "ping_without_return_path": (ping, False, False, None),
+    # QEMU's destination has no return path to answer on; qevm reads on (analysis tools must) and warns
+    "ping_without_return_path": (ping, False, True, Oddity.COMMAND_TOO_EARLY),
     "ping_with_return_path": (ping_with_return_path, True, True, None),
     "packaged_devices_eof": (packaged_devices_eof, True, True, Oddity.EOF_IN_PACKAGE),
     "packaged_devices_only": (packaged_devices_only, False, False, None),

@@ -26,7 +26,8 @@ what these tables encode:
   machine, a PART for ram's id after the timer's FULL took it goes to the timer and fails).
 * A PACKAGED command carries a nested stream that the loader runs to its EOF or POSTCOPY_RUN; the rest of
   the blob is never read; a blob without either makes the nested loader read past its end and fail.
-* PING needs the return path that OPEN_RETURN_PATH opens.
+* PING needs the return path that OPEN_RETURN_PATH opens (QEMU refuses a PING before it; qevm reads on and
+  reports the ``COMMAND_TOO_EARLY`` oddity).
 * The footer after every payload repeats the entry's current id.
 * EOF ends the records; after it the loader reads a vmdesc if one follows and ignores everything else.
 
@@ -100,7 +101,9 @@ RECORD_GRAMMAR: dict[Place, dict[Token, Place]] = {
 PACKAGE_MAY_END_IN = frozenset((Place.PACKAGE_DONE,))
 
 #: commands QEMU's loader refuses unless an earlier command came (7.2 ``loadvm_process_command``: a PING
-#: answers on the return path, which OPEN_RETURN_PATH opens)
+#: answers on the return path, which OPEN_RETURN_PATH opens).  qevm reads such a stream and reports the
+#: ``COMMAND_TOO_EARLY`` oddity: the refusal is the destination's (no return path), and analysis tools
+#: must still read what such a stream holds.
 COMMAND_NEEDS: dict[Command, Command] = {Command.PING: Command.OPEN_RETURN_PATH}
 
 
@@ -137,15 +140,12 @@ class RecordGrammar:
         nxt = RECORD_GRAMMAR[self.place].get(t) if t is not None else None
         if nxt is None:
             raise IllegalRecord(self._why(rtype, t), offset)
-        if cmd is not None:
-            try:
-                need = COMMAND_NEEDS.get(Command(cmd))
-            except ValueError:
-                need = None
-            if need is not None and need not in self.commands:
-                raise IllegalRecord(f"{Command(cmd).name} before any {need.name} (QEMU refuses it: no return "
-                                    "path to answer on)", offset)
         return nxt
+
+    def missing(self, cmd: int) -> Command | None:
+        """The command that ``cmd`` needs and that has not come yet (``COMMAND_NEEDS``), if any."""
+        need = COMMAND_NEEDS.get(cmd)  # type: ignore[call-overload]
+        return need if need is not None and need not in self.commands else None
 
     def _why(self, rtype: int, t: Token | None) -> str:
         if t is None:
@@ -205,6 +205,7 @@ class Oddity(Enum):
     SECOND_FULL = "second-full"
     NOT_LIVE = "not-live"
     EOF_IN_PACKAGE = "eof-in-package"
+    COMMAND_TOO_EARLY = "command-too-early"
     ID_REUSED = "id-reused"
     ID_CHANGED = "id-changed"
     TRAILING = "trailing"
@@ -243,6 +244,7 @@ ODDITY_TEXT: dict[Oddity, str] = {
                      "if it registers that name)",
     Oddity.ID_REUSED: "a section id that another section holds",
     Oddity.ID_CHANGED: "a section that comes back under another section id",
+    Oddity.COMMAND_TOO_EARLY: "a command before the one it needs (QEMU refuses a PING before OPEN_RETURN_PATH)",
     Oddity.EOF_IN_PACKAGE: "an EOF that ends a PACKAGED blob (sources end it with POSTCOPY_RUN)",
     Oddity.TRAILING: "bytes after the end of the stream (or of a PACKAGED blob) that QEMU's loader skips",
 }

@@ -401,6 +401,10 @@ class Parser:
             self._command(cur, off, cmd)
         else:  # EOF: the only other record the grammar allows among the records
             self._emit(EndOfFile(off), cur)
+        if cmd is not None:
+            need = g.missing(cmd)
+            if need is not None:
+                self._anomaly(off, Oddity.COMMAND_TOO_EARLY, f"{Command(cmd).name} before any {need.name}")
         g.go(nxt, cmd)  # the record was whole (Incomplete leaves the machine where it was)
         if nxt is Place.AFTER_EOF:
             self._state = _St.TRAILER
