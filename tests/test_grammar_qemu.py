@@ -25,6 +25,7 @@ from crafted import (
 )
 from test_cli import qevm
 
+from qevm.format.events import Section
 from qevm.format.grammar import ODDITY_TEXT, RECORD_GRAMMAR, SECTION_LIFE, Life, Oddity, Place, Token
 from qevm.format.parser import Parser
 from qevm.format.records import Command, RecordType, SectionKind
@@ -37,10 +38,14 @@ def _insert_after(c: Cut, what: str, idstr: str | None, *recs: Rec) -> bytes:
     return c.join(c.records[:i + 1] + list(recs) + c.records[i + 1:])
 
 
+def _ram(c: Cut) -> Section:
+    sec = c.records[c.find("START", "ram")].section
+    assert sec is not None
+    return sec
+
+
 def part_after_end(c: Cut) -> bytes:
-    ram = c.records[c.find("END", "ram")].section
-    assert ram is not None
-    return _insert_after(c, "END", "ram", section(SectionKind.PART, ram.section_id, EOS))
+    return _insert_after(c, "END", "ram", section(SectionKind.PART, _ram(c).section_id, EOS))
 
 
 def part_unknown_id(c: Cut) -> bytes:
@@ -62,29 +67,26 @@ def second_start(c: Cut) -> bytes:
 
 
 def full_of_live(c: Cut) -> bytes:
-    ram = c.records[c.find("START", "ram")].section
-    assert ram is not None
+    ram = _ram(c)
     return _insert_after(c, "END", "ram", section(SectionKind.FULL, ram.section_id, EOS, "ram", 0, ram.version))
+
+
+def _timer_takes_ram_id(c: Cut) -> tuple[list[Rec], int]:
+    recs = list(c.records)
+    i = c.find("FULL", "timer")
+    recs[i] = with_section_id(recs[i], _ram(c).section_id)
+    return recs, i
 
 
 def id_reused_by_full(c: Cut) -> bytes:
     # the timer's FULL takes ram's section id
-    ram = c.records[c.find("START", "ram")].section
-    assert ram is not None
-    recs = list(c.records)
-    i = c.find("FULL", "timer")
-    recs[i] = with_section_id(recs[i], ram.section_id)
-    return c.join(recs)
+    return c.join(_timer_takes_ram_id(c)[0])
 
 
 def id_reused_then_part(c: Cut) -> bytes:
     # as above, then a PART for that id: which section does it load?
-    ram = c.records[c.find("START", "ram")].section
-    assert ram is not None
-    recs = list(c.records)
-    i = c.find("FULL", "timer")
-    recs[i] = with_section_id(recs[i], ram.section_id)
-    recs.insert(i + 1, section(SectionKind.PART, ram.section_id, EOS))
+    recs, i = _timer_takes_ram_id(c)
+    recs.insert(i + 1, section(SectionKind.PART, _ram(c).section_id, EOS))
     return c.join(recs)
 
 
@@ -124,9 +126,7 @@ def unknown_command(c: Cut) -> bytes:
 
 
 def end_after_end(c: Cut) -> bytes:
-    ram = c.records[c.find("END", "ram")].section
-    assert ram is not None
-    return _insert_after(c, "END", "ram", section(SectionKind.END, ram.section_id, EOS))
+    return _insert_after(c, "END", "ram", section(SectionKind.END, _ram(c).section_id, EOS))
 
 
 def start_after_end(c: Cut) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from qevm.codec.vmsd import SUBSECTION as _SUBSECTION_MARKER
 from qevm.codec.wire import be64, cstr
 
 __all__ = ["MAGIC", "VERSION", "RecordType", "SectionKind", "RamFlag", "Command", "XBZRLE_ENCODING",
@@ -23,7 +24,7 @@ class RecordType(IntEnum):
     SECTION_PART = 0x02
     SECTION_END = 0x03
     SECTION_FULL = 0x04
-    SUBSECTION = 0x05
+    SUBSECTION = _SUBSECTION_MARKER  # defined once, in the vmsd codec below (it is the marker in device bodies)
     VMDESCRIPTION = 0x06
     CONFIGURATION = 0x07
     COMMAND = 0x08
