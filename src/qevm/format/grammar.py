@@ -86,7 +86,9 @@ _RECORDS = (Token.START, Token.PART, Token.END, Token.FULL, Token.COMMAND, Token
 
 #: place -> {token that may come next -> the place it leads to}.  QEMU 7.2's loader runs a nested loader on
 #: a PACKAGED blob: EOF or POSTCOPY_RUN ends it (the rest of the blob is never read), and a blob that ends
-#: before either makes the nested loader read past its end and fail (``PACKAGE_END_NEEDS``).
+#: before either makes the nested loader read past its end and fail (``PACKAGE_MAY_END_IN``).  For the
+#: PACKAGED token the cell is the place to come back to when the blob's bytes are all read; in between the
+#: machine stands in ``Place.PACKAGED`` (``RecordGrammar.go`` keeps the stack).
 RECORD_GRAMMAR: dict[Place, dict[Token, Place]] = {
     Place.RECORDS: {**{t: Place.RECORDS for t in _RECORDS}, Token.POSTCOPY_RUN: Place.RECORDS,
                     Token.EOF: Place.AFTER_EOF},
@@ -135,7 +137,7 @@ class RecordGrammar:
 
     def after(self, rtype: int, offset: int, cmd: int | None = None) -> Place:
         """The place the record leads to from here; ``IllegalRecord`` if it may not come here.  Pure: the
-        caller moves with ``go()`` (and ``command()``) once the whole record has been read."""
+        caller moves with ``go()`` once the whole record has been read."""
         t = token(rtype, cmd)
         nxt = RECORD_GRAMMAR[self.place].get(t) if t is not None else None
         if nxt is None:

@@ -8,6 +8,12 @@
 at the end, or raises ``TruncatedError`` if the input ended inside a record.  Nothing here
 does I/O, so the same parser serves files, pipes, sockets and the live engine.
 
+Which record may come where, and each section's life (START -> PART* -> END, FULL alone), are the
+tables of ``qevm.format.grammar``: a record QEMU's loader refuses raises ``IllegalRecord`` (a
+``DecodeError``); one it goes along with although no correct source writes it (a PART after its
+section's END, a second START, trailing bytes, ...) becomes an ``Anomaly`` event (no bytes of its
+own) and is listed in ``Parser.anomalies``.
+
 Delimiting device sections: nothing in the stream gives a payload's length.  When section
 footers are on (every QEMU >= 2.4 machine type) the payload ends at the first
 ``0x7E + be32(section id)`` that is followed by a plausible record; otherwise the
