@@ -18,6 +18,7 @@ from qevm.codec.vmsd import Struct, decode_vmsd
 from qevm.codec.wire import Cursor
 from qevm.errors import DecodeError, SchemaError, UsageError
 from qevm.format.events import (
+    Anomaly,
     CommandEvent,
     Configuration,
     DeviceState,
@@ -59,6 +60,7 @@ PAGE_KIND_NAMES = {
 
 
 _KIND_NAME = {int(k): v for k, v in PAGE_KIND_NAMES.items()}
+_NOT_CONTINUE = ~int(RamFlag.CONTINUE) & 0x3FF  # a page record's kind: its flags without CONTINUE
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Analysis:
         self.blocks: dict[str, BlockStats] = {}
         self.block_index: dict[str, int] = {}
         self.commands: list[CommandEvent] = []
+        self.anomalies: list[Anomaly] = []  # what QEMU's loader tolerates but no source writes
         self.devices: list[Device] = []
         self.live_records: dict[int, dict[str, int]] = {}
         self.vmdesc_raw: bytes | None = None
@@ -131,7 +134,7 @@ class Analysis:
         if type(ev) is RamPage:
             b = self.blocks.get(ev.block)
             if b is not None:
-                b.pages[_KIND_NAME[ev.flags & 0x1DF]] += 1
+                b.pages[_KIND_NAME[ev.flags & _NOT_CONTINUE]] += 1
                 self._tracker.see(ev.block, ev.addr // self._page_size())
                 self.passes = self._tracker.passes
             if self.memory is not None:
@@ -217,6 +220,9 @@ class Analysis:
         elif t is Trailing:
             assert isinstance(ev, Trailing)
             self.trailing += len(ev.data)
+        elif t is Anomaly:
+            assert isinstance(ev, Anomaly)
+            self.anomalies.append(ev)
         elif t in (RamMemSize, MappedRamData):
             pass
 
