@@ -1,0 +1,173 @@
+"""Where RAM blocks sit in guest-physical memory, rebuilt from what a stream records.
+
+x86 ``pc`` (i440FX) and ``q35`` (MCH) follow the rules of QEMU's hw/i386/pc_piix.c and pc_q35.c
+(QEMU 7.2 and 10.0): the RAM size and machine type give the below/above-4G split, the host bridge's
+PAM registers say whether each 16 KiB segment of 0xc0000-0xfffff reads RAM or the PCI space (where
+``pc.rom`` and the ISA BIOS alias live), its SMRAM register whether 0xa0000-0xbffff shows RAM, and
+the BIOS ROM sits right below 4 GiB.  aarch64 virt, riscv64 virt, s390x ccw and ppc64 pseries have
+their RAM at a fixed base.  What the stream cannot tell (``max-ram-below-4g`` given on QEMU's command
+line) comes from ``overrides``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from qevm.codec.vmsd import to_json
+from qevm.errors import QevmError
+from qevm.io.reader import Analysis
+
+__all__ = ["GuestMap", "MapError", "Range", "parse_map_options"]
+
+GiB = 1 << 30
+_PAM_SEG = 0x4000
+_SMRAM_D_OPEN = 0x40
+
+# (RAM block name, guest-physical base): machines whose RAM is one block at a fixed address
+_FIXED = {
+    "virt": ("mach-virt.ram", 0x40000000),  # aarch64 virt (hw/arm/virt.c VIRT_MEM)
+    "riscv": ("riscv_virt_board.ram", 0x80000000),  # riscv64 virt (hw/riscv/virt.c VIRT_DRAM)
+    "s390-ccw-virtio": ("s390.ram", 0),
+    "pseries": ("ppc_spapr.ram", 0),
+}
+
+
+class MapError(QevmError):
+    """The guest-physical layout cannot be rebuilt from the stream (and no --map said it)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    addr: int  # guest-physical
+    size: int
+    block: str
+    offset: int  # in the block
+
+
+def parse_map_options(items: list[str]) -> dict[str, int]:
+    """``--map KEY=VALUE`` options: ``max-ram-below-4g=3G`` (sizes with K/M/G suffixes or 0x...)."""
+    out: dict[str, int] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("max-ram-below-4g",):
+            raise MapError(f"--map {item!r}: expected max-ram-below-4g=SIZE")
+        m = re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)([KMGkmg]?)", value.strip())
+        if not m:
+            raise MapError(f"--map {item!r}: {value!r} is not a size")
+        n = int(m.group(1), 0) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+        out[key] = n
+    return out
+
+
+def _version(machine: str) -> tuple[int, int] | None:
+    m = re.search(r"-(\d+)\.(\d+)$", machine)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+class GuestMap:
+    def __init__(self, machine: str, ranges: list[Range], arch: str) -> None:
+        self.machine = machine
+        self.arch = arch
+        self.ranges = ranges
+
+    def placement(self, block: str) -> list[dict[str, int]]:
+        return [{"addr": r.addr, "offset": r.offset, "size": r.size} for r in self.ranges if r.block == block]
+
+    @classmethod
+    def from_analysis(cls, an: Analysis, overrides: dict[str, int] | None = None) -> GuestMap:
+        overrides = overrides or {}
+        if an.configuration is None:
+            raise MapError("the stream names no machine type (no configuration record): its memory layout is unknown")
+        machine = an.configuration.machine
+        sizes = {name: b.used_length for name, b in an.blocks.items()}
+        if machine.startswith(("pc-i440fx-", "pc-q35-", "pc-")) or machine in ("pc", "q35"):
+            return cls(machine, _x86(an, machine, sizes, overrides), "x86_64")
+        for prefix, (block, base) in _FIXED.items():
+            if machine.startswith(prefix) and block in sizes:
+                return cls(machine, [Range(base, sizes[block], block, 0)], prefix)
+        raise MapError(f"machine type {machine!r}: qevm does not know its guest-physical memory layout")
+
+
+def _device_fields(an: Analysis, vmsd: str) -> dict[str, Any] | None:
+    for d in an.devices:
+        if d.struct is not None and d.struct.vmsd_name == vmsd:
+            return to_json(d.struct)
+    return None
+
+
+def _pci_config(fields: dict[str, Any]) -> bytes:
+    parent = fields.get("parent_obj", {})
+    hexed = parent.get("config[0]") or parent.get("config")
+    if not isinstance(hexed, str):
+        raise MapError("host bridge state carries no PCI configuration space")
+    return bytes.fromhex(hexed)
+
+
+def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str, int]) -> list[Range]:
+    q35 = "q35" in machine
+    ram = sizes.get("pc.ram")
+    if ram is None:
+        raise MapError(f"{machine}: no 'pc.ram' block (memory backends are not mapped yet)")
+    ver = _version(machine)
+    below_override = overrides.get("max-ram-below-4g")
+    if q35:
+        lowmem = 0x80000000 if ram >= 0xB0000000 else 0xB0000000
+        limit = below_override or 4 * GiB
+        lowmem = min(lowmem, limit)
+    else:
+        limit = below_override or 0xE0000000
+        lowmem = limit
+        gigabyte_align = ver is None or ver >= (1, 7)
+        if ram >= limit and gigabyte_align:
+            lowmem = min(lowmem, 0xC0000000)
+    below = min(ram, lowmem)
+    above = ram - below
+
+    host = _device_fields(an, "mch" if q35 else "I440FX")
+    if host is None:
+        raise MapError(f"{machine}: no {'MCH' if q35 else 'I440FX'} host bridge state in the stream "
+                       "(its PAM registers place 0xc0000-0xfffff)")
+    cfg = _pci_config(host)
+    pam_base, smram_reg = (0x90, 0x9D) if q35 else (0x59, 0x72)
+    if q35 and cfg[0x9E] & 0x01:
+        raise MapError(f"{machine}: TSEG is enabled (ESMRAMC T_EN); its size is not mapped yet")
+
+    pieces: list[Range] = [Range(0, min(below, 0xA0000), "pc.ram", 0)]
+    if below > 0xA0000 and cfg[smram_reg] & _SMRAM_D_OPEN and not (q35 and cfg[0x9E] & 0x80):
+        pieces.append(Range(0xA0000, 0x20000, "pc.ram", 0xA0000))
+    bios = sizes.get("pc.bios", 0)
+    isa = min(bios, 128 << 10)
+    for i in range(13):
+        start, size = (0xF0000, 0x10000) if i == 0 else (0xC0000 + _PAM_SEG * (i - 1), _PAM_SEG)
+        reg = cfg[pam_base + (i + 1) // 2]
+        mode = (reg >> (0 if i & 1 else 4)) & 3
+        if mode in (1, 3):  # reads go to RAM
+            if start + size <= below:
+                pieces.append(Range(start, size, "pc.ram", start))
+        elif mode == 0:  # the PCI space: pc.rom, the ISA BIOS alias
+            for a in range(start, start + size, 0x1000):
+                if isa and 0x100000 - isa <= a:
+                    pieces.append(Range(a, 0x1000, "pc.bios", bios - 0x100000 + a))
+                elif "pc.rom" in sizes and 0xC0000 <= a < 0xC0000 + sizes["pc.rom"]:
+                    pieces.append(Range(a, 0x1000, "pc.rom", a - 0xC0000))
+    if below > 0x100000:
+        pieces.append(Range(0x100000, below - 0x100000, "pc.ram", 0x100000))
+    if bios:
+        pieces.append(Range(4 * GiB - bios, bios, "pc.bios", 0))
+    if above:
+        pieces.append(Range(4 * GiB, above, "pc.ram", below))
+    return _merge(sorted(pieces, key=lambda r: r.addr))
+
+
+def _merge(pieces: list[Range]) -> list[Range]:
+    out: list[Range] = []
+    for r in pieces:
+        if out:
+            p = out[-1]
+            if p.block == r.block and p.addr + p.size == r.addr and p.offset + p.size == r.offset:
+                out[-1] = Range(p.addr, p.size + r.size, p.block, p.offset)
+                continue
+        out.append(r)
+    return out
