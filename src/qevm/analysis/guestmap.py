@@ -137,6 +137,8 @@ def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str,
     pieces: list[Range] = [Range(0, min(below, 0xA0000), "pc.ram", 0)]
     if below > 0xA0000 and cfg[smram_reg] & _SMRAM_D_OPEN and not (q35 and cfg[0x9E] & 0x80):
         pieces.append(Range(0xA0000, 0x20000, "pc.ram", 0xA0000))
+    else:
+        pieces += _vga_chain4(an, sizes)
     bios = sizes.get("pc.bios", 0)
     isa = min(bios, 128 << 10)
     for i in range(13):
@@ -158,7 +160,91 @@ def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str,
         pieces.append(Range(4 * GiB - bios, bios, "pc.bios", 0))
     if above:
         pieces.append(Range(4 * GiB, above, "pc.ram", below))
+    pieces += _pci_ram(an, sizes)
     return _merge(sorted(pieces, key=lambda r: r.addr))
+
+
+# RAM blocks of PCI devices that sit in a memory BAR: block name suffix -> BAR index
+# (hw/display/vga-pci.c: the std VGA and bochs-display put their framebuffer in BAR 0)
+_BAR_RAM = {"vga.vram": 0}
+_PCI_CMD_MEMORY = 0x2
+
+
+def _find_config(doc: Any) -> bytes | None:
+    """The PCI configuration space inside a device's decoded fields (the PCIDevice part)."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k.startswith("config") and isinstance(v, str) and len(v) in (512, 8192):
+                return bytes.fromhex(v)
+        for v in doc.values():
+            found = _find_config(v)
+            if found is not None:
+                return found
+    return None
+
+
+def _bar(cfg: bytes, index: int) -> int | None:
+    off = 0x10 + 4 * index
+    lo = int.from_bytes(cfg[off:off + 4], "little")
+    if lo & 1:  # I/O BAR
+        return None
+    addr = lo & ~0xF
+    if (lo >> 1) & 3 == 2:
+        addr |= int.from_bytes(cfg[off + 4:off + 8], "little") << 32
+    return addr or None
+
+
+def _pci_ram(an: Analysis, sizes: dict[str, int]) -> list[Range]:
+    """Device RAM in PCI BARs (framebuffers) and enabled expansion-ROM BARs, where the device state puts them."""
+    configs: dict[str, bytes] = {}
+    for d in an.devices:
+        head, sep, _ = d.section.idstr.partition("/")
+        if sep and d.struct is not None and head not in configs:
+            cfg = _find_config(to_json(d.struct))
+            if cfg is not None:
+                configs[head] = cfg
+    out: list[Range] = []
+    for name, size in sizes.items():
+        head, sep, tail = name.partition("/")
+        if not sep or head not in configs:
+            continue
+        cfg = configs[head]
+        if not int.from_bytes(cfg[4:6], "little") & _PCI_CMD_MEMORY:
+            continue
+        if tail.endswith(".rom"):
+            rom = int.from_bytes(cfg[0x30:0x34], "little")
+            if rom & 1 and rom & ~0x7FF:
+                out.append(Range(rom & ~0x7FF, size, name, 0))
+        elif tail in _BAR_RAM:
+            addr = _bar(cfg, _BAR_RAM[tail])
+            if addr is not None and addr + size <= 1 << 52:
+                out.append(Range(addr, size, name, 0))
+        else:
+            raise MapError(f"RAM block {name!r}: qevm does not know which BAR of its device holds it")
+    return out
+
+
+def _vga_chain4(an: Analysis, sizes: dict[str, int]) -> list[Range]:
+    """The VGA framebuffer window at 0xa0000 in chain-4 mode (hw/display/vga.c vga_update_memory_access)."""
+    for d in an.devices:
+        if d.struct is None or not d.section.idstr.endswith("/vga"):
+            continue
+        doc = to_json(d.struct)
+        vga = doc.get("vga", doc)
+        sr, gr = vga.get("sr"), vga.get("gr")
+        if not (isinstance(sr, str) and isinstance(gr, str)):
+            continue
+        srb, grb = bytes.fromhex(sr), bytes.fromhex(gr)
+        if (srb[2] & 0x0F) != 0x0F or not srb[4] & 0x08:
+            return []
+        block = d.section.idstr.rsplit("/", 1)[0] + "/vga.vram"
+        if block not in sizes:
+            raise MapError(f"VGA in chain-4 mode but no {block!r} RAM block")
+        mode = (grb[6] >> 2) & 3
+        base, size, offset = {0: (0xA0000, 0x20000, 0), 1: (0xA0000, 0x10000, int(vga.get("bank_offset", 0))),
+                              2: (0xB0000, 0x8000, 0), 3: (0xB8000, 0x8000, 0)}[mode]
+        return [Range(base, size, block, offset)]
+    return []
 
 
 def _merge(pieces: list[Range]) -> list[Range]:

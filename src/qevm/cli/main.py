@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from qevm.cli import desc, dump, edit, extract, info, record, redact, rewrite, send, tap, vm
+from qevm.cli import core, desc, dump, edit, extract, info, record, redact, rewrite, send, tap, vm
 from qevm.errors import QevmError
 
-VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, extract, redact)
+VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, extract, redact, core)
 
 
 def build_parser() -> argparse.ArgumentParser:

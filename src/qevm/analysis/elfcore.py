@@ -1,0 +1,327 @@
+"""The ELF core file QEMU's ``dump-guest-memory`` (paging off) writes, built from a stream (``qevm core``).
+
+Layout as QEMU 7.2's dump/dump.c writes it: ELF header, a null section header and the
+``.shstrtab`` one, the program headers (one PT_NOTE, then one PT_LOAD per guest-physical RAM
+range, p_vaddr = p_paddr), the notes, guest memory range after range, and the section-name string
+table at the very end.  Notes per vCPU as target/i386/arch_dump.c writes them: NT_PRSTATUS ("CORE")
+for every CPU, then the "QEMU" CPU-state note for every CPU, then the guest's VMCOREINFO note when the
+vmcoreinfo device recorded one.  x86 only so far.
+
+Guest RAM is first written to a sparse staging file next to the output (bounded memory), then the
+ranges are copied into place extent by extent, holes staying holes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from qevm.analysis.extract import BlockSink, RamFiles
+from qevm.analysis.guestmap import GuestMap, MapError, Range
+from qevm.codec.vmsd import to_json
+from qevm.errors import DecodeError, UsageError
+from qevm.format.events import Event
+from qevm.format.parser import Parser
+from qevm.io.reader import Analysis, Device, drive, trailer_schema
+from qevm.io.sources import Input, open_input
+
+__all__ = ["CoreResult", "write_core", "x86_notes"]
+
+EM_386 = 3
+EM_X86_64 = 62
+NT_PRSTATUS = 1
+HF_LMA = 1 << 14
+PN_XNUM = 0xFFFF
+_SHSTRTAB = b"\x00.shstrtab\x00"
+
+
+@dataclass
+class CoreResult:
+    path: str
+    machine: str
+    elf_class: int
+    e_machine: int
+    loads: list[Range]
+    cpus: int
+    vmcoreinfo: bool
+    size: int
+
+
+def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    n = name + b"\x00"
+    out = struct.pack("<III", len(n), len(desc), ntype) + n + bytes(-len(n) % 4) + desc + bytes(-len(desc) % 4)
+    return out
+
+
+def _u(v: Any) -> int:
+    return int(v) & 0xFFFFFFFFFFFFFFFF
+
+
+class _Cpu:
+    """The x86 register file from a ``cpu`` section's fields (target/i386/machine.c)."""
+
+    def __init__(self, f: dict[str, Any]) -> None:
+        self.regs = [_u(r) for r in f["env.regs"]] + [0] * (16 - len(f["env.regs"]))
+        self.eip = _u(f["env.eip"])
+        self.eflags = _u(f["env.eflags"])
+        self.hflags = _u(f.get("env.hflags", 0))
+        self.segs = f["env.segs"]
+        self.ldt, self.tr, self.gdt, self.idt = f["env.ldt"], f["env.tr"], f["env.gdt"], f["env.idt"]
+        self.cr = [_u(f.get(f"env.cr[{i}]", 0)) for i in range(5)]
+        self.kernel_gs_base = _u(f.get("env.kernelgsbase", 0))
+
+
+_ES, _CS, _SS, _DS, _FS, _GS = range(6)
+_EAX, _ECX, _EDX, _EBX, _ESP, _EBP, _ESI, _EDI = range(8)
+
+
+def _prstatus64(c: _Cpu, pid: int) -> bytes:
+    r = c.regs
+    sel = [int(c.segs[i]["selector"]) for i in range(6)]
+    regs = [r[15], r[14], r[13], r[12], r[_EBP], r[_EBX], r[11], r[10], r[9], r[8], r[_EAX], r[_ECX], r[_EDX],
+            r[_ESI], r[_EDI], 0, c.eip, sel[_CS], c.eflags, r[_ESP], sel[_SS], _u(c.segs[_FS]["base"]),
+            _u(c.segs[_GS]["base"]), sel[_DS], sel[_ES], sel[_FS], sel[_GS]]
+    return bytes(32) + struct.pack("<I", pid) + bytes(76) + struct.pack("<27Q", *regs) + bytes(8)
+
+
+def _prstatus32(c: _Cpu, pid: int) -> bytes:
+    r = [x & 0xFFFFFFFF for x in c.regs]
+    sel = [int(c.segs[i]["selector"]) & 0xFFFF for i in range(6)]
+    regs = struct.pack("<7I8H2I2H2I2H", r[_EBX], r[_ECX], r[_EDX], r[_ESI], r[_EDI], r[_EBP], r[_EAX],
+                       sel[_DS], 0, sel[_ES], 0, sel[_FS], 0, sel[_GS], 0, 0, c.eip & 0xFFFFFFFF, sel[_CS], 0,
+                       c.eflags & 0xFFFFFFFF, r[_ESP], sel[_SS], 0)
+    return bytes(24) + struct.pack("<I", pid) + bytes(44) + regs + bytes(4)
+
+
+def _segment(s: dict[str, Any]) -> bytes:
+    return struct.pack("<IIIIQ", int(s["selector"]) & 0xFFFFFFFF, int(s["limit"]) & 0xFFFFFFFF,
+                       int(s["flags"]) & 0xFFFFFFFF, 0, _u(s["base"]))
+
+
+def _qemu_cpu_state(c: _Cpu) -> bytes:
+    r = c.regs
+    body = struct.pack("<18Q", r[_EAX], r[_EBX], r[_ECX], r[_EDX], r[_ESI], r[_EDI], r[_ESP], r[_EBP],
+                       r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15], c.eip, c.eflags)
+    body += b"".join(_segment(c.segs[i]) for i in (_CS, _DS, _ES, _FS, _GS, _SS))
+    body += b"".join(_segment(s) for s in (c.ldt, c.tr, c.gdt, c.idt))
+    body += struct.pack("<5Q", *c.cr) + struct.pack("<Q", c.kernel_gs_base)
+    return struct.pack("<II", 1, 8 + len(body)) + body
+
+
+def _cpus(an: Analysis) -> list[_Cpu]:
+    found: list[tuple[int, Device]] = []
+    for d in an.devices:
+        if d.section.idstr == "cpu" and d.struct is not None:
+            found.append((d.section.instance_id, d))
+    out = []
+    for _, d in sorted(found, key=lambda t: t[0]):
+        assert d.struct is not None
+        f = to_json(d.struct)
+        if "env.regs" not in f:
+            raise UsageError(f"cpu section (instance {d.section.instance_id}) has no x86 registers")
+        out.append(_Cpu(f))
+    if not out:
+        bad = [d for d in an.devices if d.section.idstr == "cpu"]
+        why = " (its fields could not be decoded: no vmdesc?)" if bad else ""
+        raise UsageError(f"the stream carries no CPU state{why}: a core file needs the vCPU registers")
+    return out
+
+
+def x86_notes(cpus: list[_Cpu], lma: bool) -> bytes:
+    prs = [_note(b"CORE", NT_PRSTATUS, (_prstatus64 if lma else _prstatus32)(c, i + 1)) for i, c in enumerate(cpus)]
+    qemu = [_note(b"QEMU", 0, _qemu_cpu_state(c)) for c in cpus]
+    return b"".join(prs + qemu)
+
+
+class _Staging:
+    """All RAM blocks in one sparse temporary file, each at a 2 MiB aligned base."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.base: dict[str, int] = {}
+        self.end = 0
+
+    def open_block(self, name: str, size: int, page_size: int) -> BlockSink:
+        self.base[name] = self.end
+        self.end += (size + (2 << 20) - 1) // (2 << 20) * (2 << 20)
+        os.ftruncate(self.fd, self.end)
+        return BlockSink(self.fd, size, page_size, self.base[name])
+
+
+def _extents(fd: int, start: int, length: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data (non-hole) parts of fd[start:start+length]."""
+    end = start + length
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole up to the end of the file
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
+
+
+def _copy(src: int, dst: int, at: int, n: int, to: int) -> None:
+    while n:
+        try:
+            k = os.copy_file_range(src, dst, n, at, to)
+        except OSError:
+            k = 0
+        if k <= 0:
+            chunk = os.pread(src, min(n, 1 << 20), at)
+            if not chunk:
+                raise DecodeError("staging file ended early")
+            k = os.pwrite(dst, chunk, to)
+        at += k
+        to += k
+        n -= k
+
+
+def _vmcoreinfo(an: Analysis, read: Any) -> bytes | None:
+    """The guest's VMCOREINFO ELF note, read from guest memory where the vmcoreinfo device says it is."""
+    for d in an.devices:
+        if d.section.idstr == "vmcoreinfo" and d.struct is not None:
+            f = to_json(d.struct)
+            if not f.get("has_vmcoreinfo") or f.get("vmcoreinfo.guest_format") != 1:
+                return None
+            size, paddr = int(f.get("vmcoreinfo.size", 0)), int(f.get("vmcoreinfo.paddr", 0))
+            if size < 12 or size > 1 << 20:
+                return None
+            raw = read(paddr, size)
+            if raw is None:
+                return None
+            namesz, descsz, _ = struct.unpack("<III", raw[:12])
+            n = 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+            if n > size:
+                return None
+            return bytes(raw[:n])
+    return None
+
+
+def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] | None = None,
+               snapshot: str | None = None, page_size: int | None = None) -> CoreResult:
+    """Write the ELF core of ``source``'s guest to ``out_path`` (temp name, renamed when complete)."""
+    directory = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"output directory {directory} does not exist")
+    if os.path.isdir(out_path):
+        raise UsageError(f"{out_path} is a directory")
+    inp = open_input(source, snapshot) if isinstance(source, str) else source
+    sfd, stage_path = tempfile.mkstemp(prefix=".qevm-core-", suffix=".stage", dir=directory)
+    os.unlink(stage_path)
+    ofd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
+    try:
+        schema, trailer_page = trailer_schema(inp)
+        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=False, keep_raw=False,
+                        file_offset=inp.file_offset)
+        an = Analysis(schema=schema, page_size=lambda: parser.page_size or 4096)
+        staging = _Staging(sfd)
+        rf = RamFiles(staging.open_block, inp, lambda: parser.page_size or 4096)
+
+        def handle(ev: Event) -> None:
+            an.handle(ev)
+            rf.handle(ev)
+        drive(parser, inp, handle, skip_regions=inp.seekable)
+        for sink in rf.sinks.values():
+            if sink is not None:
+                sink.flush()
+        if not an.blocks:
+            raise UsageError(f"{inp.name}: the stream carries no RAM: nothing to put in a core file")
+        an.decode_devices(strict=False)
+        gmap = GuestMap.from_analysis(an, overrides)
+        if gmap.arch != "x86_64":
+            raise MapError(f"machine {gmap.machine!r}: qevm core writes x86 core files only so far")
+        cpus = _cpus(an)
+        lma = bool(cpus[0].hflags & HF_LMA)
+        loads = [r for r in gmap.ranges if r.size]
+
+        def read_phys(addr: int, n: int) -> bytes | None:
+            for r in loads:
+                if r.addr <= addr and addr + n <= r.addr + r.size:
+                    data = os.pread(sfd, n, staging.base[r.block] + r.offset + addr - r.addr)
+                    return data + bytes(n - len(data))
+            return None
+
+        notes = x86_notes(cpus, lma)
+        guest_note = _vmcoreinfo(an, read_phys)
+        if guest_note:
+            notes += guest_note
+        e_machine = EM_X86_64 if lma else EM_386
+        elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
+        size = _write_elf(ofd, sfd, staging, loads, notes, elf64, e_machine)
+        os.fsync(ofd)
+        os.close(ofd)
+        ofd = -1
+        os.replace(tmp, out_path)
+        tmp = ""
+        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, len(cpus),
+                          guest_note is not None, size)
+    except OSError as e:
+        raise UsageError(f"cannot write {out_path}: {e.strerror}") from None
+    finally:
+        os.close(sfd)
+        if ofd >= 0:
+            os.close(ofd)
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(source, str):
+            inp.close()
+
+
+def _write_elf(ofd: int, sfd: int, staging: _Staging, loads: list[Range], notes: bytes, elf64: bool,
+               e_machine: int) -> int:
+    nph = 1 + len(loads)
+    if elf64:
+        ehsize, shsize, phsize = 64, 64, 56
+    else:
+        ehsize, shsize, phsize = 52, 40, 32
+    shoff = ehsize
+    phoff = shoff + 2 * shsize
+    note_off = phoff + nph * phsize
+    mem_off = note_off + len(notes)
+    total_mem = sum(r.size for r in loads)
+    strtab_off = mem_off + total_mem
+    ident = b"\x7fELF" + bytes((2 if elf64 else 1, 1, 1)) + bytes(9)
+    phnum = min(nph, PN_XNUM)
+    # e_ehsize: QEMU 7.2 stores 8 here (the size of a pointer, not of the header)
+    if elf64:
+        eh = ident + struct.pack("<HHIQQQIHHHHHH", 4, e_machine, 1, 0, phoff, shoff, 0, 8, phsize, phnum,
+                                 shsize, 2, 1)
+        sh0 = struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, nph if nph >= PN_XNUM else 0, 0, 0)
+        sh1 = struct.pack("<IIQQQQIIQQ", 1, 3, 0, 0, strtab_off, len(_SHSTRTAB), 0, 0, 0, 0)
+        ph = [struct.pack("<IIQQQQQQ", 4, 0, note_off, 0, 0, len(notes), len(notes), 0)]
+    else:
+        eh = ident + struct.pack("<HHIIIIIHHHHHH", 4, e_machine, 1, 0, phoff, shoff, 0, 8, phsize, phnum,
+                                 shsize, 2, 1)
+        sh0 = struct.pack("<10I", 0, 0, 0, 0, 0, 0, 0, nph if nph >= PN_XNUM else 0, 0, 0)
+        sh1 = struct.pack("<10I", 1, 3, 0, 0, strtab_off, len(_SHSTRTAB), 0, 0, 0, 0)
+        ph = [struct.pack("<8I", 4, note_off, 0, 0, len(notes), len(notes), 0, 0)]
+    off = mem_off
+    for r in loads:
+        if elf64:
+            ph.append(struct.pack("<IIQQQQQQ", 1, 0, off, r.addr, r.addr, r.size, r.size, 0))
+        else:
+            ph.append(struct.pack("<8I", 1, off, r.addr, r.addr, r.size, r.size, 0, 0))
+        off += r.size
+    head = eh + sh0 + sh1 + b"".join(ph) + notes
+    assert len(head) == mem_off
+    os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
+    os.pwrite(ofd, head, 0)
+    off = mem_off
+    for r in loads:
+        start = staging.base[r.block] + r.offset
+        for at, n in _extents(sfd, start, r.size):
+            _copy(sfd, ofd, at, n, off + at - start)
+        off += r.size
+    os.pwrite(ofd, _SHSTRTAB, strtab_off)
+    return strtab_off + len(_SHSTRTAB)
