@@ -134,11 +134,15 @@ def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str,
     if q35 and cfg[0x9E] & 0x01:
         raise MapError(f"{machine}: TSEG is enabled (ESMRAMC T_EN); its size is not mapped yet")
 
+    # the PCI address space is transparent where no device region sits: RAM below shows through
     pieces: list[Range] = [Range(0, min(below, 0xA0000), "pc.ram", 0)]
-    if below > 0xA0000 and cfg[smram_reg] & _SMRAM_D_OPEN and not (q35 and cfg[0x9E] & 0x80):
-        pieces.append(Range(0xA0000, 0x20000, "pc.ram", 0xA0000))
-    else:
-        pieces += _vga_chain4(an, sizes)
+    if below > 0xA0000:
+        if cfg[smram_reg] & _SMRAM_D_OPEN and not (q35 and cfg[0x9E] & 0x80):
+            pieces.append(Range(0xA0000, 0x20000, "pc.ram", 0xA0000))
+        elif _has_legacy_vga(an):
+            pieces += _vga_chain4(an, sizes)
+        else:
+            pieces.append(Range(0xA0000, 0x20000, "pc.ram", 0xA0000))
     bios = sizes.get("pc.bios", 0)
     isa = min(bios, 128 << 10)
     for i in range(13):
@@ -148,12 +152,14 @@ def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str,
         if mode in (1, 3):  # reads go to RAM
             if start + size <= below:
                 pieces.append(Range(start, size, "pc.ram", start))
-        elif mode == 0:  # the PCI space: pc.rom, the ISA BIOS alias
+        elif mode == 0:  # the PCI space: pc.rom, the ISA BIOS alias, RAM where neither sits
             for a in range(start, start + size, 0x1000):
                 if isa and 0x100000 - isa <= a:
                     pieces.append(Range(a, 0x1000, "pc.bios", bios - 0x100000 + a))
                 elif "pc.rom" in sizes and 0xC0000 <= a < 0xC0000 + sizes["pc.rom"]:
                     pieces.append(Range(a, 0x1000, "pc.rom", a - 0xC0000))
+                elif a + 0x1000 <= below:
+                    pieces.append(Range(a, 0x1000, "pc.ram", a))
     if below > 0x100000:
         pieces.append(Range(0x100000, below - 0x100000, "pc.ram", 0x100000))
     if bios:
@@ -222,6 +228,15 @@ def _pci_ram(an: Analysis, sizes: dict[str, int]) -> list[Range]:
         else:
             raise MapError(f"RAM block {name!r}: qevm does not know which BAR of its device holds it")
     return out
+
+
+_LEGACY_VGA = ("/vga", "/cirrus_vga", "/virtio-vga", "/qxl-vga")
+
+
+def _has_legacy_vga(an: Analysis) -> bool:
+    """A VGA device decodes 0xa0000-0xbffff (its MMIO window or chain-4 framebuffer alias)."""
+    return any(d.section.idstr.endswith(_LEGACY_VGA) or d.section.idstr in ("vga", "cirrus_vga")
+               for d in an.devices)
 
 
 def _vga_chain4(an: Analysis, sizes: dict[str, int]) -> list[Range]:
