@@ -131,6 +131,57 @@ def _cpus(an: Analysis) -> list[_Cpu]:
     return out
 
 
+EM_AARCH64 = 183
+EM_RISCV = 243
+NT_PRFPREG = 2
+
+
+def _cpu_fields(an: Analysis) -> list[dict[str, Any]]:
+    found = sorted(((d.section.instance_id, d) for d in an.devices if d.section.idstr == "cpu"),
+                   key=lambda t: t[0])
+    if not found:
+        raise UsageError("the stream carries no CPU state: a core file needs the vCPU registers")
+    out = []
+    for _, d in found:
+        if d.struct is None:
+            raise UsageError(f"cpu section (instance {d.section.instance_id}) could not be decoded "
+                             f"({d.error or 'no vmdesc describes it'}): its registers are unknown")
+        out.append(to_json(d.struct))
+    return out
+
+
+def aarch64_notes(cpus: list[dict[str, Any]]) -> bytes:
+    """NT_PRSTATUS and NT_PRFPREG per vCPU (target/arm/arch_dump.c), little-endian (SCTLR_EL1.EE clear)."""
+    out = b""
+    for i, f in enumerate(cpus):
+        x = [_u(v) for v in f["env.xregs"]]
+        pstate = _u(f["cpsr"])
+        if pstate & 0x10:  # AArch32 state: QEMU reports the CPSR and no SP
+            raise UsageError("vCPU in AArch32 state: qevm core does not build that note yet")
+        regs = struct.pack("<34Q", *x[:31], x[31], _u(f["env.pc"]), pstate)
+        out += _note(b"CORE", NT_PRSTATUS, bytes(32) + struct.pack("<I", i + 1) + bytes(76) + regs
+                     + struct.pack("<I", 1) + bytes(4))
+        vfp = f.get("cpu/vfp", {})
+        vregs = []
+        for n in range(32):
+            q = vfp.get(f"env.vfp.zregs[{n}].d", [0, 0])
+            vregs += [_u(q[0]), _u(q[1])]
+        fpscr = int(vfp.get("fpscr", 0))
+        out += _note(b"CORE", NT_PRFPREG, struct.pack("<64QII", *vregs, fpscr & 0xF800009F, fpscr & 0x07FF9F00)
+                     + bytes(8))
+    return out
+
+
+def riscv64_notes(cpus: list[dict[str, Any]]) -> bytes:
+    """NT_PRSTATUS per vCPU (target/riscv/arch_dump.c): pc, then x1..x31."""
+    out = b""
+    for i, f in enumerate(cpus):
+        gpr = [_u(v) for v in f["env.gpr"]]
+        regs = struct.pack("<32Q", _u(f["env.pc"]), *gpr[1:32])
+        out += _note(b"CORE", NT_PRSTATUS, bytes(32) + struct.pack("<I", i + 1) + bytes(76) + regs + bytes(8))
+    return out
+
+
 def x86_notes(cpus: list[_Cpu], lma: bool) -> bytes:
     prs = [_note(b"CORE", NT_PRSTATUS, (_prstatus64 if lma else _prstatus32)(c, i + 1)) for i, c in enumerate(cpus)]
     qemu = [_note(b"QEMU", 0, _qemu_cpu_state(c)) for c in cpus]
@@ -236,11 +287,24 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
             raise UsageError(f"{inp.name}: the stream carries no RAM: nothing to put in a core file")
         an.decode_devices(strict=False)
         gmap = GuestMap.from_analysis(an, overrides)
-        if gmap.arch != "x86_64":
-            raise MapError(f"machine {gmap.machine!r}: qevm core writes x86 core files only so far")
-        cpus = _cpus(an)
-        lma = bool(cpus[0].hflags & HF_LMA)
         loads = [r for r in gmap.ranges if r.size]
+        ncpu = 0
+        if gmap.arch == "x86_64":
+            cpus = _cpus(an)
+            ncpu = len(cpus)
+            lma = bool(cpus[0].hflags & HF_LMA)
+            notes = x86_notes(cpus, lma)
+            e_machine = EM_X86_64 if lma else EM_386
+            elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
+        elif gmap.arch in ("aarch64", "riscv64"):
+            fields = _cpu_fields(an)
+            ncpu = len(fields)
+            notes = aarch64_notes(fields) if gmap.arch == "aarch64" else riscv64_notes(fields)
+            e_machine = EM_AARCH64 if gmap.arch == "aarch64" else EM_RISCV
+            elf64 = True
+        else:
+            raise MapError(f"machine {gmap.machine!r} ({gmap.arch}): qevm core does not write its CPU notes yet "
+                           "(x86, aarch64 and riscv64 only)")
 
         def read_phys(addr: int, n: int) -> bytes | None:
             for r in loads:
@@ -249,19 +313,16 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
                     return data + bytes(n - len(data))
             return None
 
-        notes = x86_notes(cpus, lma)
         guest_note = _vmcoreinfo(an, read_phys)
         if guest_note:
             notes += guest_note
-        e_machine = EM_X86_64 if lma else EM_386
-        elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
         size = _write_elf(ofd, sfd, staging, loads, notes, elf64, e_machine)
         os.fsync(ofd)
         os.close(ofd)
         ofd = -1
         os.replace(tmp, out_path)
         tmp = ""
-        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, len(cpus),
+        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, ncpu,
                           guest_note is not None, size)
     except OSError as e:
         raise UsageError(f"cannot write {out_path}: {e.strerror}") from None

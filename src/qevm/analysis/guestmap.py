@@ -25,12 +25,14 @@ GiB = 1 << 30
 _PAM_SEG = 0x4000
 _SMRAM_D_OPEN = 0x40
 
-# (RAM block name, guest-physical base): machines whose RAM is one block at a fixed address
+# machines whose memory is a few blocks at fixed addresses, told apart by their main RAM block's name:
+# main block -> (arch, [(block, guest-physical base)])
 _FIXED = {
-    "virt": ("mach-virt.ram", 0x40000000),  # aarch64 virt (hw/arm/virt.c VIRT_MEM)
-    "riscv": ("riscv_virt_board.ram", 0x80000000),  # riscv64 virt (hw/riscv/virt.c VIRT_DRAM)
-    "s390-ccw-virtio": ("s390.ram", 0),
-    "pseries": ("ppc_spapr.ram", 0),
+    "mach-virt.ram": ("aarch64", [("mach-virt.ram", 0x40000000)]),  # hw/arm/virt.c VIRT_MEM
+    "riscv_virt_board.ram": ("riscv64", [("riscv_virt_board.mrom", 0x1000),  # hw/riscv/virt.c VIRT_MROM
+                                         ("riscv_virt_board.ram", 0x80000000)]),  # VIRT_DRAM
+    "s390.ram": ("s390x", [("s390.ram", 0)]),
+    "ppc_spapr.ram": ("ppc64", [("ppc_spapr.ram", 0)]),
 }
 
 
@@ -84,9 +86,9 @@ class GuestMap:
         sizes = {name: b.used_length for name, b in an.blocks.items()}
         if machine.startswith(("pc-i440fx-", "pc-q35-", "pc-")) or machine in ("pc", "q35"):
             return cls(machine, _x86(an, machine, sizes, overrides), "x86_64")
-        for prefix, (block, base) in _FIXED.items():
-            if machine.startswith(prefix) and block in sizes:
-                return cls(machine, [Range(base, sizes[block], block, 0)], prefix)
+        for main, (arch, placed) in _FIXED.items():
+            if main in sizes:
+                return cls(machine, [Range(base, sizes[b], b, 0) for b, base in placed if b in sizes], arch)
         raise MapError(f"machine type {machine!r}: qevm does not know its guest-physical memory layout")
 
 
