@@ -24,7 +24,6 @@ from qevm.analysis.extract import BlockSink, RamFiles
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
-from qevm.format.events import Event
 from qevm.format.parser import Parser
 from qevm.io.reader import Analysis, Device, drive, trailer_schema
 from qevm.io.sources import Input, open_input
@@ -276,10 +275,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
         staging = _Staging(sfd)
         rf = RamFiles(staging.open_block, inp, lambda: parser.page_size or 4096)
 
-        def handle(ev: Event) -> None:
-            an.handle(ev)
-            rf.handle(ev)
-        drive(parser, inp, handle, skip_regions=inp.seekable)
+        drive(parser, inp, rf.chain(an.handle), skip_regions=inp.seekable)
         for sink in rf.sinks.values():
             if sink is not None:
                 sink.flush()

@@ -81,7 +81,7 @@ class BlockSink:
     ``dirty`` has one bit per page that may hold non-zero bytes: a zero page over such a page is
     written as zeros, over any other page it costs nothing."""
 
-    __slots__ = ("fd", "size", "page_size", "dirty", "_buf", "_buf_at", "base")
+    __slots__ = ("fd", "size", "page_size", "dirty", "_buf", "_buf_at", "base", "counts")
 
     def __init__(self, fd: int, size: int, page_size: int, base: int = 0) -> None:
         self.fd = fd
@@ -91,6 +91,7 @@ class BlockSink:
         self.dirty = bytearray((size // page_size + 8) // 8)
         self._buf = bytearray()
         self._buf_at = -1
+        self.counts = {"normal": 0, "zero": 0, "xbzrle": 0, "compressed": 0}
 
     def flush(self) -> None:
         if self._buf:
@@ -139,16 +140,26 @@ class BlockSink:
         if addr % ps or addr + ps > self.size:
             raise DecodeError(f"page at 0x{addr:x} lies outside RAM block {ev.block!r} "
                               f"(0x{self.size:x} bytes)", ev.offset)
-        kind = ev.kind
+        kind = ev.flags & ~RamFlag.CONTINUE
         if kind == RamFlag.PAGE:
-            self.put(addr, ev.payload)
+            self.counts["normal"] += 1
+            buf = self._buf
+            if self._buf_at >= 0 and self._buf_at + len(buf) == addr and len(buf) < _FLUSH:
+                buf += ev.payload
+                i = addr // ps
+                self.dirty[i >> 3] |= 1 << (i & 7)
+            else:
+                self.put(addr, ev.payload)
         elif kind == RamFlag.ZERO:
+            self.counts["zero"] += 1
             self.zero(addr, ev.payload[0])
         elif kind == RamFlag.XBZRLE:
+            self.counts["xbzrle"] += 1
             page = bytearray(self.get(addr))
             apply_delta(page, ev.payload[3:], ev.offset)
             self.put(addr, page)
         elif kind == RamFlag.COMPRESS_PAGE:
+            self.counts["compressed"] += 1
             try:
                 data = zlib.decompress(ev.payload[4:])
             except zlib.error as e:
@@ -180,6 +191,25 @@ class RamFiles:
         self.page_size = page_size
         self.sinks: dict[str, BlockSink | None] = {}
         self.mapped: dict[str, tuple[int, int, int, bytes]] = {}  # block -> (pages start, page size, used, bitmap)
+
+    def chain(self, other: Callable[[Event], None]) -> Callable[[Event], None]:
+        """A handler giving RAM pages to this object only (the hot path) and every other event to both
+        ``other`` and this object.  Page counts are then in each sink's ``counts``."""
+        sinks = self.sinks
+
+        def handle(ev: Event) -> None:
+            if type(ev) is RamPage:
+                page = ev
+                sink = sinks.get(page.block)
+                if sink is not None:
+                    sink.apply(page)
+                elif page.block not in sinks:
+                    raise DecodeError(f"page for RAM block {page.block!r}, which the stream never announced",
+                                      page.offset)
+                return
+            other(ev)
+            self.handle(ev)
+        return handle
 
     def handle(self, ev: Event) -> None:
         t = type(ev)
@@ -313,10 +343,7 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
         try:
             rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
 
-            def handle(ev: Event) -> None:
-                an.handle(ev)
-                rf.handle(ev)
-            drive(parser, inp, handle, skip_regions=inp.seekable)
+            drive(parser, inp, rf.chain(an.handle), skip_regions=inp.seekable)
             an.size = parser.offset
             an.stream_page_size = parser.page_size
             for sink in rf.sinks.values():
@@ -338,7 +365,8 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
         except (MapError, DecodeError):
             gmap = None
         for name, bf in files.items():
-            bf.pages = dict(an.blocks[name].pages)
+            sink = rf.sinks[name]
+            bf.pages = dict(an.blocks[name].pages) if rf.mapped.get(name) or sink is None else dict(sink.counts)
             if gmap is not None:
                 bf.guest_physical = gmap.placement(name)
         machine = an.configuration.machine if isinstance(an.configuration, Configuration) else None
