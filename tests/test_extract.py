@@ -163,3 +163,24 @@ def test_extract_equals_qemu_destination(name: str, tmp_path: Path) -> None:
     assert ours[:lo] == theirs[:lo]
     bad = [a for a in range(hi, len(ours), 4096) if ours[a:a + 4096] != theirs[a:a + 4096]]
     assert not bad, f"{len(bad)} pages differ, first at 0x{bad[0]:x}"
+
+
+def _no_space() -> None:  # in the child: writes past 8 MiB fail (EFBIG), as on a full disk
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+
+@pytest.mark.parametrize("verb", ["extract", "core", "redact"])
+def test_full_disk_leaves_nothing(verb: str, tmp_path: Path) -> None:
+    fixture = require_fixture("memdump-pc-7.2")
+    out = tmp_path / "out"
+    args = {"extract": ["-o", str(out)], "core": ["-o", str(out)], "redact": ["--fill", "0xcc", str(out)]}[verb]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    r = subprocess.run([sys.executable, "-m", "qevm", verb, str(fixture), *args], capture_output=True, text=True,
+                       env=env, timeout=600, preexec_fn=_no_space)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "File too large" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -260,7 +260,8 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
     """Write the ELF core of ``source``'s guest to ``out_path`` (temp name, renamed when complete)."""
     directory = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(directory):
-        raise UsageError(f"output directory {directory} does not exist")
+        why = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise UsageError(f"output directory {directory} {why}")
     if os.path.isdir(out_path):
         raise UsageError(f"{out_path} is a directory")
     inp = open_input(source, snapshot) if isinstance(source, str) else source

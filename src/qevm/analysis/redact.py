@@ -172,7 +172,8 @@ def redact(source: str, out_path: str, *, fill: int = 0, keep_blocks: list[str] 
             keep = _keep_offsets(source, snapshot, keep_ranges, overrides)
         directory = os.path.dirname(os.path.abspath(out_path))
         if not os.path.isdir(directory):
-            raise UsageError(f"output directory {directory} does not exist")
+            why = "is not a directory" if os.path.exists(directory) else "does not exist"
+            raise UsageError(f"output directory {directory} {why}")
         if os.path.isdir(out_path):
             raise UsageError(f"{out_path} is a directory")
         fd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
