@@ -171,6 +171,51 @@ def aarch64_notes(cpus: list[dict[str, Any]]) -> bytes:
     return out
 
 
+EM_S390 = 22
+
+
+def _flat(f: dict[str, Any]) -> dict[str, Any]:
+    """Fields with the subsections' fields merged in (cpu/fpu, cpu/vregs, ...)."""
+    out = dict(f)
+    for k, v in f.items():
+        if k.startswith("cpu/") and isinstance(v, dict):
+            out.update(v)
+    return out
+
+
+def _be_note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    n = name + b"\x00"
+    return struct.pack(">III", len(n), len(desc), ntype) + n + bytes(-len(n) % 4) + desc + bytes(-len(desc) % 4)
+
+
+def s390x_notes(cpus: list[dict[str, Any]]) -> bytes:
+    """Per vCPU: CORE NT_PRSTATUS, NT_FPREGSET, then LINUX prefix, control registers, CPU timer, clock
+    comparator, TOD programmable register, vector registers low/high halves, guarded-storage control block
+    (target/s390x/arch_dump.c), big-endian; the prstatus pid stays in host (little-endian) order as QEMU
+    writes it."""
+    out = b""
+    for i, raw in enumerate(cpus):
+        f = _flat(raw)
+
+        def vr(n: int, j: int) -> int:
+            return _u(f.get(f"env.vregs[{n}][{j}]", 0))
+        regs = struct.pack(">18Q16I", _u(f["env.psw.mask"]), _u(f["env.psw.addr"]), *[_u(r) for r in f["env.regs"]],
+                           *[int(a) & 0xFFFFFFFF for a in f["env.aregs"]])
+        out += _be_note(b"CORE", NT_PRSTATUS, bytes(32) + struct.pack("<I", i + 1) + bytes(76) + regs + bytes(16))
+        out += _be_note(b"CORE", NT_PRFPREG, struct.pack(">II16Q", int(f.get("env.fpc", 0)) & 0xFFFFFFFF, 0,
+                                                         *[vr(n, 0) for n in range(16)]))
+        gscb = f.get("env.gscb", [0, 0, 0, 0])
+        out += _be_note(b"LINUX", 0x305, struct.pack(">I", int(f["env.psa"]) & 0xFFFFFFFF))
+        out += _be_note(b"LINUX", 0x304, struct.pack(">16Q", *[_u(c) for c in f["env.cregs"]]))
+        out += _be_note(b"LINUX", 0x301, struct.pack(">Q", _u(f["env.cputm"])))
+        out += _be_note(b"LINUX", 0x302, struct.pack(">Q", _u(f["env.ckc"])))
+        out += _be_note(b"LINUX", 0x303, struct.pack(">I", int(f["env.todpr"]) & 0xFFFFFFFF))
+        out += _be_note(b"LINUX", 0x309, struct.pack(">16Q", *[vr(n, 1) for n in range(16)]))
+        out += _be_note(b"LINUX", 0x30A, struct.pack(">32Q", *[vr(n, j) for n in range(16, 32) for j in (0, 1)]))
+        out += _be_note(b"LINUX", 0x30B, struct.pack(">4Q", *[_u(g) for g in gscb]))
+    return out
+
+
 def riscv64_notes(cpus: list[dict[str, Any]]) -> bytes:
     """NT_PRSTATUS per vCPU (target/riscv/arch_dump.c): pc, then x1..x31."""
     out = b""
@@ -286,6 +331,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
         gmap = GuestMap.from_analysis(an, overrides)
         loads = [r for r in gmap.ranges if r.size]
         ncpu = 0
+        endian = "<"
         if gmap.arch == "x86_64":
             cpus = _cpus(an)
             ncpu = len(cpus)
@@ -293,15 +339,17 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
             notes = x86_notes(cpus, lma)
             e_machine = EM_X86_64 if lma else EM_386
             elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
-        elif gmap.arch in ("aarch64", "riscv64"):
+        elif gmap.arch in ("aarch64", "riscv64", "s390x"):
             fields = _cpu_fields(an)
             ncpu = len(fields)
-            notes = aarch64_notes(fields) if gmap.arch == "aarch64" else riscv64_notes(fields)
-            e_machine = EM_AARCH64 if gmap.arch == "aarch64" else EM_RISCV
+            notes, e_machine = {"aarch64": (aarch64_notes, EM_AARCH64), "riscv64": (riscv64_notes, EM_RISCV),
+                                "s390x": (s390x_notes, EM_S390)}[gmap.arch][0](fields), \
+                {"aarch64": EM_AARCH64, "riscv64": EM_RISCV, "s390x": EM_S390}[gmap.arch]
             elf64 = True
+            endian = ">" if gmap.arch == "s390x" else "<"
         else:
             raise MapError(f"machine {gmap.machine!r} ({gmap.arch}): qevm core does not write its CPU notes yet "
-                           "(x86, aarch64 and riscv64 only)")
+                           "(x86, aarch64, riscv64 and s390x only)")
 
         def read_phys(addr: int, n: int) -> bytes | None:
             for r in loads:
@@ -313,7 +361,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
         guest_note = _vmcoreinfo(an, read_phys)
         if guest_note:
             notes += guest_note
-        size = _write_elf(ofd, sfd, staging, loads, notes, elf64, e_machine)
+        size = _write_elf(ofd, sfd, staging, loads, notes, elf64, e_machine, endian)
         os.fsync(ofd)
         os.close(ofd)
         ofd = -1
@@ -337,7 +385,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
 
 
 def _write_elf(ofd: int, sfd: int, staging: _Staging, loads: list[Range], notes: bytes, elf64: bool,
-               e_machine: int) -> int:
+               e_machine: int, endian: str = "<") -> int:
     nph = 1 + len(loads)
     if elf64:
         ehsize, shsize, phsize = 64, 64, 56
@@ -349,27 +397,28 @@ def _write_elf(ofd: int, sfd: int, staging: _Staging, loads: list[Range], notes:
     mem_off = note_off + len(notes)
     total_mem = sum(r.size for r in loads)
     strtab_off = mem_off + total_mem
-    ident = b"\x7fELF" + bytes((2 if elf64 else 1, 1, 1)) + bytes(9)
+    ident = b"\x7fELF" + bytes((2 if elf64 else 1, 2 if endian == ">" else 1, 1)) + bytes(9)
     phnum = min(nph, PN_XNUM)
     # e_ehsize: QEMU 7.2 stores 8 here (the size of a pointer, not of the header)
     if elf64:
-        eh = ident + struct.pack("<HHIQQQIHHHHHH", 4, e_machine, 1, 0, phoff, shoff, 0, 8, phsize, phnum,
+        eh = ident + struct.pack(endian + "HHIQQQIHHHHHH", 4, e_machine, 1, 0, phoff, shoff, 0, 8, phsize, phnum,
                                  shsize, 2, 1)
-        sh0 = struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, nph if nph >= PN_XNUM else 0, 0, 0)
+        sh0 = struct.pack(endian + "IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, nph if nph >= PN_XNUM else 0, 0, 0)
+        # QEMU 7.2/10.0 fill the .shstrtab section header in host (little-endian) order whatever the target
         sh1 = struct.pack("<IIQQQQIIQQ", 1, 3, 0, 0, strtab_off, len(_SHSTRTAB), 0, 0, 0, 0)
-        ph = [struct.pack("<IIQQQQQQ", 4, 0, note_off, 0, 0, len(notes), len(notes), 0)]
+        ph = [struct.pack(endian + "IIQQQQQQ", 4, 0, note_off, 0, 0, len(notes), len(notes), 0)]
     else:
-        eh = ident + struct.pack("<HHIIIIIHHHHHH", 4, e_machine, 1, 0, phoff, shoff, 0, 8, phsize, phnum,
+        eh = ident + struct.pack(endian + "HHIIIIIHHHHHH", 4, e_machine, 1, 0, phoff, shoff, 0, 8, phsize, phnum,
                                  shsize, 2, 1)
-        sh0 = struct.pack("<10I", 0, 0, 0, 0, 0, 0, 0, nph if nph >= PN_XNUM else 0, 0, 0)
+        sh0 = struct.pack(endian + "10I", 0, 0, 0, 0, 0, 0, 0, nph if nph >= PN_XNUM else 0, 0, 0)
         sh1 = struct.pack("<10I", 1, 3, 0, 0, strtab_off, len(_SHSTRTAB), 0, 0, 0, 0)
-        ph = [struct.pack("<8I", 4, note_off, 0, 0, len(notes), len(notes), 0, 0)]
+        ph = [struct.pack(endian + "8I", 4, note_off, 0, 0, len(notes), len(notes), 0, 0)]
     off = mem_off
     for r in loads:
         if elf64:
-            ph.append(struct.pack("<IIQQQQQQ", 1, 0, off, r.addr, r.addr, r.size, r.size, 0))
+            ph.append(struct.pack(endian + "IIQQQQQQ", 1, 0, off, r.addr, r.addr, r.size, r.size, 0))
         else:
-            ph.append(struct.pack("<8I", 1, off, r.addr, r.addr, r.size, r.size, 0, 0))
+            ph.append(struct.pack(endian + "8I", 1, off, r.addr, r.addr, r.size, r.size, 0, 0))
         off += r.size
     head = eh + sh0 + sh1 + b"".join(ph) + notes
     assert len(head) == mem_off
