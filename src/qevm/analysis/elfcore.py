@@ -197,7 +197,7 @@ def s390x_notes(cpus: list[dict[str, Any]]) -> bytes:
     for i, raw in enumerate(cpus):
         f = _flat(raw)
 
-        def vr(n: int, j: int) -> int:
+        def vr(n: int, j: int, f: dict[str, Any] = f) -> int:
             return _u(f.get(f"env.vregs[{n}][{j}]", 0))
         regs = struct.pack(">18Q16I", _u(f["env.psw.mask"]), _u(f["env.psw.addr"]), *[_u(r) for r in f["env.regs"]],
                            *[int(a) & 0xFFFFFFFF for a in f["env.aregs"]])
