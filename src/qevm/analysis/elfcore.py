@@ -216,6 +216,51 @@ def s390x_notes(cpus: list[dict[str, Any]]) -> bytes:
     return out
 
 
+EM_PPC64 = 21
+_LPCR_ILE = 1 << 25
+
+
+def ppc64_endian(cpus: list[dict[str, Any]]) -> str:
+    """Little-endian when the first vCPU takes interrupts little-endian (LPCR[ILE], pseries: no HV mode)."""
+    spr = cpus[0].get("env.spr") or []
+    return "<" if len(spr) > 318 and _u(spr[318]) & _LPCR_ILE else ">"
+
+
+def ppc64_notes(cpus: list[dict[str, Any]], e: str) -> bytes:
+    """Per vCPU: NT_PRSTATUS, NT_PRFPREG, NT_PPC_VMX, NT_PPC_VSX, NT_PPC_SPE (target/ppc/arch_dump.c)."""
+    out = b""
+
+    def note(ntype: int, desc: bytes) -> bytes:
+        return struct.pack(e + "III", 5, len(desc), ntype) + b"CORE\x00\x00\x00\x00" + desc
+
+    for raw in cpus:
+        f = _flat(raw)
+        spr = [_u(x) for x in f["env.spr"]]
+        cr = 0
+        for i, c in enumerate(f["env.crf"][:8]):
+            cr |= (int(c) & 15) << (4 * (7 - i))
+        regs = [*(_u(g) for g in f["env.gpr"]), _u(f["env.nip"]), _u(f["env.msr"]), 0, spr[9], spr[8], spr[1], cr,
+                0, 0, 0, 0, 0]
+        out += note(NT_PRSTATUS, bytes(112) + struct.pack(e + "44Q", *regs) + bytes(40))
+        fpu = raw.get("cpu/fpu", {})
+        fprs = [_u(x) for x in fpu.get("env.vsr", [0] * 32)]
+        out += note(NT_PRFPREG, struct.pack(e + "33Q", *fprs, _u(fpu.get("env.fpscr", 0))))
+        alt = raw.get("cpu/altivec", {})
+        vmx = bytearray()
+        for h in alt.get("env.vsr", ["00" * 16] * 32):
+            # the stream holds be64(u64[0]) + be64(u64[1]); QEMU's note holds the two halves as the dump's
+            # endianness makes them on a little-endian host
+            b = bytes.fromhex(h) if isinstance(h, str) else bytes(16)
+            vmx += b[8:] + b[:8] if e == ">" else b[:8][::-1] + b[8:][::-1]
+        vscr = bytearray(16)
+        vscr[12:16] = struct.pack(e + "I", int(alt.get("vscr", 0)) & 0xFFFFFFFF)
+        out += note(0x100, bytes(vmx) + bytes(vscr) + bytes(16))
+        vsx = raw.get("cpu/vsx", {}).get("env.vsr", ["00" * 8] * 32)
+        out += note(0x102, b"".join(struct.pack(e + "Q", int(h, 16) if isinstance(h, str) else _u(h)) for h in vsx))
+        out += note(0x101, bytes(128) + struct.pack(e + "QI", _u(f.get("env.spe_acc", 0)), 0))
+    return out
+
+
 def riscv64_notes(cpus: list[dict[str, Any]]) -> bytes:
     """NT_PRSTATUS per vCPU (target/riscv/arch_dump.c): pc, then x1..x31."""
     out = b""
@@ -339,6 +384,11 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
             notes = x86_notes(cpus, lma)
             e_machine = EM_X86_64 if lma else EM_386
             elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
+        elif gmap.arch == "ppc64":
+            fields = _cpu_fields(an)
+            ncpu = len(fields)
+            endian = ppc64_endian(fields)
+            notes, e_machine, elf64 = ppc64_notes(fields, endian), EM_PPC64, True
         elif gmap.arch in ("aarch64", "riscv64", "s390x"):
             fields = _cpu_fields(an)
             ncpu = len(fields)
@@ -349,7 +399,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
             endian = ">" if gmap.arch == "s390x" else "<"
         else:
             raise MapError(f"machine {gmap.machine!r} ({gmap.arch}): qevm core does not write its CPU notes yet "
-                           "(x86, aarch64, riscv64 and s390x only)")
+                           "(x86, aarch64, riscv64, s390x and ppc64 only)")
 
         def read_phys(addr: int, n: int) -> bytes | None:
             for r in loads:
