@@ -13,13 +13,14 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, require_fixture
+from conftest import FIXTURES, fixture_meta, require_fixture
 
 from qevm.analysis.elfcore import write_core
+from qevm.analysis.guestmap import parse_map_options
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 CASES = ["memdump-pc-7.2", "memdump-pc-big-7.2", "memdump-q35-big-7.2", "memdump-pc-10.0", "memdump-aarch64-7.2",
-         "memdump-riscv64-7.2", "memdump-s390x-7.2", "memdump-ppc64-7.2"]
+         "memdump-riscv64-7.2", "memdump-s390x-7.2", "memdump-ppc64-7.2", "memdump-pc-lowmem-7.2"]
 
 
 def _elf(path: Path) -> tuple[bytes, list[tuple[int, ...]], bytes]:
@@ -76,7 +77,8 @@ def test_core_equals_qemu_dump(name: str, tmp_path: Path) -> None:
     stream = require_fixture(name)
     theirs = FIXTURES / f"{name}.core"
     ours = tmp_path / "ours.core"
-    res = write_core(str(stream), str(ours))
+    meta = fixture_meta(stream)  # what the stream cannot tell (max-ram-below-4g) comes as --map would give it
+    res = write_core(str(stream), str(ours), overrides=parse_map_options(meta.get("map", [])))
     eh_a, ph_a, notes_a = _elf(ours)
     eh_b, ph_b, notes_b = _elf(theirs)
     assert eh_a == eh_b
