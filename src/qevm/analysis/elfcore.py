@@ -360,7 +360,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
     ofd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
     try:
         schema, trailer_page = trailer_schema(inp)
-        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=False, keep_raw=False,
+        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw="borrow",
                         file_offset=inp.file_offset)
         an = Analysis(schema=schema, page_size=lambda: parser.page_size or 4096)
         staging = _Staging(sfd)
