@@ -19,7 +19,7 @@ import shutil
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from qevm.format.xbzrle import apply_delta
 from qevm.io.reader import Analysis, drive, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
 
-__all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles"]
+__all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles", "ram_records"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 _FLUSH = 1 << 20
@@ -116,17 +116,14 @@ class BlockSink:
         self.dirty[i >> 3] |= 1 << (i & 7)
 
     def flush_views(self) -> None:
-        if self._views:
+        views = self._views
+        if views:
             at = self.base + self._views_at
-            views = self._views
-            while views:
-                n = os.pwritev(self.fd, views, at)
-                at += n
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views = views[1:]
-                if n:
-                    views = [views[0][n:], *views[1:]]
+            total = self._views_end - self._views_at
+            n = os.pwritev(self.fd, views, at)
+            if n != total:  # a short write: the rest one by one
+                rest = b"".join(views)[n:]
+                _pwrite_all(self.fd, rest, at + n)
             self._views = []
         self._views_at = self._views_end = -1
 
@@ -223,6 +220,34 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, at: int) -> None:
         at += n
 
 
+def ram_records(raw: memoryview, page: int, block: str | None) -> Iterator[tuple[int, int, int, str | None, int, int]]:
+    """The records of a run of RAM page records the parser already checked (a ``RamTally``'s bytes):
+    (start, flags, addr, block, payload start, end) each; ``block`` is the block CONTINUE records refer to
+    when the run starts."""
+    n = len(raw)
+    mask = page - 1
+    pos = 0
+    while pos < n:
+        w = _B64(raw, pos)[0]
+        flags = w & mask
+        p = pos + 8
+        if not flags & _CONT:
+            ln = raw[p]
+            block = str(raw[p + 1:p + 1 + ln], "latin-1")
+            p += 1 + ln
+        kind = flags & ~_CONT
+        if kind == _PAGE:
+            end = p + page
+        elif kind == _ZERO:
+            end = p + 1
+        elif kind == _XBZRLE:
+            end = p + 3 + int.from_bytes(raw[p + 1:p + 3], "big")
+        else:
+            end = p + 4 + int.from_bytes(raw[p:p + 4], "big")
+        yield pos, flags, w - flags, block, p, end
+        pos = end
+
+
 class RamFiles:
     """Event consumer that writes every RAM block's content through a ``BlockSink``.
 
@@ -270,8 +295,14 @@ class RamFiles:
                 kind = flags & ~_CONT
                 if kind == _PAGE:
                     if sink is not None:
-                        sink.put_view(addr, mv[p:p + page])
-                        touched.add(sink)
+                        if sink._views_end == addr and len(sink._views) < _IOV_MAX:
+                            sink._views.append(mv[p:p + page])
+                            sink._views_end = addr + page
+                            i = addr // page
+                            sink.dirty[i >> 3] |= 1 << (i & 7)
+                        else:
+                            sink.put_view(addr, mv[p:p + page])
+                            touched.add(sink)
                     p += page
                 elif kind == _ZERO:
                     if sink is not None:

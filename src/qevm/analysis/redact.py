@@ -11,20 +11,24 @@ The output goes to a temporary name next to the target and is renamed when compl
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from qevm.analysis.extract import ram_records
 from qevm.analysis.guestmap import GuestMap
 from qevm.codec.wire import be64, cstr
 from qevm.errors import DecodeError, UsageError
-from qevm.format.events import Event, MappedRamData, RamBlock, RamFlag, RamPage
+from qevm.format.events import Event, MappedRamData, RamBlock, RamFlag, RamPage, RamTally
 from qevm.format.parser import Parser
 from qevm.io.reader import drive, read_stream, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
 
 __all__ = ["RedactResult", "redact", "parse_range"]
+
+_B64 = struct.Struct(">Q").pack
 
 
 @dataclass
@@ -65,14 +69,47 @@ class _Redactor:
         self.page_size = page_size
         self.result = RedactResult()
         self._pattern = b""
+        self._block: str | None = None
 
     def _kept(self, block: str, addr: int) -> bool:
         if block in self.keep_blocks:
             return True
         return any(a <= addr < b for a, b in self.keep.get(block, ()))
 
+    def tally(self, ev: RamTally) -> None:
+        """A run of page records (counting parser, borrowed bytes): the fast twin of one ``RamPage`` at a time."""
+        assert ev.raw is not None
+        raw = memoryview(ev.raw)
+        ps = self.page_size()
+        out = bytearray()
+        fill = self.fill
+        if fill and len(self._pattern) != ps:
+            self._pattern = bytes((fill,)) * ps
+        kind_bits = RamFlag.PAGE if fill else RamFlag.ZERO
+        tail = self._pattern if fill else b"\x00"
+        keep = self.keep_blocks or self.keep
+        block = self._block
+        for start, flags, addr, name, p, end in ram_records(raw, ps, self._block):
+            block = name
+            if keep and block is not None and self._kept(block, addr):
+                self.result.pages_kept += 1
+                out += raw[start:end]
+                continue
+            self.result.pages_removed += 1
+            cont = flags & RamFlag.CONTINUE
+            out += _B64(addr | kind_bits | cont)
+            if not cont:
+                out += raw[start + 8:p]  # the block name as it was
+            out += tail
+        self._block = block
+        self.out.write(out)
+
     def handle(self, ev: Event) -> None:
         t = type(ev)
+        if t is RamTally:
+            assert isinstance(ev, RamTally)
+            self.tally(ev)
+            return
         if t is RamPage:
             assert isinstance(ev, RamPage)
             if self._kept(ev.block, ev.addr):
@@ -179,7 +216,7 @@ def redact(source: str, out_path: str, *, fill: int = 0, keep_blocks: list[str] 
         fd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
         try:
             schema, trailer_page = trailer_schema(inp)
-            parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=False, keep_raw=False,
+            parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw="borrow",
                             file_offset=inp.file_offset)
             with os.fdopen(fd, "wb") as out:
                 rd = _Redactor(out, inp, fill, set(keep_blocks), keep, lambda: parser.page_size or 4096)
