@@ -184,3 +184,22 @@ def test_full_disk_leaves_nothing(verb: str, tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "File too large" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["raw", "gzip"])
+def test_extract_libvirt_image(fmt: str, tmp_path: Path) -> None:
+    """A libvirt save image (header "LibvirtQemudSave", version 2, the domain XML, then the stream)."""
+    import gzip
+    import struct
+
+    fixture = require_fixture("xbzrle-7.2")
+    xml = b"<domain type='kvm'><name>guest</name></domain>\n\0"
+    data_len = len(xml) + 4096
+    head = b"LibvirtQemudSave" + struct.pack("<5I", 2, data_len, 1, {"raw": 0, "gzip": 1}[fmt], 0) + bytes(56)
+    body = fixture.read_bytes() if fmt == "raw" else gzip.compress(fixture.read_bytes(), 1)
+    img = tmp_path / "guest.save"
+    img.write_bytes(head + xml + bytes(data_len - len(xml)) + body)
+    a = extract(str(img), str(tmp_path / "a"), block="pc.ram")
+    b = extract(str(fixture), str(tmp_path / "b"), block="pc.ram")
+    assert a.blocks[0].pages == b.blocks[0].pages
+    assert (tmp_path / "a" / "pc.ram.ram").read_bytes() == (tmp_path / "b" / "pc.ram.ram").read_bytes()
