@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.analysis.extract import BlockSink, RamFiles
+from qevm.analysis.extract import BlockSink, RamFiles, output_directory
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
@@ -348,12 +348,7 @@ def _vmcoreinfo(an: Analysis, read: Any) -> bytes | None:
 def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] | None = None,
                snapshot: str | None = None, page_size: int | None = None) -> CoreResult:
     """Write the ELF core of ``source``'s guest to ``out_path`` (temp name, renamed when complete)."""
-    directory = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(directory):
-        why = "is not a directory" if os.path.exists(directory) else "does not exist"
-        raise UsageError(f"output directory {directory} {why}")
-    if os.path.isdir(out_path):
-        raise UsageError(f"{out_path} is a directory")
+    directory = output_directory(out_path)
     inp = open_input(source, snapshot) if isinstance(source, str) else source
     sfd, stage_path = tempfile.mkstemp(prefix=".qevm-core-", suffix=".stage", dir=directory)
     os.unlink(stage_path)

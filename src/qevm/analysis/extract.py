@@ -39,7 +39,8 @@ from qevm.format.xbzrle import apply_delta
 from qevm.io.reader import Analysis, drive, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
 
-__all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles", "ram_records"]
+__all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles", "ram_records",
+           "read_region", "output_directory"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 _FLUSH = 1 << 20
@@ -408,18 +409,39 @@ class RamFiles:
             data: bytes | memoryview = memoryview(ev.data)[rel:rel + n]
             sink.put(addr, data)
         else:
-            f = self.inp.file
-            here = f.tell()
-            f.seek(at)
-            left, pos = n, addr
-            while left:
-                chunk = f.read(min(left, CHUNK))
-                if not chunk:
-                    raise DecodeError("input ended inside a mapped-ram region", at + n - left)
+            pos = addr
+            for chunk in read_region(self.inp, at, n):
                 sink.put(pos, chunk)
-                left -= len(chunk)
                 pos += len(chunk)
-            f.seek(here)
+
+
+def read_region(inp: Input, at: int, n: int) -> Iterator[bytes]:
+    """``n`` bytes of a seekable input from stream offset ``at`` (a mapped-ram region the reader seeked
+    over), in chunks; the input's position is left where it was."""
+    f = inp.file
+    here = f.tell()
+    try:
+        f.seek(at)
+        left = n
+        while left:
+            chunk = f.read(min(left, CHUNK))
+            if not chunk:
+                raise DecodeError("input ended inside a mapped-ram region", at + n - left)
+            yield chunk
+            left -= len(chunk)
+    finally:
+        f.seek(here)
+
+
+def output_directory(out_path: str) -> str:
+    """The directory a single output file goes to (its temporary name is made there), checked."""
+    directory = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(directory):
+        why = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise UsageError(f"output directory {directory} {why}")
+    if os.path.isdir(out_path):
+        raise UsageError(f"{out_path} is a directory")
+    return directory
 
 
 @dataclass

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-from qevm.analysis.extract import ram_records
+from qevm.analysis.extract import output_directory, ram_records, read_region
 from qevm.analysis.guestmap import GuestMap
 from qevm.codec.wire import be64, cstr
-from qevm.errors import DecodeError, UsageError
+from qevm.errors import UsageError
 from qevm.format.events import Event, MappedRamData, RamBlock, RamFlag, RamPage, RamTally
 from qevm.format.parser import Parser
 from qevm.io.reader import drive, read_stream, trailer_schema
@@ -161,17 +161,8 @@ class _Redactor:
         if ev.data is not None:
             self.out.write(ev.data)
             return
-        src = self.inp.file
-        here = src.tell()
-        src.seek(ev.offset)
-        left = ev.length
-        while left:
-            chunk = src.read(min(left, CHUNK))
-            if not chunk:
-                raise DecodeError("input ended inside a mapped-ram region", ev.offset + ev.length - left)
+        for chunk in read_region(self.inp, ev.offset, ev.length):
             self.out.write(chunk)
-            left -= len(chunk)
-        src.seek(here)
 
 
 def _keep_offsets(source: str, snapshot: str | None, ranges: list[tuple[int, int]],
@@ -207,12 +198,7 @@ def redact(source: str, out_path: str, *, fill: int = 0, keep_blocks: list[str] 
                 raise UsageError("--keep-range needs a regular file: the memory map comes from device state "
                                  "at the end of the stream, read before the pages are rewritten")
             keep = _keep_offsets(source, snapshot, keep_ranges, overrides)
-        directory = os.path.dirname(os.path.abspath(out_path))
-        if not os.path.isdir(directory):
-            why = "is not a directory" if os.path.exists(directory) else "does not exist"
-            raise UsageError(f"output directory {directory} {why}")
-        if os.path.isdir(out_path):
-            raise UsageError(f"{out_path} is a directory")
+        directory = output_directory(out_path)
         fd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
         try:
             schema, trailer_page = trailer_schema(inp)
