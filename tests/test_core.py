@@ -100,6 +100,23 @@ def test_core_equals_qemu_dump(name: str, tmp_path: Path) -> None:
     assert ours.stat().st_blocks * 512 < 512 << 20  # zero pages stay holes
 
 
+@pytest.mark.parametrize("name", ["memdump-pc-7.2", "memdump-q35-big-7.2"])
+def test_staging_path_equals_direct_path(name: str, tmp_path: Path) -> None:
+    """From a pipe (one pass: RAM staged in a sparse file, then copied into place) qevm writes the same
+    core as from the file (two passes: pages written straight to their offsets)."""
+    stream = require_fixture(name)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    with open(stream, "rb") as f:
+        r = subprocess.run([sys.executable, "-m", "qevm", "core", "-", "-o", str(tmp_path / "pipe.core")], stdin=f,
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    write_core(str(stream), str(tmp_path / "file.core"))
+    assert _elf(tmp_path / "pipe.core") == _elf(tmp_path / "file.core")
+    _, ph, _ = _elf(tmp_path / "file.core")
+    for p in ph[1:]:
+        _same_range(tmp_path / "pipe.core", tmp_path / "file.core", p[2], p[2], p[5], p[3])
+
+
 def test_core_errors(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": SRC}
 

@@ -25,7 +25,7 @@ from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
 from qevm.format.parser import Parser
-from qevm.io.reader import Analysis, Device, drive, trailer_schema
+from qevm.io.reader import Analysis, Device, drive, read_stream, trailer_schema
 from qevm.io.sources import Input, open_input
 
 __all__ = ["CoreResult", "write_core", "x86_notes"]
@@ -345,10 +345,44 @@ def _vmcoreinfo(an: Analysis, read: Any) -> bytes | None:
     return None
 
 
+def _arch_notes(an: Analysis, gmap: GuestMap, loads: list[Range]) -> tuple[bytes, int, bool, str, int]:
+    """(CPU notes, e_machine, ELF64?, endianness, vCPU count) as QEMU picks them for this target."""
+    ncpu = 0
+    endian = "<"
+    if gmap.arch == "x86_64":
+        cpus = _cpus(an)
+        ncpu = len(cpus)
+        lma = bool(cpus[0].hflags & HF_LMA)
+        notes = x86_notes(cpus, lma)
+        e_machine = EM_X86_64 if lma else EM_386
+        elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
+    elif gmap.arch == "ppc64":
+        fields = _cpu_fields(an)
+        ncpu = len(fields)
+        endian = ppc64_endian(fields)
+        notes, e_machine, elf64 = ppc64_notes(fields, endian), EM_PPC64, True
+    elif gmap.arch in ("aarch64", "riscv64", "s390x"):
+        fields = _cpu_fields(an)
+        ncpu = len(fields)
+        build, e_machine = {"aarch64": (aarch64_notes, EM_AARCH64), "riscv64": (riscv64_notes, EM_RISCV),
+                            "s390x": (s390x_notes, EM_S390)}[gmap.arch]
+        notes = build(fields)
+        elf64 = True
+        endian = ">" if gmap.arch == "s390x" else "<"
+    else:
+        raise MapError(f"machine {gmap.machine!r} ({gmap.arch}): qevm core does not write its CPU notes yet "
+                       "(x86, aarch64, riscv64, s390x and ppc64 only)")
+    return notes, e_machine, elf64, endian, ncpu
+
+
 def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] | None = None,
                snapshot: str | None = None, page_size: int | None = None) -> CoreResult:
     """Write the ELF core of ``source``'s guest to ``out_path`` (temp name, renamed when complete)."""
     directory = output_directory(out_path)
+    if isinstance(source, str):
+        done = _write_core_direct(source, out_path, directory, overrides, snapshot, page_size)
+        if done is not None:
+            return done
     inp = open_input(source, snapshot) if isinstance(source, str) else source
     sfd, stage_path = tempfile.mkstemp(prefix=".qevm-core-", suffix=".stage", dir=directory)
     os.unlink(stage_path)
@@ -370,31 +404,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
         an.decode_devices(strict=False)
         gmap = GuestMap.from_analysis(an, overrides)
         loads = [r for r in gmap.ranges if r.size]
-        ncpu = 0
-        endian = "<"
-        if gmap.arch == "x86_64":
-            cpus = _cpus(an)
-            ncpu = len(cpus)
-            lma = bool(cpus[0].hflags & HF_LMA)
-            notes = x86_notes(cpus, lma)
-            e_machine = EM_X86_64 if lma else EM_386
-            elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
-        elif gmap.arch == "ppc64":
-            fields = _cpu_fields(an)
-            ncpu = len(fields)
-            endian = ppc64_endian(fields)
-            notes, e_machine, elf64 = ppc64_notes(fields, endian), EM_PPC64, True
-        elif gmap.arch in ("aarch64", "riscv64", "s390x"):
-            fields = _cpu_fields(an)
-            ncpu = len(fields)
-            notes, e_machine = {"aarch64": (aarch64_notes, EM_AARCH64), "riscv64": (riscv64_notes, EM_RISCV),
-                                "s390x": (s390x_notes, EM_S390)}[gmap.arch][0](fields), \
-                {"aarch64": EM_AARCH64, "riscv64": EM_RISCV, "s390x": EM_S390}[gmap.arch]
-            elf64 = True
-            endian = ">" if gmap.arch == "s390x" else "<"
-        else:
-            raise MapError(f"machine {gmap.machine!r} ({gmap.arch}): qevm core does not write its CPU notes yet "
-                           "(x86, aarch64, riscv64, s390x and ppc64 only)")
+        notes, e_machine, elf64, endian, ncpu = _arch_notes(an, gmap, loads)
 
         def read_phys(addr: int, n: int) -> bytes | None:
             for r in loads:
@@ -429,8 +439,125 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
             inp.close()
 
 
+class _SegmentSink(BlockSink):
+    """A RAM block whose pages go straight to their places in the core file: one inner sink per guest-physical
+    range the block backs (a page in two ranges, such as the ISA BIOS alias, is written to both; a page in
+    none, such as the VGA window hole, is dropped)."""
+
+    def __init__(self, fd: int, size: int, page_size: int, segs: list[tuple[int, int, int]]) -> None:
+        super().__init__(fd, size, page_size)
+        self.segs = [(lo, hi, BlockSink(fd, size, page_size, base)) for lo, hi, base in segs]
+
+    def _at(self, addr: int) -> list[BlockSink]:
+        return [sk for lo, hi, sk in self.segs if lo <= addr < hi]
+
+    def put_view(self, addr: int, view: memoryview) -> None:
+        for sk in self._at(addr):
+            sk.put_view(addr, view)
+
+    def flush_views(self) -> None:
+        for _, _, sk in self.segs:
+            sk.flush_views()
+
+    def put(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        ps = self.page_size
+        for i in range(0, len(data), ps):
+            for sk in self._at(addr + i):
+                sk.put(addr + i, data[i:i + ps])
+
+    def zero(self, addr: int, fill: int) -> None:
+        for sk in self._at(addr):
+            sk.zero(addr, fill)
+
+    def get(self, addr: int) -> bytes:
+        sks = self._at(addr)
+        return sks[0].get(addr) if sks else bytes(self.page_size)
+
+    def flush(self) -> None:
+        for _, _, sk in self.segs:
+            sk.flush()
+
+
+def _write_core_direct(source: str, out_path: str, directory: str, overrides: dict[str, int] | None,
+                       snapshot: str | None, page_size: int | None) -> CoreResult | None:
+    """A seekable stream without a VMCOREINFO note: a counting first pass gives the memory map and the notes,
+    the second writes every page straight to its final offset.  None: use the staging path."""
+    first = open_input(source, snapshot)
+    try:
+        if not first.seekable:
+            return None
+        an = read_stream(first, page_size=page_size, strict=False)
+    finally:
+        first.close()
+    if not an.blocks:
+        raise UsageError(f"{source}: the stream carries no RAM: nothing to put in a core file")
+    if any(d.section.idstr == "vmcoreinfo" and d.struct is not None and to_json(d.struct).get("has_vmcoreinfo")
+           for d in an.devices):
+        return None  # the note's size comes from guest memory: known only after the pages
+    gmap = GuestMap.from_analysis(an, overrides)
+    loads = [r for r in gmap.ranges if r.size]
+    notes, e_machine, elf64, endian, ncpu = _arch_notes(an, gmap, loads)
+    head, mem_off, strtab_off = _elf_head(loads, notes, elf64, e_machine, endian)
+    segs: dict[str, list[tuple[int, int, int]]] = {}
+    off = mem_off
+    for r in loads:
+        segs.setdefault(r.block, []).append((r.offset, r.offset + r.size, off - r.offset))
+        off += r.size
+    ofd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
+    inp = open_input(source, snapshot)
+    try:
+        os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
+        os.pwrite(ofd, head, 0)
+        schema, trailer_page = trailer_schema(inp)
+        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw="borrow",
+                        file_offset=inp.file_offset)
+
+        def open_block(name: str, size: int, ps: int) -> BlockSink | None:
+            return _SegmentSink(ofd, size, ps, segs[name]) if name in segs else None
+        rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
+        drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
+        for sink in rf.sinks.values():
+            if sink is not None:
+                sink.flush()
+        os.pwrite(ofd, _SHSTRTAB, strtab_off)
+        os.fsync(ofd)
+        os.close(ofd)
+        ofd = -1
+        os.replace(tmp, out_path)
+        tmp = ""
+        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, ncpu, False,
+                          strtab_off + len(_SHSTRTAB))
+    except OSError as e:
+        raise UsageError(f"cannot write {out_path}: {e.strerror}") from None
+    finally:
+        inp.close()
+        if ofd >= 0:
+            os.close(ofd)
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def _write_elf(ofd: int, sfd: int, staging: _Staging, loads: list[Range], notes: bytes, elf64: bool,
                e_machine: int, endian: str = "<") -> int:
+    head, mem_off, strtab_off = _elf_head(loads, notes, elf64, e_machine, endian)
+    os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
+    os.pwrite(ofd, head, 0)
+    off = mem_off
+    for r in loads:
+        start = staging.base[r.block] + r.offset
+        for at, n in _extents(sfd, start, r.size):
+            _copy(sfd, ofd, at, n, off + at - start)
+        off += r.size
+    os.pwrite(ofd, _SHSTRTAB, strtab_off)
+    return strtab_off + len(_SHSTRTAB)
+
+
+def _elf_head(loads: list[Range], notes: bytes, elf64: bool, e_machine: int,
+              endian: str) -> tuple[bytes, int, int]:
+    """ELF header, section headers, program headers and notes; (those bytes, memory offset, .shstrtab offset)."""
     nph = 1 + len(loads)
     if elf64:
         ehsize, shsize, phsize = 64, 64, 56
@@ -467,13 +594,4 @@ def _write_elf(ofd: int, sfd: int, staging: _Staging, loads: list[Range], notes:
         off += r.size
     head = eh + sh0 + sh1 + b"".join(ph) + notes
     assert len(head) == mem_off
-    os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
-    os.pwrite(ofd, head, 0)
-    off = mem_off
-    for r in loads:
-        start = staging.base[r.block] + r.offset
-        for at, n in _extents(sfd, start, r.size):
-            _copy(sfd, ofd, at, n, off + at - start)
-        off += r.size
-    os.pwrite(ofd, _SHSTRTAB, strtab_off)
-    return strtab_off + len(_SHSTRTAB)
+    return head, mem_off, strtab_off
