@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.analysis.extract import BlockSink, RamFiles, output_directory
+from qevm.analysis.extract import BlockSink, RamFiles, discard, output_directory
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
@@ -431,10 +431,7 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
         if ofd >= 0:
             os.close(ofd)
         if tmp:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            discard(tmp)
         if isinstance(source, str):
             inp.close()
 
@@ -534,10 +531,7 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
         if ofd >= 0:
             os.close(ofd)
         if tmp:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            discard(tmp)
 
 
 def _write_elf(ofd: int, sfd: int, staging: _Staging, loads: list[Range], notes: bytes, elf64: bool,

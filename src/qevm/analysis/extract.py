@@ -40,7 +40,7 @@ from qevm.io.reader import Analysis, drive, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
 
 __all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles", "ram_records",
-           "read_region", "output_directory"]
+           "read_region", "output_directory", "discard"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 _FLUSH = 1 << 20
@@ -431,6 +431,14 @@ def read_region(inp: Input, at: int, n: int) -> Iterator[bytes]:
             left -= len(chunk)
     finally:
         f.seek(here)
+
+
+def discard(path: str) -> None:
+    """Remove a temporary output left by a failed write (nothing under the final name is touched)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def output_directory(out_path: str) -> str:

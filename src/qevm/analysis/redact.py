@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-from qevm.analysis.extract import output_directory, ram_records, read_region
+from qevm.analysis.extract import discard, output_directory, ram_records, read_region
 from qevm.analysis.guestmap import GuestMap
 from qevm.codec.wire import be64, cstr
 from qevm.errors import UsageError
@@ -226,10 +226,7 @@ def redact(source: str, out_path: str, *, fill: int = 0, keep_blocks: list[str] 
             raise UsageError(f"cannot write {out_path}: {e.strerror}") from None
         finally:
             if tmp:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+                discard(tmp)
     finally:
         inp.close()
 
