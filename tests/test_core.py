@@ -20,7 +20,8 @@ from qevm.analysis.guestmap import parse_map_options
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 CASES = ["memdump-pc-7.2", "memdump-pc-big-7.2", "memdump-q35-big-7.2", "memdump-pc-10.0", "memdump-aarch64-7.2",
-         "memdump-riscv64-7.2", "memdump-s390x-7.2", "memdump-ppc64-7.2", "memdump-pc-lowmem-7.2"]
+         "memdump-riscv64-7.2", "memdump-s390x-7.2", "memdump-ppc64-7.2", "memdump-pc-lowmem-7.2",
+         "memdump-pc-reset-7.2"]
 
 
 def _elf(path: Path) -> tuple[bytes, list[tuple[int, ...]], bytes]:

@@ -355,7 +355,7 @@ def _arch_notes(an: Analysis, gmap: GuestMap, loads: list[Range]) -> tuple[bytes
         lma = bool(cpus[0].hflags & HF_LMA)
         notes = x86_notes(cpus, lma)
         e_machine = EM_X86_64 if lma else EM_386
-        elf64 = lma or any(r.addr + r.size - 1 > 0xFFFFFFFF for r in loads)
+        elf64 = lma or any(r.addr + r.size > 0xFFFFFFFF for r in loads)  # QEMU compares the exclusive end
     elif gmap.arch == "ppc64":
         fields = _cpu_fields(an)
         ncpu = len(fields)
