@@ -7,10 +7,27 @@ import os
 import sys
 from collections.abc import Sequence
 
-from qevm.cli import compat, convert, desc, diff, dump, edit, info, record, report, rewrite, send, tap, vm
+from qevm.cli import (
+    compat,
+    convert,
+    core,
+    desc,
+    diff,
+    dump,
+    edit,
+    extract,
+    info,
+    record,
+    redact,
+    report,
+    rewrite,
+    send,
+    tap,
+    vm,
+)
 from qevm.errors import QevmError
 
-VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat, convert, report)
+VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat, convert, report, extract, redact, core)
 
 
 def build_parser() -> argparse.ArgumentParser:
