@@ -238,7 +238,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         real = c["qemu"]["loaded"]
         q = c["qevm"]["compatible"]
         s = c["checker"]["compatible"]
-        err = f" ({c['qemu']['error'][:60]})" if not real and c["qemu"]["error"] else ""
+        first = c["qemu"]["error"].split(" | ")[0].replace("|", "/")
+        err = f" ({first[:60]})" if not real and first else ""
         lines.append(f"| {' '.join(c['src'])} | {' '.join(c['dst'])} | {mark(real)}{err} | "
                      f"{mark(q)}{'' if q == real else ' ✗'} | {mark(s)} (exit {c['checker']['exit']})"
                      f"{'' if s == real else ' ✗'} |")

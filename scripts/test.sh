@@ -11,7 +11,8 @@ export QEVM_FIXTURES="${QEVM_FIXTURES:-$QEVM_CACHE/fixtures}"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-pkgs=(qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils debootstrap cpio xz-utils gzip bzip2 zstd)
+pkgs=(qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-misc qemu-utils debootstrap cpio xz-utils gzip bzip2 zstd
+      chromium chromium-driver)  # chromium: tests/test_report.py drives the HTML report in a real browser
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,7 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 echo "== python packages"
-python3 -m pip install -q -e '.[test,fleet]'
+python3 -m pip install -q -e '.[test,fleet]'  # fleet: dask.distributed and pyarrow (tests/test_scan.py)
+python3 -m pip install -q selenium  # tests/test_report.py (with chromium-driver)
 
 echo "== QEMU 10.0 chroot"
 bash scripts/chroot.sh >/dev/null
@@ -37,7 +39,7 @@ echo "   fixtures ready in $(( $(date +%s) - start )) s"
 echo "== ruff"
 python3 -m ruff check $(ls -d src tests scripts benchmarks 2>/dev/null)
 echo "== import-linter (layers contract in pyproject.toml)"
-lint-imports
+PYTHONPATH=src lint-imports --no-cache
 echo "== mypy"
 MYPYPATH=src python3 -m mypy --strict -p qevm
 echo "== pytest"

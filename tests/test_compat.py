@@ -109,3 +109,18 @@ def test_qemu_probe_runs_the_destination(matrix: tuple[Any, Path, dict[str, Any]
     assert ok.returncode == 0, ok.stdout.decode() + ok.stderr.decode()
     bad = qevm("compat", str(src), "--qemu", "qemu-system-x86_64", "--", "-M", "pc-q35-7.2", *common)
     assert bad.returncode == 1 and b"machine type" in bad.stdout
+
+
+def test_qemu_probe_through_a_chroot_wrapper(matrix: tuple[Any, Path, dict[str, Any]]) -> None:
+    _, out, _ = matrix
+    root = Path.home() / ".cache" / "qevm" / "trixie"
+    if not root.is_dir():
+        pytest.fail("the QEMU 10.0 chroot is missing (scripts/chroot.sh)")
+    src = out / "stream-7.2-pc-q35-7.2-esp.mig"
+    args = ["-M", "pc-q35-7.2", "-m", "32", "-nodefaults", "-accel", "tcg", "-smp", "1", "-serial", "null",
+            "-device", "am53c974,addr=0x6"]
+    r = qevm("compat", "--json", str(src), "--qemu", "chroot ~/.cache/qevm/trixie qemu-system-x86_64", "--", *args)
+    assert r.returncode == 1, r.stdout.decode() + r.stderr.decode()
+    doc = json.loads(r.stdout)
+    assert [f["fields"] for f in doc["findings"] if f["severity"] == "break"] == [
+        ["0000:00:06.0/pciespscsi:0/esp/drq_state"]]

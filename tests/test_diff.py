@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import require_fixture
+from conftest import FIXTURES, require_fixture
 
-from qevm.analysis.diff import _byte_ranges, diff_states
+from qevm.analysis.diff import BlockDiff, _byte_ranges, _split_at, _x86_lowmem, diff_states
 
 
 def qevm(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -56,6 +56,7 @@ def test_two_saves_of_a_running_guest() -> None:
     total = pc_ram["pages_changed"] + pc_ram["pages_appeared"] + pc_ram["pages_disappeared"]
     covered = sum(r["end"] - r["start"] for r in pc_ram["ranges"]) // doc["ram"]["page_size"]
     assert covered == total  # merged ranges account for every differing page
+    assert all(r["gpa"] == r["start"] for r in pc_ram["ranges"])  # 128 MiB pc guest: all below 4 GiB
     # --ignore drops what matches; --no-ram drops RAM
     doc2 = as_json(qevm("diff", "--json", "--no-ram", "--ignore", "timer:*", str(a), str(b)))
     assert doc2["ram"] is None
@@ -119,3 +120,38 @@ def test_byte_ranges_merge_and_cover_length_changes() -> None:
     assert _byte_ranges(b"a" * 10, b"aXaaaaaaXa") == [(1, 2), (8, 9)]
     assert _byte_ranges(b"a" * 10, b"aXaaXaaaaa") == [(1, 5)]  # gaps of up to 4 equal bytes are merged
     assert _byte_ranges(b"ab", b"abcd") == [(2, 4)]
+
+
+def test_xbzrle_compressed_and_arm_streams_equal_themselves() -> None:
+    for name in ("xbzrle-7.2", "compress-7.2", "aarch64-virt-7.2"):
+        p = require_fixture(name)
+        res = diff_states(str(p), str(p))
+        assert res.equal, (name, res.as_json())
+        assert res.ram is not None and res.ram  # the RAM was really compared
+    # an XBZRLE side needs its earlier page content: from a pipe that is refused with one clear line
+    p = require_fixture("xbzrle-7.2")
+    r = qevm("diff", "-", str(p), stdin=p.read_bytes())
+    assert r.returncode == 2 and b"XBZRLE" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_qcow2_snapshot_side() -> None:
+    img = FIXTURES / "savevm-pc-7.2.qcow2"
+    if not img.exists():
+        require_fixture("savevm-pc-7.2.qcow2-missing")  # fails in CI, skips elsewhere
+    r = qevm("diff", "--snapshot", "snap1", str(img), str(img))
+    assert r.returncode == 0, r.stderr.decode()
+    r = qevm("diff", "--snapshot", "nosuch", str(img), str(img))
+    assert r.returncode == 2 and b"no snapshot named" in r.stderr
+    doc = as_json(qevm("diff", "--json", str(img), str(require_fixture("pc-7.2"))))
+    assert not doc["equal"] and doc["ram"]["blocks"]
+
+
+def test_pc_ram_guest_physical_addresses_above_4g() -> None:
+    size = 4 << 30
+    b = BlockDiff("pc.ram", (size, size), ranges=[(0x7FFF0000, 0x80010000, "changed")])
+    b.lowmem = _x86_lowmem("pc-q35-7.2", size)
+    _split_at(b, b.lowmem)
+    assert [(s, e, b.gpa(s)) for s, e, _ in b.ranges] == [(0x7FFF0000, 0x80000000, 0x7FFF0000),
+                                                            (0x80000000, 0x80010000, 0x100000000)]
+    assert _x86_lowmem("pc-i440fx-7.2", 3 << 30) == 3 << 30  # below 3.5 GiB all of it is low
+    assert _x86_lowmem("virt-7.2", size) is None

@@ -224,10 +224,12 @@ def _dump_as_source(d: _Desc, version: int) -> _Desc:
 
 
 class _Replay:
-    def __init__(self, section: str, out: list[Finding], src_is_dump: bool) -> None:
+    def __init__(self, section: str, out: list[Finding], src_is_dump: bool,
+                 dst_written: set[str] | None = None) -> None:
         self.section = section
         self.out = out
         self.src_is_dump = src_is_dump
+        self.dst_written = dst_written  # field names the destination's own stream wrote for this section
 
     def add(self, sev: str, reason: str, *fields: str) -> None:
         self.out.append(Finding(sev, self.section, reason, list(fields)))
@@ -269,6 +271,12 @@ class _Replay:
                 continue
             if s is None:
                 if d.cond:
+                    j += 1
+                    continue
+                if d.sub is not None and self.dst_written is not None and d.name not in self.dst_written:
+                    self.add(NOTE, f"the destination reads {d.name!r} (struct {d.sub.name}) after the last field the "
+                                   "source wrote; its own stream has no such field either: a variable-length array "
+                                   "with no element in both", fname)
                     j += 1
                     continue
                 if d.sub is not None:
@@ -417,6 +425,18 @@ def _realign(sf: list[_F], i: int, df: list[_F], j: int, limit: int = 16) -> tup
     return (i, j) if a == b else None
 
 
+def _names(d: _Desc) -> set[str]:
+    out: set[str] = set()
+    for f in d.fields:
+        out.add(f.name)
+        out.add(_base(f.name))
+        for sub in ([f.sub] if f.sub else []) + f.variants:
+            out |= _names(sub)
+    for sub in d.subsections.values():
+        out |= _names(sub)
+    return out
+
+
 def _same(s: _F, d: _F) -> bool:
     return s.name == d.name or _base(s.name) == d.name or s.name == _base(d.name)
 
@@ -517,7 +537,8 @@ def _stream_sections(src: Side, dump: Side | None, stream: Side | None, res: Com
         if sec.desc is None:
             out.append(Finding(NOTE, label, "the source stream carries no vmdesc entry for it: layout not checked"))
             continue
-        _Replay(label, out, False).run(_from_vmdesc(sec.desc), ddesc, sec.version, f"{label}/")
+        written = _names(_from_vmdesc(dsec.desc)) if dsec is not None and dsec.desc is not None else None
+        _Replay(label, out, False, written).run(_from_vmdesc(sec.desc), ddesc, sec.version, f"{label}/")
     if stream is not None and stream.sections is not None:
         for key, dsec in stream.sections.items():
             if key not in src.sections:

@@ -7,9 +7,10 @@ from typing import Any
 
 from qevm.codec.vmsd import to_json
 from qevm.format.events import Command
+from qevm.format.grammar import ODDITY_TEXT, Oddity
 from qevm.io.reader import Analysis, Device
 
-__all__ = ["dump_document", "info_document", "qemu_hints"]
+__all__ = ["dump_document", "info_document", "qemu_hints", "warnings"]
 
 def _configuration(an: Analysis) -> dict[str, Any] | None:
     c = an.configuration
@@ -126,6 +127,17 @@ def qemu_hints(an: Analysis) -> dict[str, Any]:
     return {"min": f"{lo[0]}.{lo[1]}" if lo != (0, 0) else None,
             "max": f"{hi[0]}.{hi[1]}" if hi else None, "reasons": why}
 
+def warnings(an: Analysis) -> list[dict[str, Any]]:
+    """The stream's anomalies: what QEMU's loader goes along with but no correct source writes."""
+    out = []
+    for a in an.anomalies:
+        try:
+            what = ODDITY_TEXT[Oddity(a.code)]
+        except ValueError:
+            what = a.code
+        out.append({"offset": a.offset, "code": a.code, "what": what, "detail": a.message})
+    return out
+
 def info_document(an: Analysis, page_size: int | None = None) -> dict[str, Any]:
     sections = []
     for st in an.order:
@@ -153,4 +165,5 @@ def info_document(an: Analysis, page_size: int | None = None) -> dict[str, Any]:
         "trailing_bytes": an.trailing,
         "device_sections": len(an.devices),
         "decoded_devices": sum(1 for d in an.devices if d.struct is not None),
+        "warnings": warnings(an),
     }

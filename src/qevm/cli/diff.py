@@ -101,11 +101,14 @@ def render(res: StateDiff, max_ranges: int = 20) -> str:
         for b in res.ram:
             if not b.differs:
                 continue
-            size = (f"{b.size[0]}" if b.size[0] == b.size[1] else f"{b.size[0]} -> {b.size[1]}")
+            a_, b_ = ("absent" if x is None else str(x) for x in b.size)
+            size = a_ if a_ == b_ else f"{a_} -> {b_}"
             out.append(f"ram {b.name} (size {size}): {b.changed} pages changed, {b.appeared} appeared, "
                        f"{b.disappeared} disappeared ({res.page_size}-byte pages)")
             for start, end, kind in b.ranges[:max_ranges]:
-                out.append(f"  [0x{start:x}, 0x{end:x}) {kind}")
+                gpa = b.gpa(start)
+                where = f" (guest-physical 0x{gpa:x})" if gpa is not None and gpa != start else ""
+                out.append(f"  [0x{start:x}, 0x{end:x}) {kind}{where}")
             if len(b.ranges) > max_ranges:
                 out.append(f"  ... {len(b.ranges) - max_ranges} more ranges (--json lists all)")
     for n in res.notes:

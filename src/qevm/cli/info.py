@@ -38,6 +38,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append("commands        " + ", ".join(f"{k} x{v}" for k, v in doc["commands"].items()))
     if doc["trailing_bytes"]:
         lines.append(f"trailing bytes  {doc['trailing_bytes']} after the end of the stream")
+    for w in doc["warnings"]:
+        lines.append(f"warning         offset {w['offset']}: {w['what']} ({w['detail']})")
     ram = doc["ram"]
     if ram:
         lines.append("")

@@ -7,10 +7,29 @@ import os
 import sys
 from collections.abc import Sequence
 
-from qevm.cli import compat, desc, diff, dump, edit, info, record, rewrite, scan, send, tap, vm
+from qevm.cli import (
+    compat,
+    convert,
+    core,
+    desc,
+    diff,
+    dump,
+    edit,
+    extract,
+    info,
+    record,
+    redact,
+    report,
+    rewrite,
+    scan,
+    send,
+    tap,
+    vm,
+)
 from qevm.errors import QevmError
 
-VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat, scan)
+VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat, convert, report, extract, redact, core,
+         scan)
 
 
 def build_parser() -> argparse.ArgumentParser:

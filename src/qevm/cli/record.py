@@ -13,17 +13,19 @@ from typing import Any, TextIO
 from qevm.cli.common import print_json
 from qevm.cli.info import render as render_info
 from qevm.format.returnpath import RpMessage
-from qevm.migration.record import Progress, record
+from qevm.migration.record import record
+from qevm.migration.session import Progress
 from qevm.units import format_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("record", help="listen as a migration destination and record the stream to a file",
-                       description="Listen on URI (tcp:HOST:PORT, unix:PATH, vsock:CID:PORT) as a migration "
-                       "destination; a QEMU `migrate URI` completes and FILE holds the stream exactly as "
-                       "received (FILE.part until the stream is complete).")
-    p.add_argument("uri", metavar="URI", help="where to listen, e.g. tcp:127.0.0.1:4444 or unix:/tmp/mig.sock "
-                   "(port 0: pick a free one, printed on stderr)")
+    p = sub.add_parser("record", help="be a migration destination and record the stream to a file",
+                       description="Take an incoming migration from URI, any address QEMU's -incoming takes: "
+                       "listen on tcp:HOST:PORT, unix:PATH or vsock:CID:PORT (a QEMU `migrate URI` completes), "
+                       "or read exec:COMMAND's output, fd:N or file:PATH[,offset=N]; FILE holds the stream "
+                       "exactly as received (FILE.part until the stream is complete).")
+    p.add_argument("uri", metavar="URI", help="e.g. tcp:127.0.0.1:4444, unix:/tmp/mig.sock (port 0: pick a free "
+                   "one, printed on stderr), exec:'cat saved.mig', file:saved.mig")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the recording")
     add_session_options(p)
     p.add_argument("--switchover-ack", action="store_true",
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     def head(res: Any, doc: dict[str, Any]) -> list[str]:
         r = doc["record"]
         out = [f"recorded        {r['bytes']} bytes ({format_size(r['bytes'])}) in {r['seconds']:.2f} s{rate(r)}",
-               f"from            {r['source']} on {r['listen']}",
+               f"from            {r['source']}" + (f" on {r['listen']}" if r["listen"] != r["source"] else ""),
                f"output          {r['output']} (complete)"]
         if res.return_path:
             out.append(f"return path     opened; sent {rp_list(res.sent)}")

@@ -11,7 +11,7 @@ size (``RAW``), which keeps unknown types lossless.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Literal
 
 from qevm.codec.wire import Cursor
 from qevm.errors import EncodeError
@@ -50,24 +50,26 @@ class TypeCodec:
 class IntCodec(TypeCodec):
     """Two's complement or unsigned big-endian integers."""
 
-    def __init__(self, name: str, nbytes: int, signed: bool, strict_size: bool = True) -> None:
+    def __init__(self, name: str, nbytes: int, signed: bool, strict_size: bool = True,
+                 order: str = "big") -> None:
         self.name = name
         self.nbytes = nbytes
         self.signed = signed
         self.natural_size = nbytes
         self.strict_size = strict_size
+        self.order: Literal["big", "little"] = "little" if order == "little" else "big"
 
     def decode_many(self, cur: Cursor, size: int, n: int) -> list[Any]:
         cur.need(n * self.nbytes)
         code = {1: "b", 2: "h", 4: "i", 8: "q"}[self.nbytes]
-        fmt = f">{n}{code if self.signed else code.upper()}"
+        fmt = f"{'>' if self.order == 'big' else '<'}{n}{code if self.signed else code.upper()}"
         out = list(struct.unpack_from(fmt, cur.buf, cur.pos))
         cur.pos += n * self.nbytes
         return out
 
     def decode(self, cur: Cursor, size: int) -> int:
         cur.need(self.nbytes)
-        v = int.from_bytes(cur.buf[cur.pos:cur.pos + self.nbytes], "big", signed=self.signed)
+        v = int.from_bytes(cur.buf[cur.pos:cur.pos + self.nbytes], self.order, signed=self.signed)
         cur.pos += self.nbytes
         return v
 
@@ -75,7 +77,7 @@ class IntCodec(TypeCodec):
         if isinstance(value, bool) or not isinstance(value, int):
             raise EncodeError(f"{self.name} needs an integer, got {value!r}")
         try:
-            return value.to_bytes(self.nbytes, "big", signed=self.signed)
+            return value.to_bytes(self.nbytes, self.order, signed=self.signed)
         except OverflowError:
             bits = self.nbytes * 8
             lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if self.signed else (0, (1 << bits) - 1)
@@ -200,6 +202,9 @@ def _ints() -> list[TypeCodec]:
         IntCodec("psr", 4, False, strict_size=False),
         IntCodec("fpcr", 8, False, strict_size=False),
     ]
+    # little-endian integers inside blobs qevm describes itself (PCI config space, virtio device
+    # config); QEMU never writes these names into a vmdesc
+    out += [IntCodec(f"uint{bits}_le", bits // 8, False, order="little") for bits in (16, 32, 64)]
     return out
 
 

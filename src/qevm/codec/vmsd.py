@@ -312,3 +312,8 @@ def _elem_json(fd: dict[str, Any], v: Any) -> Any:
         return to_json(v)
     codec = codec_for(str(fd.get("type")), int(fd.get("size", 0)))
     return codec.to_json(v) if codec is not RAW else bytes(v).hex()
+
+
+# The codecs of the types QEMU saves by hand (``pci config``, ``virtio``) decode through this module;
+# importing them here registers them whenever vmsd decoding is available.
+from qevm.codec import blobs as _blobs  # noqa: E402,F401

@@ -5,14 +5,19 @@
               every piece of state described with ``qevm.vmstate``
 ``states``    the migration status and run state lifecycles, as tables
 ``stream``    writing a stream: savevm phases, the RAM handler (dirty bitmap, zero pages, XBZRLE
-              cache), the rate limiter
+              cache), the output buffer
 ``load``      loading a stream into the machine on the sans-I/O parser
 ``migration`` the outgoing migration thread (precopy, stop-and-copy, cancel, failure)
 ``incoming``  the destination side
 ``snapshots`` savevm / loadvm / delvm into a directory of stream files
-``channels``  incoming transports and ``getfd`` descriptors (outgoing ones: ``qevm.transport``)
-``core``      the engine and its QMP command set; ``hmp`` the human monitor commands
+``errors``    ``QMPError``
+``hmp``       the human monitor commands
+``core``      the engine and its QMP command set
 ``qmp``       the QMP server (QEMU's wire protocol)
+
+Channels (every ``-incoming`` / ``migrate`` URI, ``getfd`` descriptors), the return-path responder
+and reader, the rate limiter and the push parser come from ``qevm.migration``, shared with
+``qevm record``, ``tap`` and ``send``.
 """
 
 from __future__ import annotations

@@ -15,16 +15,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.engine.channels import FdTable, open_incoming, open_outgoing
+from qevm.engine.errors import QMPError
+from qevm.engine.hmp import run_hmp
 from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
 from qevm.engine.migration import CAPABILITIES, MAX_MIGRATE_DOWNTIME, SUPPORTED_CAPABILITIES, MigrationState
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
 from qevm.engine.states import MigrationStatus, RunState
 from qevm.errors import QevmError, UsageError
-from qevm.migration.channels import Channel
+from qevm.migration.channels import (
+    LISTEN_SCHEMES,
+    SEND_SCHEMES,
+    Channel,
+    FdTable,
+    SocketChannel,
+    open_incoming,
+    open_outgoing,
+    parse_uri,
+)
 
-__all__ = ["Engine", "QMPError", "COMMANDS", "QEMU_VERSION"]
+__all__ = ["Engine", "QMPError", "COMMANDS", "QEMU_VERSION", "Arg", "check_args"]
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +42,6 @@ log = logging.getLogger(__name__)
 QEMU_VERSION = {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": "qevm"}
 MIGRATION_ACTIVE = "There's a migration process in progress"
 S = MigrationStatus
-
-
-class QMPError(Exception):
-    """A command failed: QMP's ``{"error": {"class": ..., "desc": ...}}``."""
-
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.cls = cls
-        self.desc = desc
 
 
 # -- argument checking (QEMU's QAPI visitor messages) -------------------------------------------------------
@@ -51,7 +52,7 @@ class Arg:
     required: bool = False
 
 
-def _check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
+def check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
     for name in args:
         if name not in spec:
             raise QMPError(f"Parameter '{name}' is unexpected")
@@ -152,7 +153,7 @@ class Engine:
         if entry is None:
             raise QMPError(f"The command {name} has not been found", "CommandNotFound")
         fn, spec = entry
-        _check_args(arguments, spec)
+        check_args(arguments, spec)
         with self.cmd_lock:
             return fn(self, arguments)
 
@@ -182,25 +183,34 @@ class Engine:
         if self.m.runstate is RunState.POSTMIGRATE:
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
         scheme = uri.partition(":")[0]
-        if scheme in ("tcp", "unix"):
+        if scheme in LISTEN_SCHEMES:
             # parse now (errors go back to the caller), connect in the migration thread like QEMU
             try:
-                from qevm.migration.channels import parse_uri
                 parse_uri(uri)
             except QevmError as e:
                 raise QMPError(str(e)) from None
             mig.prepare()
-            mig.start(lambda: open_outgoing(uri, self.fds), uri)
+            mig.start(lambda: self._open_outgoing(uri), uri)
             return
-        if ":" not in uri or scheme not in ("exec", "fd", "file"):
+        if ":" not in uri or scheme not in SEND_SCHEMES:
+            try:
+                parse_uri(uri)  # rdma: gets its own line
+            except QevmError as e:
+                raise QMPError(str(e)) from None
             raise QMPError(f"unknown migration protocol: {uri}")
         mig.prepare()
         try:
-            ch: Channel = open_outgoing(uri, self.fds)
+            ch: Channel = self._open_outgoing(uri)
         except QevmError as e:
             mig.fail_setup(str(e))
             raise QMPError(str(e)) from None
         mig.start(lambda: ch, uri)
+
+    def _open_outgoing(self, uri: str) -> Channel:
+        ch = open_outgoing(uri, fds=self.fds, timeout=30.0)  # the connect times out, not the migration
+        if isinstance(ch, SocketChannel):
+            ch.settimeout(None)
+        return ch
 
     def savevm(self, name: str | None) -> None:
         if self.store is None:
@@ -408,8 +418,6 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
 
 @command("human-monitor-command", **{"command-line": Arg("str", True), "cpu-index": Arg("int")})
 def _hmp(e: Engine, a: dict[str, Any]) -> Any:
-    from qevm.engine.hmp import run_hmp
-
     return run_hmp(e, a["command-line"]).replace("\n", "\r\n")
 
 

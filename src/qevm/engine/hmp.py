@@ -8,15 +8,27 @@ Lines end with ``\\n`` here; the QMP layer turns them into ``\\r\\n`` as QEMU's 
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from qevm.engine.errors import QMPError
+from qevm.engine.machine import Machine
 from qevm.errors import QevmError
 from qevm.migration.channels import parse_size
 
-if TYPE_CHECKING:
-    from qevm.engine.core import Engine
+__all__ = ["run_hmp", "format_info_migrate", "Monitored"]
 
-__all__ = ["run_hmp", "format_info_migrate"]
+
+class Monitored(Protocol):
+    """What the human monitor drives: the engine (``qevm.engine.core.Engine``)."""
+
+    m: Machine
+
+    def execute(self, name: str, arguments: dict[str, Any]) -> Any: ...
+    def migration_info(self) -> dict[str, Any]: ...
+    def info_snapshots(self) -> str: ...
+    def savevm(self, name: str | None) -> None: ...
+    def loadvm(self, name: str) -> None: ...
+    def delvm(self, name: str) -> None: ...
 
 
 def _error(msg: str) -> str:
@@ -27,9 +39,7 @@ def _usage(cmd: str, what: str = "string") -> str:
     return f'{cmd}: {what} expected\nTry "help {cmd}" for more information\n'
 
 
-def run_hmp(engine: Engine, line: str) -> str:
-    from qevm.engine.core import QMPError
-
+def run_hmp(engine: Monitored, line: str) -> str:
     try:
         words = shlex.split(line)
     except ValueError:
@@ -107,7 +117,7 @@ def run_hmp(engine: Engine, line: str) -> str:
     return f"unknown command: '{cmd}'\n"
 
 
-def format_info_migrate(engine: Engine) -> str:
+def format_info_migrate(engine: Monitored) -> str:
     """``info migrate`` (QEMU 10.0's hmp_info_migrate)."""
     info = engine.migration_info()
     out = ["globals:", "store-global-state: on", "only-migratable: off", "send-configuration: on",

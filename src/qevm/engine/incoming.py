@@ -2,8 +2,9 @@
 
 ``IncomingMigration.start()`` opens the source (listening socket, file, command, fd) and the status
 becomes setup; a thread then waits for the stream (active), feeds it to ``StreamLoader`` through
-the parser's own buffer, answers OPEN_RETURN_PATH/PING on the return path when the source asks,
-and at the end either
+the parser's own buffer, answers OPEN_RETURN_PATH/PING on the return path when the source asks
+(``qevm.migration.returnpath.DestinationResponder``, the one ``qevm record`` uses), and at the end
+either
 
 * completed: the run state comes from the received ``globalstate`` ("running" and autostart: the
   VM starts, RESUME; otherwise it stays paused or takes the received state), SHUT(0) on the
@@ -14,28 +15,28 @@ and at the end either
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from qevm.engine.channels import IncomingSource
-from qevm.engine.load import LoadError, StreamLoader
+from qevm.engine.load import StreamLoader
 from qevm.engine.machine import Machine
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
 from qevm.errors import QevmError
-from qevm.format.events import Command
-from qevm.format.returnpath import pong, shut
+from qevm.migration.channels import Channel, Incoming, TransportError
+from qevm.migration.returnpath import DestinationResponder
+from qevm.migration.session import CHUNK
 
 __all__ = ["IncomingMigration", "CHUNK"]
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20
 S = MigrationStatus
 
 
 class IncomingMigration:
-    def __init__(self, machine: Machine, source: IncomingSource, *, autostart: bool, exit_on_error: bool,
+    def __init__(self, machine: Machine, source: Incoming, *, autostart: bool, exit_on_error: bool,
                  emit: Callable[[str, dict[str, Any] | None], None], events_on: Callable[[], bool],
                  on_exit: Callable[[int], None]) -> None:
         self.m = machine
@@ -82,37 +83,40 @@ class IncomingMigration:
     def _run(self) -> None:
         src = self.source
         m = self.m
-        rp_open = False
+        resp = DestinationResponder()
+        ch: Channel | None = None
+
+        def answer(data: bytes) -> None:
+            if data and ch is not None:
+                with contextlib.suppress(TransportError):  # the source went away: the load decides
+                    ch.sendall(data)
+
         try:
-            src.connect()
+            ch = src.accept()
+            resp.channel_has_return_path = ch.has_return_path
             self.cell.transition(S.SETUP, S.ACTIVE)
             ld = self.loader = StreamLoader(m)
             while not ld.finished:
+                if src.aborted:
+                    raise TransportError("incoming migration aborted")
                 view = ld.get_buffer(CHUNK)
                 try:
-                    n = src.recv_into(view)
+                    n = ch.recv_into(view)
+                except OSError as e:
+                    raise TransportError(f"{src.uri}: read failed: {e.strerror or e}") from e
                 finally:
                     view.release()
                 for cmd in ld.buffer_updated(n):
-                    if cmd.cmd == Command.OPEN_RETURN_PATH:
-                        if not src.has_return_path:
-                            raise LoadError("the source asked for a return path on a channel that has none")
-                        rp_open = True
-                    elif cmd.cmd == Command.PING:
-                        if not rp_open:
-                            raise LoadError("PING received without a return path")
-                        src.send(pong(int.from_bytes(cmd.data[:4], "big")).encode())
+                    answer(resp.on_command(cmd))
                 if n == 0:
                     break
             ld.check_complete()
-            if rp_open:
-                src.send(shut(0).encode())
+            answer(resp.finish(True))
             src.close()
             self._finish()
         except (QevmError, OSError) as e:
             self.error = str(e)
-            if rp_open:
-                src.send(shut(1).encode())
+            answer(resp.finish(False))
             src.close()
             log.error("load of migration failed: %s", self.error)
             st = self.status

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
 from qevm.errors import DecodeError, QevmError
 from qevm.format.events import (
-    Command,
     CommandEvent,
     Configuration,
     DeviceState,
@@ -29,11 +28,11 @@ from qevm.format.events import (
     RamBlock,
     RamPage,
     SectionHeader,
-    SectionKind,
     VmDescription,
 )
-from qevm.format.parser import DONE, NEED_DATA, Parser
+from qevm.format.records import Command, RamFlag, SectionKind
 from qevm.format.xbzrle import apply_delta
+from qevm.migration.pushparser import PushParser
 from qevm.vmstate import load_state
 
 __all__ = ["LoadError", "StreamLoader", "LoadStats"]
@@ -43,7 +42,10 @@ class LoadError(QevmError):
     """The incoming stream cannot be loaded into this machine."""
 
 
-_PAGE, _ZERO, _XBZRLE, _COMPRESS = 0x08, 0x02, 0x40, 0x100
+_PAGE, _ZERO, _XBZRLE, _COMPRESS = int(RamFlag.PAGE), int(RamFlag.ZERO), int(RamFlag.XBZRLE), int(RamFlag.COMPRESS_PAGE)
+_NOT_CONT = ~int(RamFlag.CONTINUE)
+#: the commands this engine takes (answered on the return path by the caller, or ignored)
+_COMMANDS = (Command.OPEN_RETURN_PATH, Command.PING, Command.SWITCHOVER_START)
 
 
 @dataclass
@@ -55,41 +57,54 @@ class LoadStats:
     bytes: int = 0
 
 
-class StreamLoader:
-    """Bytes in, machine state out.  ``buffer_updated`` returns the commands that need an answer on
-    the return path (OPEN_RETURN_PATH, PING)."""
+class StreamLoader(PushParser):
+    """Bytes in, machine state out (``qevm.migration.pushparser.PushParser`` applying each event).
+    ``buffer_updated`` returns the commands that need an answer on the return path
+    (OPEN_RETURN_PATH, PING); 0 bytes means the input ended."""
 
     def __init__(self, machine: Machine) -> None:
+        super().__init__(page_size=machine.page_size)
         self.m = machine
-        self.parser = Parser(page_size=machine.page_size)
         self.ps = machine.page_size
         self.zero = bytes(self.ps)
         self.stats = LoadStats()
         self.seen_config = False
         self.seen_eof = False
-        self.finished = False
-        self._last: Event | None = None
-        self._closed = False
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more is to be read: the parser is done, the vmdesc came, or junk followed EOF."""
+        return self._finished or self.done
 
     # -- input -------------------------------------------------------------------------------------------
-    def get_buffer(self, n: int) -> memoryview:
-        return self.parser.get_buffer(n)
-
     def buffer_updated(self, n: int) -> list[CommandEvent]:
-        if n == 0:
-            self.parser.close()
-            self._closed = True
-        else:
-            self.parser.buffer_updated(n)
-            self.stats.bytes += n
-        return self._drain()
+        self.stats.bytes += n
+        try:
+            return super().buffer_updated(n)
+        except DecodeError as e:
+            return self._decode_error(e)
 
-    def feed(self, data: bytes) -> list[CommandEvent]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[CommandEvent]:
         if not data:
             return self.buffer_updated(0)
-        self.parser.feed(data)
         self.stats.bytes += len(data)
-        return self._drain()
+        try:
+            return super().feed(data)
+        except DecodeError as e:
+            return self._decode_error(e)
+
+    def close(self) -> list[CommandEvent]:
+        try:
+            return super().close()
+        except DecodeError as e:
+            return self._decode_error(e)
+
+    def _decode_error(self, e: DecodeError) -> list[CommandEvent]:
+        if self.seen_eof:  # something after EOF that is not a vmdesc: QEMU only warns
+            self._finished = True
+            return self.take_commands()
+        raise LoadError(str(e)) from e
 
     def check_complete(self) -> None:
         if not self.seen_eof:
@@ -97,26 +112,7 @@ class StreamLoader:
                             "(the source went away or the migration was cancelled)")
 
     # -- events ------------------------------------------------------------------------------------------
-    def _drain(self) -> list[CommandEvent]:
-        replies: list[CommandEvent] = []
-        p = self.parser
-        while True:
-            try:
-                ev = p.next_event()
-            except DecodeError as e:
-                if self.seen_eof:  # something after EOF that is not a vmdesc: QEMU only warns
-                    self.finished = True
-                    return replies
-                raise LoadError(str(e)) from e
-            if ev is NEED_DATA:
-                return replies
-            if ev is DONE:
-                self.finished = True
-                return replies
-            assert isinstance(ev, Event)
-            self._apply(ev, replies)
-
-    def _apply(self, ev: Event, replies: list[CommandEvent]) -> None:
+    def handle(self, ev: Event) -> None:
         if isinstance(ev, RamPage):
             self._page(ev)
             return
@@ -138,16 +134,12 @@ class StreamLoader:
                 raise LoadError(f"Length mismatch: {ev.name}: 0x{ev.used_length:x} in != 0x{self.m.ram_size:x}: "
                                 "Invalid argument")
         elif isinstance(ev, CommandEvent):
-            if ev.cmd in (Command.OPEN_RETURN_PATH, Command.PING):
-                replies.append(ev)
-            elif ev.cmd == Command.SWITCHOVER_START:
-                pass
-            else:
+            if ev.cmd not in _COMMANDS:
                 raise LoadError(f"qevm's engine does not support the {ev.name} command (postcopy, COLO)")
         elif isinstance(ev, EndOfFile):
             self.seen_eof = True
         elif isinstance(ev, VmDescription):
-            self.finished = True
+            self._finished = True
 
     def _configuration(self, ev: Configuration) -> None:
         self.seen_config = True
@@ -188,7 +180,7 @@ class StreamLoader:
         ps = self.ps
         a = ev.addr
         ram = self.m.ram
-        kind = ev.flags & ~0x20
+        kind = ev.flags & _NOT_CONT
         if kind == _PAGE:
             ram[a:a + ps] = ev.payload
             self.stats.pages += 1

@@ -26,14 +26,15 @@ from collections.abc import Callable
 from typing import Any
 
 from qevm.codec.wire import be32
-from qevm.engine.channels import abort_channel
 from qevm.engine.machine import Machine
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
-from qevm.engine.stream import XBZRLE_DEFAULT_CACHE, Cancelled, RamSaver, RateLimiter, SaveSession, StreamOut
+from qevm.engine.stream import XBZRLE_DEFAULT_CACHE, Cancelled, RamSaver, SaveSession, StreamOut
 from qevm.errors import QevmError
-from qevm.format.events import Command, CommandEvent
-from qevm.format.returnpath import RpDecoder, RpType
-from qevm.migration.channels import Channel, SocketChannel
+from qevm.format.events import CommandEvent
+from qevm.format.records import Command
+from qevm.migration.channels import Channel
+from qevm.migration.ratelimit import RateLimiter
+from qevm.migration.returnpath import PRECOPY_MESSAGES, ReturnPathReader
 
 __all__ = ["MigrationState", "DEFAULT_PARAMETERS", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "BUFFER_DELAY"]
 
@@ -67,57 +68,6 @@ CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "event
 SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate"})
 #: how long the source waits for the destination's SHUT on the return path
 RP_SHUT_TIMEOUT = 30.0
-
-
-class ReturnPath:
-    """The source's end of the return path (``return-path`` capability): a thread decodes what the
-    destination sends (PONG, SHUT) with ``qevm.returnpath.RpDecoder``."""
-
-    def __init__(self, ch: SocketChannel) -> None:
-        self.ch = ch
-        self.pongs: list[int] = []
-        self.shut: int | None = None
-        self.error: str | None = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="return-path", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        dec = RpDecoder()
-        buf = bytearray(4096)
-        try:
-            while True:
-                n = self.ch.recv_into(memoryview(buf))
-                if n == 0:
-                    dec.close()
-                else:
-                    dec.feed(buf[:n])
-                for msg in dec.messages():
-                    if msg.type == RpType.PONG:
-                        self.pongs.append(int.from_bytes(msg.data, "big"))
-                    elif msg.type == RpType.SHUT:
-                        self.shut = int.from_bytes(msg.data, "big")
-                        return
-                    else:
-                        raise QevmError(f"unexpected {msg.name} message on the return path of a precopy migration")
-                if n == 0:
-                    raise QevmError("the return path closed without SHUT")
-        except (QevmError, OSError) as e:
-            self.error = str(e)
-        finally:
-            self.done.set()
-
-    def wait_shut(self, abort: threading.Event) -> None:
-        deadline = time.monotonic() + RP_SHUT_TIMEOUT
-        while not self.done.wait(0.05):
-            if abort.is_set():
-                raise Cancelled()
-            if time.monotonic() > deadline:
-                raise QevmError(f"no SHUT on the return path within {RP_SHUT_TIMEOUT:g}s")
-        if self.error is not None:
-            raise QevmError(f"return path: {self.error}")
-        if self.shut:
-            raise QevmError(f"the destination failed to load the stream (SHUT {self.shut} on the return path)")
 
 
 class MigrationState:
@@ -200,7 +150,7 @@ class MigrationState:
             if self.cell.status is old and self.cell.transition(old, S.CANCELLING):
                 self._abort.set()
                 if self.channel is not None:
-                    abort_channel(self.channel)
+                    self.channel.abort()
                 return
 
     def wait(self, timeout: float | None = None) -> None:
@@ -217,7 +167,7 @@ class MigrationState:
             return
         self.channel = ch
         if self._abort.is_set():  # cancelled while connecting
-            abort_channel(ch)
+            ch.abort()
             ch.close()
             self.cell.transition(S.CANCELLING, S.CANCELLED)
             self.channel = None
@@ -226,7 +176,7 @@ class MigrationState:
 
     def _migrate(self, ch: Channel) -> None:
         m = self.m
-        limiter = RateLimiter(self.params["max-bandwidth"])
+        limiter = RateLimiter(self.params["max-bandwidth"], initial=0)
         self._rate_param = self.params["max-bandwidth"]
         out = StreamOut(ch.sendall, limiter=limiter, abort=self._abort)
         self.out = out
@@ -235,13 +185,13 @@ class MigrationState:
         self.session = sess
         stopped_here = False
         was_running = m.running
-        rp: ReturnPath | None = None
+        rp: ReturnPathReader | None = None
         try:
             sess.header()
             if self.caps["return-path"]:
-                if not isinstance(ch, SocketChannel):
+                if not ch.has_return_path:
                     raise QevmError("Unable to open return-path for postcopy")
-                rp = ReturnPath(ch)
+                rp = ReturnPathReader(ch, allowed=PRECOPY_MESSAGES, name="return-path")
                 out.write(CommandEvent(0, Command.OPEN_RETURN_PATH, b"").encode())
                 out.write(CommandEvent(0, Command.PING, be32(1)).encode())
             sess.setup()
@@ -266,7 +216,7 @@ class MigrationState:
                 sess.complete()
                 ch.shutdown_write()
                 if rp is not None:
-                    rp.wait_shut(self._abort)
+                    self._wait_shut(rp)
                 ch.close()
                 end_t = time.monotonic()
                 self.downtime = max(0, int((end_t - stop_t) * 1000))
@@ -282,7 +232,7 @@ class MigrationState:
             log.info("migration completed: %d bytes in %d ms, downtime %d ms", out.total, self.total_time,
                      self.downtime)
         except (Cancelled, QevmError, OSError) as e:
-            abort_channel(ch)
+            ch.abort()
             try:
                 ch.close()
             except Exception:  # noqa: BLE001 - the channel is being torn down after an error anyway
@@ -301,7 +251,22 @@ class MigrationState:
                 elif m.runstate is RunState.FINISH_MIGRATE:
                     m.set_runstate(RunState.POSTMIGRATE)
         finally:
+            if rp is not None:
+                rp.stop()
             self.channel = None
+
+    def _wait_shut(self, rp: ReturnPathReader) -> None:
+        """The source's rule with a return path: completed only on the destination's SHUT(0)."""
+        try:
+            status = rp.wait_shut(RP_SHUT_TIMEOUT, self._abort)
+        except QevmError as e:
+            raise QevmError(f"return path: {e}") from e
+        if self._abort.is_set():
+            raise Cancelled()
+        if status is None:
+            raise QevmError("return path: the return path closed without SHUT")
+        if status:
+            raise QevmError(f"the destination failed to load the stream (SHUT {status} on the return path)")
 
     def _iterate(self, sess: SaveSession, out: StreamOut, limiter: RateLimiter) -> None:
         ram: RamSaver = sess.ram

@@ -25,7 +25,7 @@ import socket
 import threading
 from typing import Any
 
-from qevm.engine.core import QEMU_VERSION, Engine, QMPError
+from qevm.engine.core import COMMANDS, QEMU_VERSION, Engine, QMPError, check_args
 from qevm.errors import UsageError
 
 __all__ = ["QMPServer", "parse_qmp_address"]
@@ -250,9 +250,7 @@ class _Monitor:
         return self.engine.execute(name, args)
 
     def _getfd(self, args: dict[str, Any]) -> Any:
-        from qevm.engine.core import COMMANDS, _check_args
-
-        _check_args(args, COMMANDS["getfd"][1])
+        check_args(args, COMMANDS["getfd"][1])
         name = args["fdname"]
         if not self.fds:
             raise QMPError("No file descriptor supplied via SCM_RIGHTS")

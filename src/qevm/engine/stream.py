@@ -1,6 +1,6 @@
 """Writing a stream: QEMU's ``qemu_savevm_state_*`` phases for this machine, the RAM handler's
-save side (dirty bitmap, page scan, zero pages, XBZRLE with a cache), the rate limiter, and the
-output buffer that counts every byte put on the wire.
+save side (dirty bitmap, page scan, zero pages, XBZRLE with a cache), and the output buffer that
+counts every byte put on the wire (through ``qevm.migration.ratelimit.RateLimiter``).
 
     out = StreamOut(channel.sendall, limiter=RateLimiter(32 << 20))
     s = SaveSession(machine, out)
@@ -9,9 +9,9 @@ output buffer that counts every byte put on the wire.
         s.iterate(deadline)
     s.complete()                      # END ram, FULL device sections, EOF, vmdesc
 
-Records are written with the exact layout of ``qevm.events`` (``RamPage``, ``RamControl``,
-``SectionHeader``, ``Footer``...); the hot path packs page records directly and a test checks the
-bytes against the event classes.
+Records are written with the exact layout of ``qevm.format.events`` (``SectionHeader``, ``Footer``...);
+page records start with ``qevm.format.records.ram_record_head`` (the one RAM record encoder), the
+device sections and the vmdesc trailer come from the machine's ``SaveStateRegistry.events``.
 """
 
 from __future__ import annotations
@@ -24,70 +24,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.codec.wire import be64, cstr
 from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
+from qevm.errors import QevmError
 from qevm.format.events import (
     Configuration,
-    EndOfFile,
     FileHeader,
     Footer,
-    RamFlag,
+    RamBlock,
+    RamControl,
+    RamMemSize,
     Section,
     SectionHeader,
-    SectionKind,
-    VmDescription,
 )
-from qevm.vmstate import CONFIGURATION, State, save_state, vmdesc_json
+from qevm.format.records import RamFlag, SectionKind, ram_record_head
+from qevm.migration.ratelimit import RateLimiter
 
-__all__ = ["Cancelled", "RateLimiter", "StreamOut", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
+__all__ = ["Cancelled", "StreamOut", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
            "XBZRLE_DEFAULT_CACHE"]
 
 XBZRLE_DEFAULT_CACHE = 64 << 20
-_B64 = struct.Struct(">Q")
 _B16 = struct.Struct(">H")
+_XBZRLE_ENCODING = b"\x01"  # ENCODING_FLAG_XBZRLE
 _NONZERO = re.compile(rb"[^\x00]+")
-_ZERO, _PAGE, _EOS, _CONT, _XBZRLE, _MEM_SIZE = (int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.EOS),
-                                                 int(RamFlag.CONTINUE), int(RamFlag.XBZRLE),
-                                                 int(RamFlag.MEM_SIZE))
+_ZERO, _PAGE, _EOS, _CONT, _XBZRLE = (int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.EOS), int(RamFlag.CONTINUE),
+                                     int(RamFlag.XBZRLE))
+
+_EOS_RECORD = RamControl(0, _EOS).encode()
 
 
-class Cancelled(Exception):
+class Cancelled(QevmError):
     """The writer was told to stop (migrate_cancel)."""
 
 
 # -- output --------------------------------------------------------------------------------------------
-
-class RateLimiter:
-    """``max-bandwidth`` as a token bucket: at most ``rate`` bytes per second over the run, with at
-    most one 100 ms window (QEMU's BUFFER_DELAY) of credit saved up while idle."""
-
-    WINDOW = 0.1
-
-    def __init__(self, rate: float) -> None:
-        self.rate = 0.0
-        self.set_rate(rate)
-
-    def set_rate(self, rate: float) -> None:
-        self.rate = float(rate)
-        self.t0 = time.monotonic()
-        self.charged = 0
-
-    def charge(self, n: int, abort: threading.Event | None = None) -> None:
-        self.charged += n
-        if self.rate <= 0 or self.rate >= 1 << 62:
-            return
-        now = time.monotonic()
-        lag = (now - self.t0) - self.charged / self.rate  # > 0: behind schedule (credit)
-        if lag > self.WINDOW:
-            self.t0 += lag - self.WINDOW
-            lag = self.WINDOW
-        if lag < 0:
-            if abort is not None:
-                if abort.wait(-lag):
-                    raise Cancelled()
-            else:
-                time.sleep(-lag)
-
 
 class StreamOut:
     """Buffers records and hands them to ``sink`` in chunks, through the rate limiter; ``total`` is
@@ -114,8 +83,8 @@ class StreamOut:
         if self.abort is not None and self.abort.is_set():
             raise Cancelled()
         buf, self.buf = self.buf, bytearray()
-        if self.limiter is not None and self.limited:
-            self.limiter.charge(len(buf), self.abort)
+        if self.limiter is not None and self.limited and not self.limiter.take(len(buf), self.abort):
+            raise Cancelled()
         self.sink(buf)
         self.total += len(buf)
 
@@ -230,7 +199,8 @@ class RamSaver:
         self.c.dirty_sync_count += 1
         if self.on_sync is not None:
             self.on_sync(self.c.dirty_sync_count)
-        out.write(be64(self.m.ram_size | _MEM_SIZE) + cstr(RAM_BLOCK) + be64(self.m.ram_size) + be64(_EOS))
+        size = self.m.ram_size
+        out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode() + _EOS_RECORD)
 
     def iterate(self, out: StreamOut, deadline: float | None) -> int:
         """Send dirty pages, scanning on from where the last call stopped, until none are left or
@@ -255,7 +225,7 @@ class RamSaver:
             if deadline is not None and not visited & 63 and time.monotonic() >= deadline:
                 break
         self.pos = pos
-        out.write(be64(_EOS))
+        out.write(_EOS_RECORD)
         return visited
 
     def _round_done(self) -> None:
@@ -269,15 +239,12 @@ class RamSaver:
         c = self.c
         c.pages_sent += 1
         if self.last_block == RAM_BLOCK:
-            head = _B64.pack(off | _CONT)
-            named = b""
+            cont = _CONT
         else:
-            head = _B64.pack(off)
-            named = cstr(RAM_BLOCK)
+            cont = 0
             self.last_block = RAM_BLOCK
-        word = _B64.unpack(head)[0]
         if data == self.zero:
-            out.write(_B64.pack(word | _ZERO) + named + b"\x00")
+            out.write(ram_record_head(off, _ZERO | cont, RAM_BLOCK) + b"\x00")
             c.duplicate += 1
             if self.xbzrle and p in self.cache:
                 self.cache[p] = self.zero
@@ -298,13 +265,14 @@ class RamSaver:
                 if delta is None:
                     c.xbzrle_overflow += 1
                 else:
-                    out.write(_B64.pack(word | _XBZRLE) + named + b"\x01" + _B16.pack(len(delta)) + delta)
+                    out.write(ram_record_head(off, _XBZRLE | cont, RAM_BLOCK) + _XBZRLE_ENCODING
+                              + _B16.pack(len(delta)) + delta)
                     c.xbzrle_pages += 1
                     c.xbzrle_bytes += len(delta) + 3
                     self._period_xbz_pages += 1
                     self._period_xbz_bytes += len(delta) + 3
                     return
-        out.write(_B64.pack(word | _PAGE) + named + data)
+        out.write(ram_record_head(off, _PAGE | cont, RAM_BLOCK) + data)
         c.normal += 1
 
     def _cache_insert(self, p: int, data: bytes) -> None:
@@ -352,23 +320,9 @@ class SaveSession:
         self.out.flush()
 
     def write_devices(self) -> None:
-        name = MACHINE_TYPE.encode("latin-1")
-        top: dict[str, Any] = {
-            "configuration": save_state(CONFIGURATION, State(len=len(name), name=name)).desc,
-            "page_size": self.m.page_size,
-        }
-        devices: list[dict[str, Any]] = []
-        top["devices"] = devices
-        reg = self.m.registry
-        for se in reg.handlers:
-            saved = reg.save_entry(se)
-            if saved is None:
-                continue
-            data, entry = saved
-            sec = Section(se.section_id, se.idstr, se.instance_id, se.version_id, "device")
-            self.out.write(SectionHeader(0, SectionKind.FULL, sec).encode())
-            self.out.write(data)
-            self.out.write(Footer(0, se.section_id).encode())
-            devices.append(entry)
-        self.out.write(EndOfFile(0).encode())
-        self.out.write(VmDescription(0, vmdesc_json(top).encode("utf-8")).encode())
+        """The FULL device sections, EOF and the vmdesc trailer: the machine registry's own
+        (``SaveStateRegistry.events``, the ``ram`` entry has no FULL section)."""
+        out = self.out
+        for ev in self.m.registry.events(machine=MACHINE_TYPE, page_size=self.m.page_size, header=False,
+                                         describe_configuration=True, offset=out.total + len(out.buf)):
+            out.write(ev.encode())

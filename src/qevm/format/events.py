@@ -19,8 +19,14 @@ __all__ = [
     "SectionKind", "RamFlag", "Command", "Section", "Event", "FileHeader", "ConfigSubsection",
     "Configuration", "SectionHeader", "RamMemSize", "MappedRamHeader", "RamBlock", "RamPage",
     "RamControl", "RamTally", "PassTracker", "MappedRamBitmap", "MappedRamData", "LiveRecord", "DeviceState", "Footer",
-    "CommandEvent", "EndOfFile", "VmDescription", "Trailing", "MAGIC", "VERSION", "RecordType",
+    "CommandEvent", "EndOfFile", "VmDescription", "Trailing", "Anomaly", "MAGIC", "VERSION", "RecordType",
 ]
+
+_FOOTER = bytes((RecordType.FOOTER,))
+_COMMAND = bytes((RecordType.COMMAND,))
+_EOF = bytes((RecordType.EOF,))
+_VMDESC = bytes((RecordType.VMDESCRIPTION,))
+
 
 @dataclass(slots=True)
 class Section:
@@ -100,9 +106,9 @@ class Configuration(Event):
 
     def encode(self) -> bytes:
         name = self.machine.encode("latin-1")
-        out = bytearray(b"\x07" + be32(len(name)) + name)
+        out = bytearray(bytes((RecordType.CONFIGURATION,)) + be32(len(name)) + name)
         for s in self.subsections:
-            out += b"\x05" + cstr(s.name) + be32(s.version) + s.body
+            out += bytes((RecordType.SUBSECTION,)) + cstr(s.name) + be32(s.version) + s.body
         return bytes(out)
 
 
@@ -176,11 +182,11 @@ class RamPage(Event):
 
     @property
     def kind(self) -> int:
-        return self.flags & ~0x20  # without CONTINUE
+        return self.flags & ~RamFlag.CONTINUE
 
     @property
     def named(self) -> bool:
-        return not self.flags & 0x20
+        return not self.flags & RamFlag.CONTINUE
 
     def encode(self) -> bytes:
         return ram_record_head(self.addr, self.flags, self.block) + self.payload
@@ -305,7 +311,7 @@ class Footer(Event):
     section_id: int
 
     def encode(self) -> bytes:
-        return b"\x7e" + be32(self.section_id)
+        return _FOOTER + be32(self.section_id)
 
 
 @dataclass(slots=True)
@@ -323,7 +329,7 @@ class CommandEvent(Event):
             return f"UNKNOWN_{self.cmd}"
 
     def encode(self) -> bytes:
-        return b"\x08" + be16(self.cmd) + be16(len(self.data)) + self.data
+        return _COMMAND + be16(self.cmd) + be16(len(self.data)) + self.data
 
 
 @dataclass(slots=True)
@@ -331,7 +337,7 @@ class EndOfFile(Event):
     offset: int
 
     def encode(self) -> bytes:
-        return b"\x00"
+        return _EOF
 
 
 @dataclass(slots=True)
@@ -344,7 +350,7 @@ class VmDescription(Event):
         return doc
 
     def encode(self) -> bytes:
-        return b"\x06" + be32(len(self.raw)) + self.raw
+        return _VMDESC + be32(len(self.raw)) + self.raw
 
 
 @dataclass(slots=True)
@@ -356,3 +362,17 @@ class Trailing(Event):
 
     def encode(self) -> bytes:
         return self.data
+
+
+@dataclass(slots=True)
+class Anomaly(Event):
+    """Something QEMU's loader goes along with but no correct source writes: a PART after its section's
+    END, a second START, trailing bytes, ... (``qevm.format.grammar.Oddity``).  It carries no bytes of its
+    own (``encode()`` is empty), so a stream with anomalies still round-trips byte-identically."""
+
+    offset: int
+    code: str
+    message: str
+
+    def encode(self) -> bytes:
+        return b""

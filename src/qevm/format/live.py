@@ -11,12 +11,51 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
 from typing import Any
 
 from qevm.codec.wire import Cursor
 from qevm.format.events import Command, LiveRecord, SectionKind
 
-__all__ = ["LiveState", "LIVE_HANDLERS", "parse_live_record", "decode_command", "COMMAND_LENGTHS"]
+__all__ = ["LiveState", "LIVE_HANDLERS", "parse_live_record", "decode_command", "COMMAND_LENGTHS",
+           "HTAB_NO_HPT", "StattrFlag", "DirtyBitmapFlag", "BlockFlag"]
+
+#: spapr/htab START header value of a guest without a hash page table (hw/ppc/spapr.c)
+HTAB_NO_HPT = 0xFFFFFFFF
+
+
+class StattrFlag(IntEnum):
+    """s390-storage_attributes record word flags (hw/s390x/s390-stattrib.c), below the page address."""
+
+    EOS = 0x01
+    MORE = 0x02
+    ERROR = 0x04
+    DONE = 0x08
+
+
+class DirtyBitmapFlag(IntFlag):
+    """dirty-bitmap record flags (migration/block-dirty-bitmap.c); EXTRA_FLAGS widens them to 16, then 32 bits."""
+
+    EOS = 0x01
+    ZEROES = 0x02
+    BITMAP_NAME = 0x04
+    DEVICE_NAME = 0x08
+    START = 0x10
+    COMPLETE = 0x20
+    BITS = 0x40
+    EXTRA_FLAGS = 0x80
+
+
+class BlockFlag(IntFlag):
+    """block-migration record word flags (migration/block.c), below the sector number (9 bits)."""
+
+    DEVICE_BLOCK = 0x01
+    EOS = 0x02
+    PROGRESS = 0x04
+    ZERO_BLOCK = 0x08
+
+
+_BLOCK_FLAG_BITS = 9
 
 
 @dataclass(slots=True)
@@ -36,12 +75,12 @@ def _htab(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
         st.started = True
         hdr = cur.be32()
         if st.kind == SectionKind.START:
-            info = {"htab_shift": hdr} if hdr != 0xFFFFFFFF else {"no_hpt": True}
+            info = {"htab_shift": hdr} if hdr != HTAB_NO_HPT else {"no_hpt": True}
             return "header", info, True
         if hdr == 0:
             st.runs = True
             return "header", {"value": 0}, False
-        return "header", {"no_hpt": hdr == 0xFFFFFFFF, "value": hdr}, True
+        return "header", {"no_hpt": hdr == HTAB_NO_HPT, "value": hdr}, True
     index = cur.be32()
     n_valid = cur.be16()
     n_invalid = cur.be16()
@@ -55,46 +94,47 @@ def _stattr(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
     w = cur.be64()
     mask = st.page_size - 1
     flags, addr = w & mask, w & ~mask
-    if flags == 0x01:
+    if flags == StattrFlag.EOS:
         return "eos", {}, True
-    if flags == 0x02:
+    if flags == StattrFlag.MORE:
         count = cur.be64()
         if count > (1 << 28):
             raise cur.error(f"storage attribute count {count} is absurd", cur.offset - 8)
         cur.take(count)
         return "more", {"start_gfn": addr // st.page_size, "count": count}, False
-    if flags == 0x04:
+    if flags == StattrFlag.ERROR:
         return "error", {}, False
-    if flags == 0x08:
+    if flags == StattrFlag.DONE:
         return "done", {}, False
     raise cur.error(f"unknown storage-attribute flags 0x{flags:x}", cur.offset - 8)
 
 
 def _dbitmap(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
+    F = DirtyBitmapFlag
     flags = cur.u8()
-    if flags & 0x80:
+    if flags & F.EXTRA_FLAGS:
         flags = (flags << 8) | cur.u8()
-        if flags & 0x80:
+        if flags & F.EXTRA_FLAGS:
             flags = (flags << 16) | cur.be16()
     info: dict[str, Any] = {"flags": flags}
-    if flags & 0x08:
+    if flags & F.DEVICE_NAME:
         st.names["node"] = cur.cstr()
-    if flags & 0x04:
+    if flags & F.BITMAP_NAME:
         st.names["bitmap"] = cur.cstr()
     info["node"] = st.names.get("node")
     info["bitmap"] = st.names.get("bitmap")
     kind = "eos"
-    if flags & 0x10:
+    if flags & F.START:
         kind = "start"
         info["granularity"] = cur.be32()
         info["bitmap_flags"] = cur.u8()
-    elif flags & 0x20:
+    elif flags & F.COMPLETE:
         kind = "complete"
-    elif flags & 0x40:
+    elif flags & F.BITS:
         kind = "bits"
         info["start_sector"] = cur.be64()
         info["nr_sectors"] = cur.be32()
-        if not flags & 0x02:
+        if not flags & F.ZEROES:
             size = cur.be64()
             if size > 10 * 1024 * 1024:
                 raise cur.error(f"dirty-bitmap chunk of {size} bytes is absurd", cur.offset - 8)
@@ -102,7 +142,7 @@ def _dbitmap(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
             info["buf_size"] = size
         else:
             info["zeroes"] = True
-    return kind, info, bool(flags & 0x01)
+    return kind, info, bool(flags & F.EOS)
 
 
 BLOCK_CHUNK = 1 << 20
@@ -110,23 +150,23 @@ BLOCK_CHUNK = 1 << 20
 
 def _block(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
     w = cur.be64()
-    flags, sector = w & 0x1FF, w >> 9
+    flags, sector = w & ((1 << _BLOCK_FLAG_BITS) - 1), w >> _BLOCK_FLAG_BITS
     kind = "eos"
     info: dict[str, Any] = {"flags": flags}
-    if flags & 0x01:
+    if flags & BlockFlag.DEVICE_BLOCK:
         kind = "block"
         info["device"] = cur.cstr()
         info["sector"] = sector
-        if flags & 0x08:
+        if flags & BlockFlag.ZERO_BLOCK:
             info["zero"] = True
         else:
             cur.take(BLOCK_CHUNK)
-    elif flags & 0x04:
+    elif flags & BlockFlag.PROGRESS:
         kind = "progress"
         info["percent"] = sector
-    elif not flags & 0x02:
+    elif not flags & BlockFlag.EOS:
         raise cur.error(f"unknown block-migration flags 0x{flags:x}", cur.offset - 8)
-    return kind, info, bool(flags & 0x02)
+    return kind, info, bool(flags & BlockFlag.EOS)
 
 
 LIVE_HANDLERS: dict[str, Callable[[Cursor, LiveState], tuple[str, dict[str, Any], bool]]] = {

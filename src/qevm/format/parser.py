@@ -8,6 +8,12 @@
 at the end, or raises ``TruncatedError`` if the input ended inside a record.  Nothing here
 does I/O, so the same parser serves files, pipes, sockets and the live engine.
 
+Which record may come where, and each section's life (START -> PART* -> END, FULL alone), are the
+tables of ``qevm.format.grammar``: a record QEMU's loader refuses raises ``IllegalRecord`` (a
+``DecodeError``); one it goes along with although no correct source writes it (a PART after its
+section's END, a second START, trailing bytes, ...) becomes an ``Anomaly`` event (no bytes of its
+own) and is listed in ``Parser.anomalies``.
+
 Delimiting device sections: nothing in the stream gives a payload's length.  When section
 footers are on (every QEMU >= 2.4 machine type) the payload ends at the first
 ``0x7E + be32(section id)`` that is followed by a plausible record; otherwise the
@@ -17,7 +23,7 @@ vmdesc entry for the section (``schema``) is needed to size it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum, auto
 from typing import Any
 
@@ -27,6 +33,7 @@ from qevm.codec.wire import _B64, Cursor, Incomplete
 from qevm.errors import DecodeError, InvalidOperation, TruncatedError
 from qevm.format.events import (
     MAGIC,
+    Anomaly,
     CommandEvent,
     ConfigSubsection,
     Configuration,
@@ -51,12 +58,18 @@ from qevm.format.events import (
     Trailing,
     VmDescription,
 )
+from qevm.format.grammar import Oddity, Place, RecordGrammar, Resolved, Sections
 from qevm.format.live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
+from qevm.format.records import VERSION, XBZRLE_ENCODING, Command, RecordType
 
-__all__ = ["Parser", "NEED_DATA", "DONE", "page_size_for_machine"]
+__all__ = ["Parser", "Sentinel", "NEED_DATA", "DONE", "page_size_for_machine"]
 
 
-class _Sentinel:
+class Sentinel:
+    """The type of ``NEED_DATA`` and ``DONE``: what ``next_event()`` returns when it has no event."""
+
+    __slots__ = ("name",)
+
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -64,8 +77,10 @@ class _Sentinel:
         return self.name
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
-DONE = _Sentinel("DONE")
+#: ``next_event()``: more input is needed (feed, or close at the end of the input)
+NEED_DATA = Sentinel("NEED_DATA")
+#: ``next_event()``: the stream is complete and every event was returned
+DONE = Sentinel("DONE")
 
 
 INITIAL_BUFFER = 4 << 20
@@ -73,11 +88,18 @@ MAX_DEVICE_SECTION = 128 << 20
 MAX_VMDESC = 64 << 20
 MAX_RAM_TOTAL = 1 << 44  # 16 TiB
 MAX_BITMAP = 64 << 20
-# plain ints: the RAM loop is the hot path and IntEnum arithmetic is slow
-_ZERO, _MEM_SIZE, _PAGE, _EOS, _CONT, _XBZRLE, _COMPRESS = 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x100
+# plain ints bound from the enums: the RAM loop is the hot path and IntEnum arithmetic is slow
+_ZERO, _MEM_SIZE, _PAGE, _EOS, _CONT, _XBZRLE, _COMPRESS = (
+    int(f) for f in (RamFlag.ZERO, RamFlag.MEM_SIZE, RamFlag.PAGE, RamFlag.EOS, RamFlag.CONTINUE,
+                     RamFlag.XBZRLE, RamFlag.COMPRESS_PAGE))
 _PAGE_KINDS = frozenset((_ZERO, _PAGE, _XBZRLE, _COMPRESS))
 _KIND_INDEX = {_PAGE: 0, _ZERO: 1, _XBZRLE: 2, _COMPRESS: 3}
 _CONTROL = frozenset((int(RamFlag.MULTIFD_FLUSH), int(RamFlag.HOOK)))
+_T_EOF, _T_START, _T_PART, _T_END, _T_FULL, _T_SUB, _T_VMDESC, _T_CONFIG, _T_COMMAND, _T_FOOTER = (
+    int(t) for t in (RecordType.EOF, RecordType.SECTION_START, RecordType.SECTION_PART, RecordType.SECTION_END,
+                     RecordType.SECTION_FULL, RecordType.SUBSECTION, RecordType.VMDESCRIPTION,
+                     RecordType.CONFIGURATION, RecordType.COMMAND, RecordType.FOOTER))
+_CMD_ADVISE, _CMD_PACKAGED = int(Command.POSTCOPY_ADVISE), int(Command.PACKAGED)
 _CONFIG_SUBSECTIONS = {
     "configuration/target-page-bits": 4,
     "configuration/uuid": 16,
@@ -107,6 +129,7 @@ class _St(Enum):
     FOOTER = auto()
     TRAILER = auto()
     AFTER = auto()
+    PKG_REST = auto()
     DONE = auto()
 
 
@@ -129,7 +152,12 @@ class Parser:
         self._closed = False
         self._state = _St.HEADER
         self._queue: deque[Event] = deque()
-        self.sections: dict[int, Section] = {}
+        self.sections: dict[int, Section] = {}  # section id -> the section last named with it
+        self.anomalies: list[Anomaly] = []  # what QEMU's loader goes along with but no source writes
+        self._grammar = RecordGrammar()  # the top-level record machine (qevm.format.grammar)
+        self._lives = Sections()  # each section's life, and which section holds each id
+        self._named: dict[tuple[str, int], Section] = {}  # (idstr, instance) -> its latest Section
+        self._trailing_seen = False
         self.configuration: Configuration | None = None
         self.footers: bool | None = None
         self.capabilities: set[str] = set()
@@ -150,6 +178,9 @@ class Parser:
         # the parser's buffer, valid only until the parser is fed again: zero-copy for writers)
         self.keep_raw = keep_raw
         self.passes = PassTracker()
+        # counting mode: called for every page record as sink(block, addr, kind, view, payload_pos), the
+        # view valid only during the call (per-page digests without per-page events: ``qevm diff``)
+        self.page_sink: Callable[[str, int, int, memoryview, int], None] | None = None
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -219,7 +250,7 @@ class Parser:
             self._base += n
 
     # -- output --------------------------------------------------------------------------
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | Sentinel:
         while not self._queue:
             if self._state is _St.DONE:
                 return DONE
@@ -234,7 +265,7 @@ class Parser:
     def events(self) -> Iterator[Event]:
         while True:
             ev = self.next_event()
-            if isinstance(ev, _Sentinel):
+            if isinstance(ev, Sentinel):
                 return
             yield ev
 
@@ -285,6 +316,8 @@ class Parser:
             self._step_trailer()
         elif st is _St.AFTER:
             self._step_after()
+        elif st is _St.PKG_REST:
+            self._step_pkg_rest()
 
     def _step_header(self) -> None:
         cur = self._cursor()
@@ -292,14 +325,14 @@ class Parser:
         if magic != MAGIC:
             raise self._err(f"not a QEMU VM-state stream: magic 0x{magic:08x}, expected 0x{MAGIC:08x} ('QEVM')", 0)
         version = cur.be32()
-        if version != 3:
+        if version != VERSION:
             raise self._err(f"unsupported stream version {version} (only 3 exists since QEMU 2.x)", 4)
         self._emit(FileHeader(0, magic, version), cur)
         self._state = _St.CONFIG
 
     def _step_config(self) -> None:
         cur = self._cursor()
-        if cur.peek8() != 0x07:
+        if cur.peek8() != _T_CONFIG:
             self._state = _St.TOP
             return
         off = cur.offset
@@ -312,7 +345,7 @@ class Parser:
         while True:
             if cur.remaining() == 0 and cur.closed:
                 break
-            if cur.peek8() != 0x05:
+            if cur.peek8() != _T_SUB:
                 break
             ln = cur.peek8(1)
             cur.need(2 + ln)
@@ -358,45 +391,94 @@ class Parser:
         return None
 
     def _step_top(self) -> None:
+        g = self._grammar
         if self._pkg_end and self.offset >= self._pkg_end[-1]:
             if self.offset > self._pkg_end[-1]:
                 raise self._err(f"a record crosses the end of the PACKAGED blob at {self._pkg_end[-1]}")
+            g.leave_package(self.offset)  # IllegalRecord if the blob's nested loader had not ended
             self._pkg_end.pop()
         cur = self._cursor()
         off = cur.offset
         t = cur.u8()
-        if t in (SectionKind.START, SectionKind.FULL):
-            sid = cur.be32()
-            idstr = cur.cstr()
-            instance = cur.be32()
-            version = cur.be32()
-            kind = SectionKind(t)
-            handler = "device"
-            if kind == SectionKind.START:
-                handler = "ram" if idstr == "ram" else idstr if idstr in LIVE_HANDLERS else "opaque"
-            sec = Section(sid, idstr, instance, version, handler)
-            self.sections[sid] = sec
-            self._emit(SectionHeader(off, kind, sec), cur)
-            self._begin_payload(sec, kind)
-        elif t in (SectionKind.PART, SectionKind.END):
-            sid = cur.be32()
-            known = self.sections.get(sid)
-            if known is None:
-                raise self._err(f"{SectionKind(t).name} for unknown section id {sid}", off)
-            self._emit(SectionHeader(off, SectionKind(t), known), cur)
-            self._begin_payload(known, SectionKind(t))
-        elif t == 0x08:
-            self._command(cur, off)
-        elif t == 0x00:
-            if self._pkg_end:
-                raise self._err("EOF inside a PACKAGED blob", off)
+        cmd = cur.be16() if t == _T_COMMAND else None
+        nxt = g.after(t, off, cmd)  # IllegalRecord unless the grammar table allows the record here
+        if t == _T_START or t == _T_FULL:
+            self._section_open(cur, off, t)
+        elif t == _T_PART or t == _T_END:
+            self._section_more(cur, off, t)
+        elif cmd is not None:
+            self._command(cur, off, cmd)
+        else:  # EOF: the only other record the grammar allows among the records
             self._emit(EndOfFile(off), cur)
+        if cmd is not None:
+            need = g.missing(cmd)
+            if need is not None:
+                self._anomaly(off, Oddity.COMMAND_TOO_EARLY, f"{Command(cmd).name} before any {need.name}")
+        g.go(nxt, cmd)  # the record was whole (Incomplete leaves the machine where it was)
+        if nxt is Place.AFTER_EOF:
             self._state = _St.TRAILER
-        else:
-            raise self._err(f"unknown top-level record type 0x{t:02x}", off)
+        elif nxt is Place.PACKAGE_DONE:
+            if t == _T_EOF:
+                self._anomaly(off, Oddity.EOF_IN_PACKAGE, "EOF inside a PACKAGED blob")
+            self._state = _St.PKG_REST
 
-    def _command(self, cur: Cursor, off: int) -> None:
-        cmd = cur.be16()
+    def _step_pkg_rest(self) -> None:
+        """The bytes of a PACKAGED blob after its nested loader ended: QEMU never reads them."""
+        cur = self._cursor()
+        n = min(self._pkg_end[-1] - cur.offset, cur.remaining(), 1 << 20)
+        if n <= 0:
+            if self._pkg_end[-1] == cur.offset:
+                self._state = _St.TOP
+                return
+            cur.need(1)
+        off = cur.offset
+        if not self._trailing_seen:
+            self._trailing_seen = True
+            self._anomaly(off, Oddity.TRAILING, f"bytes from offset {off} to the end of the PACKAGED blob at "
+                                                f"{self._pkg_end[-1]} are never read")
+        self._emit(Trailing(off, cur.take(n)), cur)
+
+    def _section_open(self, cur: Cursor, off: int, t: int) -> None:
+        """START or FULL: the header names the section; the handler follows its name (as QEMU's loader)."""
+        sid = cur.be32()
+        idstr = cur.cstr()
+        instance = cur.be32()
+        version = cur.be32()
+        kind = SectionKind(t)
+        if idstr == "ram":
+            handler = "ram"
+        elif idstr in LIVE_HANDLERS:
+            handler = idstr
+        else:
+            handler = "opaque" if kind == SectionKind.START else "device"
+        sec = Section(sid, idstr, instance, version, handler)
+        res = self._lives.open(kind, sid, idstr, instance, off)
+        self.sections[sid] = sec
+        self._named[(idstr, instance)] = sec
+        self._note(res, off)
+        self._emit(SectionHeader(off, kind, sec), cur)
+        self._begin_payload(sec, kind)
+
+    def _section_more(self, cur: Cursor, off: int, t: int) -> None:
+        """PART or END: the id names the section that holds it now (QEMU: load_section_id)."""
+        sid = cur.be32()
+        kind = SectionKind(t)
+        res = self._lives.resolve(kind, sid, off)
+        sec = self._named[(res.entry.idstr, res.entry.instance_id)]
+        self._note(res, off)
+        self._emit(SectionHeader(off, kind, sec), cur)
+        self._begin_payload(sec, kind)
+
+    def _note(self, res: Resolved, off: int) -> None:
+        for oddity, what in res.oddities:
+            self._anomaly(off, oddity, what)
+
+    def _anomaly(self, off: int, oddity: Oddity, what: str) -> None:
+        a = Anomaly(off, oddity.value, what)
+        self.anomalies.append(a)
+        self._queue.append(a)
+
+    def _command(self, cur: Cursor, off: int, cmd: int) -> None:
         ln = cur.be16()
         fixed = COMMAND_LENGTHS.get(cmd, -1)
         if fixed == -1:
@@ -405,12 +487,12 @@ class Parser:
             raise self._err(f"command {cmd} with argument length {ln}, expected {fixed}", off)
         data = cur.take(ln)
         ev = CommandEvent(off, cmd, data, len(self._pkg_end))
-        if cmd == 3 and ln == 16:
+        if cmd == _CMD_ADVISE and ln == 16:
             self.postcopy_advise = (int.from_bytes(data[:8], "big"), int.from_bytes(data[8:], "big"))
-        elif cmd == 3 and ln not in (0, 16):
+        elif cmd == _CMD_ADVISE and ln not in (0, 16):
             raise self._err(f"POSTCOPY_ADVISE with argument length {ln}, expected 0 or 16", off)
         self._emit(ev, cur)
-        if cmd == 7:
+        if cmd == _CMD_PACKAGED:
             self._pkg_end.append(self.offset + int.from_bytes(data, "big"))
 
     def _begin_payload(self, sec: Section, kind: SectionKind) -> None:
@@ -444,14 +526,14 @@ class Parser:
         if self.footers is None:
             if cur.remaining() < 5 and not cur.closed:
                 raise Incomplete
-            self.footers = (cur.remaining() >= 5 and cur.buf[cur.pos] == 0x7E
+            self.footers = (cur.remaining() >= 5 and cur.buf[cur.pos] == _T_FOOTER
                             and int.from_bytes(cur.buf[cur.pos + 1:cur.pos + 5], "big") == sec.section_id)
         if self.footers:
             off = cur.offset
             b = cur.u8()
             sid = cur.be32()
-            if b != 0x7E:
-                raise self._err(f"section footer expected (0x7e), found 0x{b:02x}", off)
+            if b != _T_FOOTER:
+                raise self._err(f"section footer expected (0x{_T_FOOTER:02x}), found 0x{b:02x}", off)
             if sid != sec.section_id:
                 raise self._err(f"footer names section id {sid}, expected {sec.section_id}", off)
             self._emit(Footer(off, sid), cur)
@@ -487,6 +569,8 @@ class Parser:
         limit = 1 << 62 if counting else 256
         page_cont = _PAGE | _CONT
         zero_cont = _ZERO | _CONT
+        sink = self.page_sink if counting else None
+        view = memoryview(buf) if sink is not None else None
         try:
             while made < limit:
                 if pos + 8 > end:
@@ -530,6 +614,9 @@ class Parser:
                             tracker.new_pass()
                             passes = tracker.passes
                         seen[j] |= bit
+                        if sink is not None:
+                            assert view is not None and block is not None
+                            sink(block, addr, f & ~_CONT, view, pos + 8)
                         pos = nxt
                         if pos + 8 > end:
                             break
@@ -570,9 +657,9 @@ class Parser:
                     elif kind == _XBZRLE:
                         if p + 3 > end:
                             break
-                        if buf[p] != 0x01:
-                            raise self._err(f"XBZRLE page with encoding byte 0x{buf[p]:02x}, expected 0x01",
-                                            base + p)
+                        if buf[p] != XBZRLE_ENCODING:
+                            raise self._err(f"XBZRLE page with encoding byte 0x{buf[p]:02x}, expected "
+                                            f"0x{XBZRLE_ENCODING:02x}", base + p)
                         dl = int.from_bytes(buf[p + 1:p + 3], "big")
                         if dl > page:
                             raise self._err(f"XBZRLE delta of {dl} bytes exceeds the page size {page}",
@@ -602,6 +689,9 @@ class Parser:
                         if seen[j] & bit or not tracker.passes:
                             tracker.new_pass()
                         seen[j] |= bit
+                        if sink is not None:
+                            assert view is not None and block is not None
+                            sink(block, addr, kind, view, p)
                     else:
                         q.append(RamPage(base + pos, flags, addr, block, bytes(buf[p:p + ln])))
                     pos = p + ln
@@ -640,6 +730,8 @@ class Parser:
                 else:
                     raise self._err(f"unknown combination of RAM flags 0x{flags:x}", base + pos)
         finally:
+            if view is not None:
+                view.release()
             if counting and pos > span:
                 q.append(self._tally(span, pos, tally))
             self._pos = pos
@@ -757,7 +849,7 @@ class Parser:
             try:
                 decode_vmsd(cur, desc, self._path())
                 cur.need(5)
-                self.footers = (cur.buf[cur.pos] == 0x7E
+                self.footers = (cur.buf[cur.pos] == _T_FOOTER
                                 and int.from_bytes(cur.buf[cur.pos + 1:cur.pos + 5], "big") == sec.section_id)
             except DecodeError:
                 pass  # the description does not fit: look for a footer instead
@@ -779,7 +871,7 @@ class Parser:
         buf = self._buf
         start = self._pos
         end = self._end
-        pat = b"\x7e" + sec.section_id.to_bytes(4, "big")
+        pat = bytes((_T_FOOTER,)) + sec.section_id.to_bytes(4, "big")
         i = start + self._scan
         while True:
             j = buf.find(pat, i, end)
@@ -813,16 +905,28 @@ class Parser:
 
     def _plausible_next(self, p: int) -> bool | None:
         """Is there a plausible record at buffer position p?  None = cannot tell yet."""
+        if p >= self._end:
+            return False if self._closed else None
+        if not self._grammar.allows(self._buf[p]):
+            return False
+        return self._looks_like_record(p, True)
+
+    def _looks_like_record(self, p: int, top: bool) -> bool | None:
         buf = self._buf
         end = self._end
         if p >= end:
             return False if self._closed else None
         t = buf[p]
-        if t == 0x00:
+        if t == _T_EOF:
+            if not top:
+                return False
             if p + 1 == end:
                 return True if self._closed else None
-            return buf[p + 1] == 0x06
-        if t in (1, 4):
+            if self._grammar.place is Place.PACKAGED or buf[p + 1] == _T_VMDESC:
+                return True
+            # QEMU reads only a vmdesc after EOF and ignores the rest: plausible if a record follows
+            return self._looks_like_record(p + 1, False)
+        if t == _T_START or t == _T_FULL:
             if p + 6 > end:
                 return False if self._closed else None
             n = buf[p + 5]
@@ -830,11 +934,11 @@ class Parser:
                 return False if (self._closed or n == 0) else None
             name = buf[p + 6:p + 6 + n]
             return all(0x20 <= c < 0x7F for c in name)
-        if t in (2, 3):
+        if t == _T_PART or t == _T_END:
             if p + 5 > end:
                 return False if self._closed else None
-            return int.from_bytes(buf[p + 1:p + 5], "big") in self.sections
-        if t == 8:
+            return self._lives.holds(int.from_bytes(buf[p + 1:p + 5], "big"))
+        if t == _T_COMMAND:
             if p + 5 > end:
                 return False if self._closed else None
             cmd = int.from_bytes(buf[p + 1:p + 3], "big")
@@ -850,15 +954,17 @@ class Parser:
                 return
             raise Incomplete
         off = cur.offset
-        if cur.peek8() != 0x06:
+        if cur.peek8() != _T_VMDESC:
             self._state = _St.AFTER
             return
+        nxt = self._grammar.after(_T_VMDESC, off)
         cur.pos += 1
         n = cur.be32()
         if n > MAX_VMDESC:
             raise self._err(f"vmdesc of {n} bytes is absurd", off + 1)
         raw = cur.take(n)
         self._emit(VmDescription(off, raw), cur)
+        self._grammar.go(nxt)
         self._state = _St.AFTER
 
     def _step_after(self) -> None:
@@ -871,4 +977,8 @@ class Parser:
             raise Incomplete
         n = min(n, 1 << 20)
         off = cur.offset
+        if not self._trailing_seen:
+            self._trailing_seen = True
+            self._grammar.trailing()
+            self._anomaly(off, Oddity.TRAILING, f"bytes from offset {off} on are neither a record nor a vmdesc")
         self._emit(Trailing(off, cur.take(n)), cur)

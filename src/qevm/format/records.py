@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from qevm.codec.vmsd import SUBSECTION as _SUBSECTION_MARKER
 from qevm.codec.wire import be64, cstr
 from qevm.errors import EncodeError
 
-__all__ = ["MAGIC", "VERSION", "RecordType", "SectionKind", "RamFlag", "Command", "ram_record_head"]
+__all__ = ["MAGIC", "VERSION", "RecordType", "SectionKind", "RamFlag", "Command", "XBZRLE_ENCODING",
+           "ram_record_head"]
 
 MAGIC = 0x5145564D
 VERSION = 3
@@ -23,7 +25,7 @@ class RecordType(IntEnum):
     SECTION_PART = 0x02
     SECTION_END = 0x03
     SECTION_FULL = 0x04
-    SUBSECTION = 0x05
+    SUBSECTION = _SUBSECTION_MARKER  # defined once, in the vmsd codec below (it is the marker in device bodies)
     VMDESCRIPTION = 0x06
     CONFIGURATION = 0x07
     COMMAND = 0x08
@@ -48,6 +50,10 @@ class RamFlag(IntEnum):
     HOOK = 0x080
     COMPRESS_PAGE = 0x100
     MULTIFD_FLUSH = 0x200
+
+
+#: the byte after an XBZRLE page record's head (migration/ram.c ENCODING_FLAG_XBZRLE)
+XBZRLE_ENCODING = 0x01
 
 
 class Command(IntEnum):

@@ -31,7 +31,7 @@ from typing import Any
 
 from qevm.codec.wire import be16, be32, be64, cstr
 from qevm.errors import DecodeError, InvalidOperation, TruncatedError
-from qevm.format.parser import DONE, NEED_DATA, _Sentinel
+from qevm.format.parser import DONE, NEED_DATA, Sentinel
 
 __all__ = ["RpType", "RpMessage", "RpDecoder", "RECV_BITMAP_END", "shut", "pong", "req_pages", "recv_bitmap",
            "resume_ack", "switchover_ack", "NEED_DATA", "DONE"]
@@ -172,7 +172,7 @@ class RpDecoder:
     def _err(self, msg: str, offset: int | None = None) -> DecodeError:
         return DecodeError(msg, self._base if offset is None else offset, self.PATH)
 
-    def next_message(self) -> RpMessage | _Sentinel:
+    def next_message(self) -> RpMessage | Sentinel:
         if self._queue:
             return self._queue.popleft()
         buf = self._buf
@@ -227,7 +227,7 @@ class RpDecoder:
             self._shut = True
         return msg
 
-    def _short(self) -> _Sentinel:
+    def _short(self) -> Sentinel:
         if self._closed:
             raise TruncatedError("input ended inside a return-path message", self._base, self.PATH)
         return NEED_DATA
@@ -235,6 +235,6 @@ class RpDecoder:
     def messages(self) -> Iterator[RpMessage]:
         while True:
             m = self.next_message()
-            if isinstance(m, _Sentinel):
+            if isinstance(m, Sentinel):
                 return
             yield m

@@ -4,7 +4,8 @@ frames of compressed qcow2 clusters.
 ``sniff_compression`` names the wrapper from a file's first bytes; ``decompressing`` returns a
 reader that inflates on the fly (memory bounded by the codec's window) and turns every codec error
 into a ``DecodeError``; ``deflate_frame`` and ``zstd_frame`` inflate one
-compressed qcow2 cluster.  ``zstandard`` (optional, or
+compressed qcow2 cluster; ``compressing`` is the other direction (``qevm convert --compress``).
+``zstandard`` (optional, or
 Python 3.14's ``compression.zstd``) is imported here and nowhere else.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 from qevm.errors import DecodeError, UsageError
 
 __all__ = ["MAGICS", "KINDS", "sniff_compression", "decompressing", "Decompressing", "deflate_frame",
-           "zstd_frame"]
+           "zstd_frame", "compressing"]
 
 #: leading bytes of each wrapper Python can undo (with ``zstandard`` for zstd)
 MAGICS: tuple[tuple[bytes, str], ...] = (
@@ -148,3 +149,21 @@ def zstd_frame(raw: bytes, size: int, *, missing: str = "") -> bytes:
     except Exception as e:  # each zstd module has its own error type
         raise DecodeError(f"zstd error: {e}") from e
     return bytes(out[:size])
+
+
+def compressing(kind: str, out: Any) -> Any:
+    """A writable file object that compresses into ``out`` with ``kind`` (one of ``KINDS``);
+    closing it finishes the compressed stream but leaves ``out`` open.  Levels favour speed on
+    VM states (mostly pages): gzip 6, xz preset 1, zstd 3."""
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0)
+    if kind == "xz":
+        return lzma.LZMAFile(out, "wb", preset=1)
+    if kind == "bzip2":
+        return bz2.BZ2File(out, "wb")
+    if kind == "zstd":
+        zstandard = _zstandard()
+        if zstandard is None:
+            raise UsageError("zstd compression needs the 'zstandard' package (pip install zstandard)")
+        return zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False)
+    raise UsageError(f"no compressor for {kind!r} (known: {', '.join(KINDS)})")

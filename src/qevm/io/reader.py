@@ -18,6 +18,7 @@ from qevm.codec.vmsd import Struct, decode_vmsd
 from qevm.codec.wire import Cursor
 from qevm.errors import DecodeError, SchemaError, UsageError
 from qevm.format.events import (
+    Anomaly,
     CommandEvent,
     Configuration,
     DeviceState,
@@ -59,6 +60,7 @@ PAGE_KIND_NAMES = {
 
 
 _KIND_NAME = {int(k): v for k, v in PAGE_KIND_NAMES.items()}
+_NOT_CONTINUE = ~int(RamFlag.CONTINUE) & 0x3FF  # a page record's kind: its flags without CONTINUE
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Analysis:
         self.blocks: dict[str, BlockStats] = {}
         self.block_index: dict[str, int] = {}
         self.commands: list[CommandEvent] = []
+        self.anomalies: list[Anomaly] = []  # what QEMU's loader tolerates but no source writes
         self.devices: list[Device] = []
         self.live_records: dict[int, dict[str, int]] = {}
         self.vmdesc_raw: bytes | None = None
@@ -131,7 +134,7 @@ class Analysis:
         if type(ev) is RamPage:
             b = self.blocks.get(ev.block)
             if b is not None:
-                b.pages[_KIND_NAME[ev.flags & 0x1DF]] += 1
+                b.pages[_KIND_NAME[ev.flags & _NOT_CONTINUE]] += 1
                 self._tracker.see(ev.block, ev.addr // self._page_size())
                 self.passes = self._tracker.passes
             if self.memory is not None:
@@ -217,6 +220,9 @@ class Analysis:
         elif t is Trailing:
             assert isinstance(ev, Trailing)
             self.trailing += len(ev.data)
+        elif t is Anomaly:
+            assert isinstance(ev, Anomaly)
+            self.anomalies.append(ev)
         elif t in (RamMemSize, MappedRamData):
             pass
 
@@ -332,12 +338,13 @@ def trailer_schema(inp: Input) -> tuple[Schema | None, int | None]:
 
 def read_stream(source: str | Input, *, schema: Schema | None = None, page_size: int | None = None,
                 memory: RamImage | None = None, on_event: Callable[[Event], None] | None = None,
-                strict: bool = True, pages: bool | None = None) -> Analysis:
+                strict: bool = True, pages: bool | None = None, tracker: PassTracker | None = None) -> Analysis:
     """Read a whole stream from a path, ``-`` or an ``Input`` into an ``Analysis``.
 
     ``pages``: deliver every RAM page as an event (needed by ``memory`` and ``on_event``
     consumers that look at pages); by default only when one of those is given, otherwise the
-    parser counts pages without materialising them (the fast path)."""
+    parser counts pages without materialising them (the fast path).  ``tracker``: the pass tracker
+    to use (a subclass sees each pass's page bitmap before it is cleared, in both modes)."""
     inp = open_input(source) if isinstance(source, str) else source
     try:
         parse_schema = schema
@@ -349,6 +356,8 @@ def read_stream(source: str | Input, *, schema: Schema | None = None, page_size:
         parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False,
                         file_offset=inp.file_offset)
         an = Analysis(schema=schema, memory=memory, page_size=lambda: parser.page_size or 4096)
+        if tracker is not None:
+            parser.passes = an._tracker = tracker
         drive(parser, inp, _chain(an.handle, on_event))
         an.size = parser.offset
         an.stream_page_size = parser.page_size

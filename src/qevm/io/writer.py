@@ -18,7 +18,7 @@ from typing import IO, Any
 from qevm.codec.paths import FieldPath, assign
 from qevm.codec.schema import Schema
 from qevm.codec.vmsd import Struct, decode_vmsd, encode_struct
-from qevm.codec.wire import Cursor, be64, cstr
+from qevm.codec.wire import Cursor
 from qevm.errors import DecodeError, EncodeError, UsageError
 from qevm.format.events import (
     DeviceState,
@@ -32,8 +32,10 @@ from qevm.format.events import (
     RamTally,
     Section,
     SectionHeader,
+    SectionKind,
 )
 from qevm.format.parser import Parser
+from qevm.format.records import ram_record_head
 from qevm.io.reader import drive, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
 
@@ -146,7 +148,7 @@ class _Rewriter:
             assert isinstance(ev, SectionHeader)
             if ev.section.handler == "ram":
                 self.ram_section = ev.section
-                self.last_ram_end = ev.kind.name == "END"
+                self.last_ram_end = ev.kind == SectionKind.END
             self.out.write(ev.encode())
         elif t is RamControl and self.pages and self.last_ram_end:
             assert isinstance(ev, RamControl)
@@ -195,9 +197,8 @@ class _Rewriter:
             return ev.encode()
         self._check_size(pe)
         pe.records += 1
-        flags = RamFlag.PAGE | (ev.flags & RamFlag.CONTINUE)
-        w = be64(ev.addr | flags)
-        return w + pe.data if flags & RamFlag.CONTINUE else w + cstr(ev.block) + pe.data
+        # the record keeps its place (and its CONTINUE), now a whole page of the new content
+        return ram_record_head(ev.addr, RamFlag.PAGE | (ev.flags & RamFlag.CONTINUE), ev.block) + pe.data
 
     def _check_size(self, pe: PageEdit) -> None:
         ps = self.page_size()
@@ -213,7 +214,7 @@ class _Rewriter:
                 self._check_size(pe)
                 if pe.addr + len(pe.data) > self.blocks[pe.block]:
                     raise UsageError(f"--set-page: 0x{pe.addr:x} is beyond the end of {pe.block!r}")
-                self.out.write(be64(pe.addr | RamFlag.PAGE) + cstr(pe.block) + pe.data)
+                self.out.write(ram_record_head(pe.addr, RamFlag.PAGE, pe.block) + pe.data)
                 pe.records += 1
 
     def _mapped(self, ev: MappedRamData) -> None:

@@ -1,2 +1,10 @@
-"""Live migration at the edge: URIs and channels, the return path (responder and reader), rate
-limiting, the push parser, and the ``record``, ``tap`` and ``send`` sessions."""
+"""Live migration at the edge, one of each piece, shared by ``record``/``tap``/``send`` and the engine:
+
+``channels``    URIs as QEMU spells them and the byte channels behind them (every ``-incoming`` and
+                ``migrate`` scheme; ``getfd`` names)
+``returnpath``  the destination's responder (PONG, SHUT) and the source's reader
+``ratelimit``   the token bucket behind ``max-bandwidth`` / ``--max-bandwidth``
+``pushparser``  the sans-I/O parser fed in place as bytes arrive (``StreamMonitor``: with the summary)
+``session``     progress snapshot, rate, read size
+``record``, ``tap``, ``send``  the three live verbs
+"""

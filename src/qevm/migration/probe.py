@@ -70,6 +70,7 @@ def probe(command: list[str], args: list[str], timeout: float = 120.0) -> Probe:
     """Run the destination QEMU twice (dump, then a paused save); return the two files."""
     if not command:
         raise ProbeError("--qemu: no QEMU command given")
+    command = [os.path.expanduser(w) for w in command]
     root = _chroot_of(command)
     base = os.path.join(root, "tmp") if root else None
     work = tempfile.mkdtemp(prefix="qevm-probe-", dir=base)

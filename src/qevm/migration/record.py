@@ -1,15 +1,18 @@
 """``record``: be the destination a real QEMU migrates to, keeping the stream exactly as received.
 
     res = record("tcp:127.0.0.1:4444", "guest.mig")      # returns when the migration has ended
+    res = record("exec:cat saved.mig", "copy.mig")        # or any URI QEMU's -incoming takes
 
 The bytes are written to ``FILE.part`` as they arrive and decoded on the fly by the sans-I/O
 parser in counting mode (``StreamMonitor``); ``FILE.part`` becomes ``FILE`` only when the stream
 reached its EOF record (and its vmdesc, when one follows) and the source hung up.  Otherwise the
 ``.part`` file stays, and the error says so: a recording that did not reach EOF never looks complete.
 
-What is answered, as a QEMU 7.2 destination does (``DestinationResponder``): OPEN_RETURN_PATH opens
-the return path on the same connection, PING gets PONG, and once the stream has been read to the
-end SHUT(0) goes back, which is what the source waits for before it reports ``completed``.
+What is answered on a socket, as a QEMU 7.2 destination does (``DestinationResponder``):
+OPEN_RETURN_PATH opens the return path on the same connection, PING gets PONG, and once the stream
+has been read to the end SHUT(0) goes back, which is what the source waits for before it reports
+``completed``.  ``exec:``, ``file:`` and non-socket ``fd:`` channels carry no return path: the
+commands are noted, not answered.
 """
 
 from __future__ import annotations
@@ -21,172 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qevm.analysis.document import info_document
 from qevm.errors import DecodeError, QevmError, TruncatedError, UsageError
-from qevm.format.events import Command, CommandEvent, EndOfFile, RamTally, SectionHeader, VmDescription
-from qevm.format.parser import DONE, NEED_DATA, Parser
-from qevm.format.returnpath import RpMessage, pong, shut, switchover_ack
-from qevm.io.reader import Analysis
-from qevm.migration.channels import LISTEN_SCHEMES, Listener, SocketChannel, TransportError, listen, parse_uri
+from qevm.format.returnpath import RpMessage
+from qevm.migration.channels import Channel, Incoming, TransportError, open_incoming
+from qevm.migration.pushparser import StreamMonitor
+from qevm.migration.returnpath import DestinationResponder
+from qevm.migration.session import CHUNK, Progress, Rate, write_all
 
-__all__ = ["Progress", "StreamMonitor", "DestinationResponder", "RecordResult", "record", "CHUNK"]
+__all__ = ["RecordResult", "record", "VMDESC_GRACE", "CLOSE_WAIT"]
 
-CHUNK = 1 << 20
 #: after EOF, how long to wait for a vmdesc that may not come (suppress-vmdesc machines) before SHUT
 VMDESC_GRACE = 1.0
 #: after the stream is complete, how long to wait for the source to hang up
 CLOSE_WAIT = 10.0
-
-
-@dataclass
-class Progress:
-    """A snapshot for a live display.  ``total``: bytes to go in all, when known (send)."""
-
-    elapsed: float
-    bytes: int
-    pages: int
-    passes: int
-    section: str
-    rate: float  # bytes/s over the last second or so
-    total: int | None = None
-    back_bytes: int = 0
-    rp_messages: int = 0
-    page_requests: int = 0
-    phase: str = ""
-
-
-class StreamMonitor:
-    """Decodes a stream while it flows (sans-I/O): read into ``get_buffer(n)``, then call
-    ``buffer_updated(k)``, which returns the commands met (some need an answer); ``close()`` at the
-    end of input.  Keeps an ``Analysis`` (the ``qevm info`` summary) and live counters."""
-
-    def __init__(self, **parser_args: Any) -> None:
-        parser_args.setdefault("count_pages", True)
-        parser_args.setdefault("keep_raw", False)
-        self.parser = Parser(**parser_args)
-        self.analysis = Analysis(page_size=lambda: self.parser.page_size or 4096)
-        self.pages = 0
-        self.section = ""
-        self.eof = False
-        self.vmdesc = False
-        self.postcopy = False  # POSTCOPY_LISTEN/RUN seen: no vmdesc will follow the EOF
-        self.return_path = False  # OPEN_RETURN_PATH seen
-        self.done = False
-
-    @property
-    def offset(self) -> int:
-        return self.parser.offset
-
-    @property
-    def passes(self) -> int:
-        return self.parser.passes.passes
-
-    @property
-    def complete(self) -> bool:
-        """The stream reached its end: EOF record, and the vmdesc too if it had begun."""
-        return self.done and self.eof
-
-    def get_buffer(self, n: int) -> memoryview:
-        return self.parser.get_buffer(n)
-
-    def buffer_updated(self, k: int) -> list[CommandEvent]:
-        self.parser.buffer_updated(k)
-        return self._drain()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[CommandEvent]:
-        self.parser.feed(data)
-        return self._drain()
-
-    def close(self) -> list[CommandEvent]:
-        self.parser.close()
-        return self._drain()
-
-    def _drain(self) -> list[CommandEvent]:
-        cmds: list[CommandEvent] = []
-        p = self.parser
-        handle = self.analysis.handle
-        while True:
-            ev = p.next_event()
-            if ev is NEED_DATA:
-                return cmds
-            if ev is DONE:
-                self.done = True
-                return cmds
-            handle(ev)  # type: ignore[arg-type]
-            t = type(ev)
-            if t is RamTally:
-                for c in ev.counts.values():  # type: ignore[union-attr]
-                    self.pages += c[0] + c[1] + c[2] + c[3]
-            elif t is SectionHeader:
-                self.section = f"{ev.section.idstr} {ev.kind.name}"  # type: ignore[union-attr]
-            elif t is CommandEvent:
-                assert isinstance(ev, CommandEvent)
-                cmds.append(ev)
-                if ev.cmd == Command.OPEN_RETURN_PATH:
-                    self.return_path = True
-                elif ev.cmd in (Command.POSTCOPY_LISTEN, Command.POSTCOPY_RUN):
-                    self.postcopy = True
-            elif t is EndOfFile:
-                self.eof = True
-                self.section = "EOF"
-            elif t is VmDescription:
-                self.vmdesc = True
-                self.section = "vmdesc"
-
-    def document(self) -> dict[str, Any]:
-        """The ``qevm info --json`` document of what was seen so far."""
-        an = self.analysis
-        an.size = self.parser.offset
-        an.stream_page_size = self.parser.page_size
-        an.decode_devices(strict=False)
-        return info_document(an)
-
-
-class DestinationResponder:
-    """What a migration destination answers on the return path (sans-I/O): commands in, bytes out."""
-
-    def __init__(self, switchover_ack: bool = False) -> None:
-        self.switchover_ack = switchover_ack
-        self.open = False
-        self.shut_sent = False
-        self.sent: list[RpMessage] = []
-        self.notes: list[str] = []
-
-    def _out(self, msg: RpMessage, offset: int) -> bytes:
-        b = msg.encode()
-        msg.offset = offset
-        self.sent.append(msg)
-        return b
-
-    def on_command(self, ev: CommandEvent, rp_offset: int) -> bytes:
-        """The bytes to send back for ``ev`` (often none).  ``rp_offset``: return-path bytes so far."""
-        if ev.cmd == Command.OPEN_RETURN_PATH:
-            if self.open:
-                self.notes.append(f"offset {ev.offset}: OPEN_RETURN_PATH again (ignored, as QEMU does)")
-                return b""
-            self.open = True
-            return self._out(switchover_ack(), rp_offset) if self.switchover_ack else b""
-        if ev.cmd == Command.PING:
-            value = int.from_bytes(ev.data, "big")
-            if not self.open:
-                raise DecodeError(f"PING 0x{value:x} with no return path open (a QEMU destination fails here)",
-                                  ev.offset)
-            return self._out(pong(value), rp_offset)
-        if ev.cmd == Command.POSTCOPY_RESUME:
-            self.notes.append(f"offset {ev.offset}: POSTCOPY_RESUME ignored: this is not a paused postcopy "
-                              "destination (QEMU ignores it too)")
-        elif ev.cmd == Command.RECV_BITMAP:
-            raise DecodeError("RECV_BITMAP outside postcopy recovery (a QEMU destination fails here)", ev.offset)
-        elif ev.cmd == Command.ENABLE_COLO:
-            self.notes.append(f"offset {ev.offset}: ENABLE_COLO: COLO checkpoints are not answered")
-        return b""
-
-    def finish(self, ok: bool, rp_offset: int) -> bytes:
-        """SHUT(0) after a complete load, SHUT(1) after a failed one; nothing if no return path."""
-        if not self.open or self.shut_sent:
-            return b""
-        self.shut_sent = True
-        return self._out(shut(0 if ok else 1), rp_offset)
 
 
 @dataclass
@@ -215,26 +65,6 @@ class RecordResult:
         }
 
 
-class _Rate:
-    """Bytes per second over a sliding window of about a second."""
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[float, int]] = []
-
-    def update(self, now: float, total: int) -> float:
-        self.marks.append((now, total))
-        while len(self.marks) > 2 and now - self.marks[1][0] >= 1.0:
-            self.marks.pop(0)
-        t0, b0 = self.marks[0]
-        return (total - b0) / (now - t0) if now > t0 else 0.0
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def _where(mon: StreamMonitor) -> str:
     return f"offset {mon.offset}" + (f", in {mon.section}" if mon.section else "")
 
@@ -242,42 +72,41 @@ def _where(mon: StreamMonitor) -> str:
 def record(uri: str, output: str, *, timeout: float = 60.0, accept_timeout: float | None = None,
            progress: Callable[[Progress], None] | None = None, interval: float = 0.2,
            switchover_ack: bool = False, on_listen: Callable[[str], None] | None = None) -> RecordResult:
-    """Listen on ``uri`` (tcp/unix/vsock), take one incoming migration, write it to ``output``.
+    """Take one incoming migration from ``uri`` (every scheme of QEMU's ``-incoming``: listen on
+    tcp/unix/vsock, read from ``exec:CMD``'s output, ``fd:N`` or ``file:PATH``), write it to ``output``.
 
     ``timeout``: seconds without a byte from the source before giving up (stall);
     ``accept_timeout``: seconds to wait for the source to connect (None: forever).
     Raises ``TransportError`` (no connection, drop, stall), ``DecodeError`` (garbage) or
     ``UsageError``; in every such case ``output`` is not created and ``output.part`` is kept."""
-    u = parse_uri(uri, LISTEN_SCHEMES)
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise UsageError(f"output directory {directory} does not exist")
     part = output + ".part"
-    with listen(u) as lst:
-        if on_listen is not None:
-            on_listen(lst.address)
-        conn = lst.accept(accept_timeout)
-        try:
-            return _record(conn, lst, output, part, timeout, progress, interval, switchover_ack)
-        finally:
-            conn.close()
+    inc = open_incoming(uri)
+    try:
+        if on_listen is not None and inc.listener is not None:
+            on_listen(inc.address)
+        conn = inc.accept(accept_timeout, keep_listening=True)
+        return _record(conn, inc, output, part, timeout, progress, interval, switchover_ack)
+    finally:
+        inc.close()
 
 
-def _record(conn: SocketChannel, lst: Listener, output: str, part: str, timeout: float,
+def _record(conn: Channel, inc: Incoming, output: str, part: str, timeout: float,
             progress: Callable[[Progress], None] | None, interval: float, switchover_ack: bool) -> RecordResult:
     t0 = time.monotonic()
     mon = StreamMonitor()
     resp = DestinationResponder(switchover_ack)
+    two_way = conn.has_return_path
     rp_bytes = 0
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     kept = f"; the partial recording is kept in {part}"
-    sock = conn.sock
-    sock.settimeout(0.2)
     last_data = t0
     eof_at: float | None = None
     complete_at: float | None = None
     next_show = t0
-    rate = _Rate()
+    rate = Rate()
     bytes_in = 0
     closed_by_peer = False
 
@@ -298,17 +127,15 @@ def _record(conn: SocketChannel, lst: Listener, output: str, part: str, timeout:
         while True:
             view = mon.get_buffer(CHUNK)
             try:
-                k = sock.recv_into(view, CHUNK)
-            except TimeoutError:
-                k = -1
-            except OSError as e:
+                k = conn.recv_into(view, CHUNK) if conn.readable(0.2) else -1
+            except (OSError, TransportError) as e:
                 view.release()
-                raise TransportError(f"connection from {conn.peer} lost at {_where(mon)}: "
-                                     f"{e.strerror or e}" + kept) from None
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise TransportError(f"connection from {conn.peer} lost at {_where(mon)}: {why}" + kept) from e
             if k < 0:  # nothing for a moment
                 view.release()
                 now = time.monotonic()
-                extra = lst.poll_accept()
+                extra = inc.listener.poll_accept() if inc.listener is not None else None
                 if extra is not None:
                     extra.close()
                     raise TransportError("the source opened a second connection (multifd or postcopy-preempt "
@@ -330,14 +157,15 @@ def _record(conn: SocketChannel, lst: Listener, output: str, part: str, timeout:
                 closed_by_peer = True
                 break
             chunk = view[:k]
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
             chunk.release()
             view.release()
             bytes_in += k
             now = last_data = time.monotonic()
             try:
                 for ev in mon.buffer_updated(k):
-                    send_back(resp.on_command(ev, rp_bytes))
+                    if two_way:
+                        send_back(resp.on_command(ev, rp_bytes))
             except DecodeError as e:
                 e.msg += kept
                 raise
@@ -364,6 +192,8 @@ def _record(conn: SocketChannel, lst: Listener, output: str, part: str, timeout:
         os.close(fd)
         fd = -1
         os.replace(part, output)
+        if mon.return_path and not two_way:
+            resp.notes.append(f"the stream opens a return path; {conn.name} carries none (nothing was answered)")
     except QevmError:
         with contextlib.suppress(TransportError):
             send_back(resp.finish(False, rp_bytes))
@@ -375,5 +205,5 @@ def _record(conn: SocketChannel, lst: Listener, output: str, part: str, timeout:
     if progress is not None:
         next_show = 0.0
         show(now, "complete")
-    return RecordResult(output, True, bytes_in, now - t0, lst.address, conn.peer, resp.open, resp.sent,
+    return RecordResult(output, True, bytes_in, now - t0, inc.address, conn.peer, resp.open, resp.sent,
                         resp.notes, mon)

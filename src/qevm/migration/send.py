@@ -8,26 +8,23 @@ answers are read and decoded, and, like a QEMU source, ``send`` waits for its SH
 the destination loaded everything.  Without a return path it half-closes and waits for the
 destination to hang up.
 
-``max_bandwidth`` limits the rate with a token bucket.  ``live=True`` re-sends RAM the way a live
+``max_bandwidth`` limits the rate (``qevm.migration.ratelimit``).  ``live=True`` re-sends RAM the way a live
 source does (``LiveResender``): the pages go out in many PART sections, then a subset of them again
 in later passes, before the END and the device sections; each chunk is framed with EOS and a footer.
 """
 
 from __future__ import annotations
 
-import json
-import select
-import threading
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qevm.codec.schema import Schema
-from qevm.codec.wire import be32, be64, cstr
-from qevm.errors import DecodeError, QevmError, SchemaError, UsageError
+from qevm.codec.wire import be32, be64
+from qevm.errors import UsageError
 from qevm.format.events import (
-    Command,
     CommandEvent,
     EndOfFile,
     Event,
@@ -35,47 +32,26 @@ from qevm.format.events import (
     MappedRamBitmap,
     MappedRamData,
     RamControl,
-    RamFlag,
     RamPage,
     RamTally,
     SectionHeader,
-    SectionKind,
 )
 from qevm.format.parser import Parser
-from qevm.format.returnpath import RpDecoder, RpMessage, RpType
-from qevm.io.reader import drive
-from qevm.io.sources import Input, find_vmdesc, open_input
-from qevm.migration.channels import SEND_SCHEMES, Channel, SocketChannel, TransportError, open_sink, parse_uri
-from qevm.migration.record import CHUNK, Progress, StreamMonitor, _Rate
+from qevm.format.records import Command, RamFlag, RecordType, SectionKind, ram_record_head
+from qevm.format.returnpath import RpMessage
+from qevm.io.reader import drive, trailer_schema
+from qevm.io.sources import Input, open_input
+from qevm.migration.channels import SEND_SCHEMES, Channel, SocketChannel, TransportError, open_outgoing, parse_uri
+from qevm.migration.pushparser import StreamMonitor
+from qevm.migration.ratelimit import RateLimiter
+from qevm.migration.returnpath import ReturnPathReader
+from qevm.migration.session import CHUNK, Progress, Rate
 
-__all__ = ["SendResult", "TokenBucket", "LiveResender", "send"]
+__all__ = ["SendResult", "LiveResender", "send"]
 
 _EOS = be64(RamFlag.EOS)
 _CONT = int(RamFlag.CONTINUE)
-
-
-class TokenBucket:
-    """At most ``rate`` bytes per second on average, in bursts of at most ``burst`` bytes."""
-
-    def __init__(self, rate: float, burst: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        if rate <= 0:
-            raise UsageError(f"bandwidth {rate} must be positive")
-        self.rate = float(rate)
-        self.burst = burst or int(max(4096, min(CHUNK, rate / 20)))
-        self.clock = clock
-        self.sleep = sleep
-        self.tokens = float(self.burst)
-        self.last = clock()
-
-    def take(self, n: int) -> None:
-        """Wait until ``n`` bytes may go (``n`` <= burst keeps the output smooth)."""
-        now = self.clock()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        self.tokens -= n
-        if self.tokens < 0:
-            self.sleep(-self.tokens / self.rate)
+_FOOTER = bytes((RecordType.FOOTER,))
 
 
 @dataclass
@@ -143,13 +119,13 @@ class LiveResender:
 
     def _footer(self) -> bytes:
         assert self.sid is not None
-        return b"\x7e" + be32(self.sid) if self.parser.footers else b""
+        return _FOOTER + be32(self.sid) if self.parser.footers else b""
 
     def _record(self, block: str, addr: int, kind: int, payload: bytes) -> None:
         if block == self.last_block:
-            self.buf += be64(addr | kind | _CONT)
+            self.buf += ram_record_head(addr, kind | _CONT, None)
         else:
-            self.buf += be64(addr | kind) + cstr(block)
+            self.buf += ram_record_head(addr, kind, block)
             self.last_block = block
         self.buf += payload
 
@@ -243,7 +219,7 @@ class LiveResender:
 class _Sender:
     """Writes to the channel in rate-limited slices and counts; optionally decodes what it sends."""
 
-    def __init__(self, chan: Channel, bucket: TokenBucket | None, mon: StreamMonitor, decode: bool) -> None:
+    def __init__(self, chan: Channel, bucket: RateLimiter | None, mon: StreamMonitor, decode: bool) -> None:
         self.chan = chan
         self.bucket = bucket
         self.mon = mon
@@ -271,72 +247,6 @@ class _Sender:
             view.release()
 
 
-class _ReturnPath:
-    """Reads and decodes what the destination sends back (a thread), until EOF or ``stop()``."""
-
-    def __init__(self, chan: SocketChannel) -> None:
-        self.chan = chan
-        self.dec = RpDecoder()
-        self.messages: list[RpMessage] = []
-        self.shut_status: int | None = None
-        self.error: QevmError | None = None
-        self.eof = threading.Event()
-        self.shut = threading.Event()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="qevm-send-rp", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        sock = self.chan.sock
-        buf = bytearray(1 << 16)
-        try:
-            while not self._stop.is_set():
-                try:
-                    r, _, _ = select.select([sock], [], [], 0.2)
-                    if not r:
-                        continue
-                    k = sock.recv_into(buf)
-                except (BlockingIOError, TimeoutError, InterruptedError):
-                    continue
-                except (OSError, ValueError) as e:
-                    if not self._stop.is_set():
-                        self.error = TransportError(f"{self.chan.peer}: return path lost: {e}")
-                    return
-                if k == 0:
-                    return
-                try:
-                    self.dec.feed(buf[:k])
-                    for m in self.dec.messages():
-                        self.messages.append(m)
-                        if m.type == RpType.SHUT:
-                            self.shut_status = int.from_bytes(m.data, "big")
-                            self.shut.set()
-                except DecodeError as e:
-                    self.error = e
-                    return
-        finally:
-            self.eof.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(2)
-
-
-def _schema(inp: Input) -> tuple[Schema | None, int | None]:
-    """Device descriptions and page size from the trailer of a regular file (sizes footer-less sections)."""
-    if not (inp.seekable and inp.size):
-        return None, None
-    found = find_vmdesc(inp.file, inp.size)
-    if found is None:
-        return None, None
-    try:
-        vm = json.loads(found[1])
-        ps = vm.get("page_size")
-        return Schema.from_vmdesc(vm), ps if isinstance(ps, int) and ps >= 256 and not ps & (ps - 1) else None
-    except (ValueError, SchemaError, AttributeError):
-        return None, None
-
-
 def send(path: str, uri: str, *, max_bandwidth: float | None = None, live: bool = False, timeout: float = 60.0,
          progress: Callable[[Progress], None] | None = None, interval: float = 0.2,
          live_options: dict[str, int] | None = None) -> SendResult:
@@ -346,18 +256,18 @@ def send(path: str, uri: str, *, max_bandwidth: float | None = None, live: bool 
     sent), ``TransportError`` when the destination cannot be reached, drops, stalls for ``timeout``
     seconds or reports a failed load (SHUT 1)."""
     u = parse_uri(uri, SEND_SCHEMES)
+    if max_bandwidth is not None and max_bandwidth <= 0:
+        raise UsageError(f"bandwidth {max_bandwidth} must be positive")
     inp = open_input(path)
     try:
-        schema, page_size = _schema(inp)
-        chan = open_sink(u, timeout)
+        schema, page_size = trailer_schema(inp)
+        chan = open_outgoing(u, timeout=timeout)
         try:
             return _send(inp, chan, str(u), max_bandwidth, live, timeout, progress, interval, schema, page_size,
                          live_options or {})
         except BaseException:
-            abort = getattr(chan, "abort", None)
-            if abort is not None:
-                abort()
-            else:
+            chan.abort()
+            with contextlib.suppress(Exception):
                 chan.close()
             raise
     finally:
@@ -369,12 +279,13 @@ def _send(inp: Input, chan: Channel, target: str, max_bandwidth: float | None, l
           page_size: int | None, live_options: dict[str, int]) -> SendResult:
     t0 = time.monotonic()
     if isinstance(chan, SocketChannel):
-        chan.sock.settimeout(timeout)
-    rp = _ReturnPath(chan) if isinstance(chan, SocketChannel) else None
-    bucket = TokenBucket(max_bandwidth) if max_bandwidth else None
+        chan.settimeout(timeout)
+    rp = ReturnPathReader(chan, name="qevm-send-rp") if chan.has_return_path else None
+    # bursts of 50 ms of traffic, at most one read
+    bucket = RateLimiter(max_bandwidth, int(max(4096, min(CHUNK, max_bandwidth / 20)))) if max_bandwidth else None
     mon = StreamMonitor(schema=schema, page_size=page_size)
     out = _Sender(chan, bucket, mon, decode=live)
-    rate = _Rate()
+    rate = Rate()
     next_show = t0
     total = inp.size if not live else None
     input_bytes = 0
@@ -442,7 +353,7 @@ def _send(inp: Input, chan: Channel, target: str, max_bandwidth: float | None, l
             rp.stop()
 
 
-def _finish(chan: Channel, rp: _ReturnPath | None, mon: StreamMonitor, out: _Sender, target: str, timeout: float,
+def _finish(chan: Channel, rp: ReturnPathReader | None, mon: StreamMonitor, out: _Sender, target: str, timeout: float,
             t0: float, live: bool, resent: int, notes: list[str], name: str, input_bytes: int) -> SendResult:
     if rp is not None:
         if mon.return_path:

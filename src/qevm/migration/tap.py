@@ -2,8 +2,10 @@
 
     res = tap("tcp:127.0.0.1:4444", "tcp:127.0.0.1:5555", output="seen.mig")
 
-The source connects to the listening address; the tap connects to the destination (a QEMU started
-with ``-incoming``) and pumps both directions unchanged, each in its own thread: the migration
+The source connects to the listening address (or the stream is read from any other ``-incoming``
+URI: ``exec:``, ``fd:``, ``file:``); the tap opens the destination (a QEMU started with
+``-incoming``, or any ``migrate`` URI) and pumps both directions unchanged, each in its own thread
+(the return path only when both ends are sockets): the migration
 stream forward, decoded as it passes by a ``StreamMonitor`` (and optionally recorded), and the
 return path backward, decoded by ``RpDecoder`` (PONGs, postcopy page requests, SHUT).  Further
 connections from the source (multifd channels, the postcopy-preempt channel) are paired with new
@@ -26,16 +28,18 @@ from typing import Any
 from qevm.errors import DecodeError, QevmError, UsageError
 from qevm.format.returnpath import RpDecoder, RpMessage, RpType
 from qevm.migration.channels import (
-    LISTEN_SCHEMES,
-    Listener,
+    SEND_SCHEMES,
+    Channel,
+    Incoming,
     MigrationURI,
     SocketChannel,
     TransportError,
-    connect,
-    listen,
+    open_incoming,
+    open_outgoing,
     parse_uri,
 )
-from qevm.migration.record import CHUNK, Progress, StreamMonitor, _Rate, _write_all
+from qevm.migration.pushparser import StreamMonitor
+from qevm.migration.session import CHUNK, Progress, Rate, write_all
 
 __all__ = ["TapResult", "tap"]
 
@@ -89,39 +93,39 @@ def tap(listen_uri: str, target_uri: str, *, output: str | None = None, rp_outpu
         timeout: float = 60.0, accept_timeout: float | None = None,
         progress: Callable[[Progress], None] | None = None, interval: float = 0.2,
         on_listen: Callable[[str], None] | None = None) -> TapResult:
-    """Forward one migration from ``listen_uri`` to ``target_uri`` (tcp/unix/vsock), decoding it.
+    """Forward one migration from ``listen_uri`` (any ``-incoming`` URI) to ``target_uri`` (any
+    ``migrate`` URI), decoding it.
 
     ``output``: record the forward stream there (``output.part`` until it is complete);
     ``rp_output``: record the return-path bytes.  ``timeout``: seconds with no byte in either
     direction before giving up.  Raises ``TransportError`` / ``DecodeError`` after the migration
     has ended when it did not end well."""
-    lu = parse_uri(listen_uri, LISTEN_SCHEMES)
-    tu = parse_uri(target_uri, LISTEN_SCHEMES)
+    tu = parse_uri(target_uri, SEND_SCHEMES)
     for path in (output, rp_output):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"output directory of {path} does not exist")
-    with listen(lu) as lst:
-        if on_listen is not None:
-            on_listen(lst.address)
-        src = lst.accept(accept_timeout)
-        try:
-            dst = connect(tu, timeout)
-        except TransportError:
-            src.close()
-            raise
-        dst.sock.settimeout(None)
-        s = _Session(lst, tu, src, dst, output, rp_output, timeout, progress, interval)
+    inc = open_incoming(listen_uri)
+    try:
+        if on_listen is not None and inc.listener is not None:
+            on_listen(inc.address)
+        src = inc.accept(accept_timeout, keep_listening=True)
+        dst = open_outgoing(tu, timeout=timeout)
+        if isinstance(dst, SocketChannel):
+            dst.settimeout(None)
+        s = _Session(inc, tu, src, dst, output, rp_output, timeout, progress, interval)
         try:
             return s.run()
         finally:
             s.cleanup()
+    finally:
+        inc.close()
 
 
 class _Session:
-    def __init__(self, lst: Listener, target: MigrationURI, src: SocketChannel, dst: SocketChannel,
+    def __init__(self, inc: Incoming, target: MigrationURI, src: Channel, dst: Channel,
                  output: str | None, rp_output: str | None, timeout: float,
                  progress: Callable[[Progress], None] | None, interval: float) -> None:
-        self.lst = lst
+        self.inc = inc
         self.target = target
         self.src = src
         self.dst = dst
@@ -143,29 +147,31 @@ class _Session:
         self.notes: list[str] = []
         self.stop = threading.Event()
         self.side: list[SideChannel] = []
-        self.side_socks: list[SocketChannel] = []
+        self.side_socks: list[Channel] = []
         self.side_threads: list[threading.Thread] = []
         self.out_fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if self.part else -1
         self.rp_fd = os.open(rp_output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if rp_output else -1
-        self.src.sock.settimeout(None)
+        if isinstance(src, SocketChannel):
+            src.settimeout(None)
 
     def _error(self, e: QevmError) -> None:
         self.errors.append(e)
 
     # -- the two pumps of the main channel --------------------------------------------------------
     def _forward(self) -> None:
-        mon, src, dst = self.mon, self.src.sock, self.dst.sock
+        mon, src, dst = self.mon, self.src, self.dst
         decoding = True
         try:
             while True:
                 view = mon.get_buffer(CHUNK)
                 try:
                     k = src.recv_into(view, CHUNK)
-                except OSError as e:
+                except (OSError, TransportError) as e:
                     view.release()
                     if not self.stop.is_set():
+                        why = e.strerror if isinstance(e, OSError) and e.strerror else e
                         self._error(TransportError(f"connection from the source {self.src.peer} lost at offset "
-                                                   f"{self.fwd}: {e.strerror or e}"))
+                                                   f"{self.fwd}: {why}"))
                     return
                 if k == 0:
                     view.release()
@@ -173,16 +179,16 @@ class _Session:
                 chunk = view[:k]
                 try:
                     dst.sendall(chunk)
-                except OSError as e:
+                except TransportError as e:
                     chunk.release()
                     view.release()
                     if not self.stop.is_set():
                         self._error(TransportError(f"the destination {self.target} closed the connection while "
-                                                   f"the stream was at offset {self.fwd}: {e.strerror or e}"))
-                    self.src.shutdown()  # the source must not believe it is being heard
+                                                   f"the stream was at offset {self.fwd}: {e}"))
+                    self.src.abort()  # the source must not believe it is being heard
                     return
                 if self.out_fd >= 0:
-                    _write_all(self.out_fd, chunk)
+                    write_all(self.out_fd, chunk)
                 chunk.release()
                 view.release()
                 self.fwd += k
@@ -204,27 +210,27 @@ class _Session:
     def _backward(self) -> None:
         buf = bytearray(1 << 16)
         view = memoryview(buf)
-        src, dst = self.src.sock, self.dst.sock
+        src, dst = self.src, self.dst
         try:
             while True:
                 try:
-                    k = dst.recv_into(buf)
-                except OSError as e:
+                    k = dst.recv_into(view)
+                except (OSError, TransportError) as e:
                     if not self.stop.is_set() and not self.mon.complete:
                         self._error(TransportError(f"connection to the destination {self.target} lost: "
-                                                   f"{e.strerror or e}"))
+                                                   f"{e}"))
                     return
                 if k == 0:
                     break
                 try:
                     src.sendall(view[:k])
-                except OSError as e:
+                except TransportError as e:
                     if not self.stop.is_set():
                         self._error(TransportError(f"the source {self.src.peer} closed its return path while "
-                                                   f"the destination was answering: {e.strerror or e}"))
+                                                   f"the destination was answering: {e}"))
                     return
                 if self.rp_fd >= 0:
-                    _write_all(self.rp_fd, view[:k])
+                    write_all(self.rp_fd, view[:k])
                 self.back += k
                 self.activity = time.monotonic()
                 if self.rp_error is None:
@@ -242,15 +248,18 @@ class _Session:
 
     # -- further channels (multifd, postcopy preempt): forwarded, not decoded -----------------------
     def _acceptor(self) -> None:
+        lst = self.inc.listener
+        if lst is None:
+            return
         while not self.stop.is_set():
             try:
-                conn = self.lst.accept(0.2)
+                conn = lst.accept(0.2, self.stop)
             except TransportError:
+                if lst.sock is None:
+                    return
                 continue
-            except OSError:
-                return
             try:
-                dst = connect(self.target, self.timeout)
+                dst = open_outgoing(self.target, timeout=self.timeout)
             except TransportError as e:
                 conn.close()
                 self._error(e)
@@ -263,18 +272,18 @@ class _Session:
                 t.start()
                 self.side_threads.append(t)
 
-    def _raw(self, a: SocketChannel, b: SocketChannel, sc: SideChannel, key: str) -> None:
+    def _raw(self, a: Channel, b: Channel, sc: SideChannel, key: str) -> None:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         try:
             while True:
-                k = a.sock.recv_into(buf)
+                k = a.recv_into(view)
                 if k == 0:
                     break
-                b.sock.sendall(view[:k])
+                b.sendall(view[:k])
                 setattr(sc, key, getattr(sc, key) + k)
                 self.activity = time.monotonic()
-        except OSError as e:
+        except (OSError, TransportError) as e:
             if not self.stop.is_set():
                 self.notes.append(f"side channel from {sc.source}: {key} direction ended with {e}")
         finally:
@@ -284,13 +293,14 @@ class _Session:
     # -- the session ---------------------------------------------------------------------------------
     def run(self) -> TapResult:
         t0 = time.monotonic()
-        pumps = [threading.Thread(target=self._forward, name="qevm-tap-forward", daemon=True),
-                 threading.Thread(target=self._backward, name="qevm-tap-back", daemon=True)]
+        pumps = [threading.Thread(target=self._forward, name="qevm-tap-forward", daemon=True)]
+        if self.src.has_return_path and self.dst.has_return_path:
+            pumps.append(threading.Thread(target=self._backward, name="qevm-tap-back", daemon=True))
         acceptor = threading.Thread(target=self._acceptor, name="qevm-tap-accept", daemon=True)
         for t in pumps:
             t.start()
         acceptor.start()
-        rate = _Rate()
+        rate = Rate()
         while any(t.is_alive() for t in pumps):
             pumps[0].join(self.interval)
             now = time.monotonic()
@@ -300,8 +310,8 @@ class _Session:
                 self._error(TransportError(f"nothing crossed the tap for {self.timeout:g}s (forward stream at "
                                            f"offset {self.fwd}, in {self.mon.section or 'the header'})"))
                 self.stop.set()
-                self.src.shutdown()
-                self.dst.shutdown()
+                self.src.abort()
+                self.dst.abort()
         # the main channel is over; give the side channels their time, then stop taking new ones
         deadline = time.monotonic() + self.timeout
         for t in self.side_threads:
@@ -309,14 +319,16 @@ class _Session:
         self.stop.set()
         acceptor.join(2)
         for s in self.side_socks:
-            s.shutdown()
+            s.abort()
         now = time.monotonic()
         if self.progress is not None:
             self.progress(self._snapshot(now - t0, 0.0, "complete" if self.mon.complete else "ended"))
         self._finish_files()
         if self.rp_error is not None:
             self.notes.append(f"the return path did not decode: {self.rp_error}")
-        return TapResult(self.output, True, self.fwd, self.back, now - t0, self.lst.address, self.src.peer,
+        if self.mon.return_path and len(pumps) == 1:
+            self.notes.append("the stream opens a return path; one end of the tap carries none")
+        return TapResult(self.output, True, self.fwd, self.back, now - t0, self.inc.address, self.src.peer,
                          str(self.target), self.rp_msgs, self.rp_counts, self.side, self.notes, self.mon)
 
     def _snapshot(self, elapsed: float, rate: float, phase: str | None = None) -> Progress:
@@ -359,4 +371,5 @@ class _Session:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         for c in (self.src, self.dst, *self.side_socks):
-            c.close()
+            with contextlib.suppress(QevmError):
+                c.close()

@@ -164,22 +164,28 @@ class SaveStateRegistry:
         return bytes(data), head
 
     def events(self, *, machine: str | None = "pc-i440fx-7.2", page_size: int = 4096, footers: bool = True,
-               vmdesc: bool = True, describe_configuration: bool = False) -> list[Event]:
+               vmdesc: bool = True, describe_configuration: bool = False, header: bool = True,
+               offset: int = 0) -> list[Event]:
         """A complete stream as events: header, configuration (when ``machine`` is given), one FULL
         section (+ footer) per entry in list order, EOF, and the vmdesc trailer.  With
-        ``describe_configuration`` the vmdesc also describes the configuration (QEMU >= 8.2)."""
+        ``describe_configuration`` the vmdesc also describes the configuration (QEMU >= 8.2).
+        ``header=False``: only the device sections, EOF and the trailer, the end of a stream whose
+        beginning (header, configuration, live sections) the caller wrote; ``offset`` is where they
+        start in it."""
         evs: list[Event] = []
-        off = 0
+        off = offset
 
         def add(ev: Event) -> None:
             nonlocal off
             evs.append(ev)
             off += len(ev.encode())
 
-        add(FileHeader(0))
+        if header:
+            add(FileHeader(off))
         top: dict[str, Any] = {}
         if machine is not None:
-            add(Configuration(off, machine, []))
+            if header:
+                add(Configuration(off, machine, []))
             if describe_configuration:
                 name = machine.encode("latin-1")
                 top["configuration"] = save_state(CONFIGURATION, State(len=len(name), name=name)).desc

@@ -1,0 +1,557 @@
+"""Guest RAM out of a stream: one sparse file per RAMBlock (``qevm extract``).
+
+Pages are written at their offsets as the stream delivers them (``pwrite``), so a page sent
+several times ends with its last copy and an XBZRLE delta applies to what the file holds at that
+moment.  Zero pages and pages never sent stay holes.  Memory stays bounded: per block only a
+bitmap of the pages that may hold data (1 bit per page) and one coalescing write buffer.
+
+Output names come from block names made safe (no separators, no leading dot, bounded length,
+collisions numbered), and every file is written under a temporary directory inside the output's
+parent and moved into place only when the whole stream was read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qevm.errors import DecodeError, UsageError
+from qevm.format.events import (
+    Configuration,
+    Event,
+    MappedRamBitmap,
+    MappedRamData,
+    RamBlock,
+    RamFlag,
+    RamPage,
+    RamTally,
+)
+from qevm.format.parser import Parser
+from qevm.format.xbzrle import apply_delta
+from qevm.io.reader import Analysis, drive, trailer_schema
+from qevm.io.sources import CHUNK, Input, open_input
+
+__all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles", "ram_records",
+           "read_region", "output_directory", "discard"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
+_FLUSH = 1 << 20
+_IOV_MAX = 1024
+_B64 = struct.Struct(">Q").unpack_from
+_CONT = int(RamFlag.CONTINUE)
+_PAGE, _ZERO, _XBZRLE, _COMPRESS = int(RamFlag.PAGE), int(RamFlag.ZERO), int(RamFlag.XBZRLE), int(RamFlag.COMPRESS_PAGE)
+
+
+def safe_names(names: list[str], suffix: str = ".ram", reserved: tuple[str, ...] = ("blocks.json",)) -> dict[str, str]:
+    """A file name per block name that cannot leave the directory (no ``/``, no ``..``, no leading dot,
+    at most 120 characters) and that no other block gets (compared case-insensitively)."""
+    taken = {r.lower() for r in reserved}
+    out: dict[str, str] = {}
+    for name in names:
+        base = _UNSAFE.sub("_", name).lstrip(".")[:120] or "block"
+        cand, n = base + suffix, 1
+        while cand.lower() in taken:
+            n += 1
+            cand = f"{base}-{n}{suffix}"
+        taken.add(cand.lower())
+        out[name] = cand
+    return out
+
+
+@dataclass
+class BlockFile:
+    name: str
+    size: int
+    file: str
+    pages: dict[str, int] = field(default_factory=lambda: {"normal": 0, "zero": 0, "xbzrle": 0, "compressed": 0})
+    guest_physical: list[dict[str, int]] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "size": self.size, "file": self.file, "pages": self.pages}
+        if self.guest_physical is not None:
+            d["guest_physical"] = [{"addr": r["addr"], "offset": r["offset"], "size": r["size"]}
+                                   for r in self.guest_physical]
+        return d
+
+
+class BlockSink:
+    """One block's bytes in a file: pages written in place, zero pages left (or made) holes.
+
+    ``dirty`` has one bit per page that may hold non-zero bytes: a zero page over such a page is
+    written as zeros, over any other page it costs nothing."""
+
+    __slots__ = ("fd", "size", "page_size", "dirty", "_buf", "_buf_at", "base", "counts", "_views", "_views_at",
+                 "_views_end")
+
+    def __init__(self, fd: int, size: int, page_size: int, base: int = 0) -> None:
+        self.fd = fd
+        self.size = size
+        self.page_size = page_size
+        self.base = base  # where the block starts in the file
+        self.dirty = bytearray((size // page_size + 8) // 8)
+        self._buf = bytearray()
+        self._buf_at = -1
+        self.counts = {"normal": 0, "zero": 0, "xbzrle": 0, "compressed": 0}
+        self._views: list[memoryview] = []
+        self._views_at = self._views_end = -1
+
+    def put_view(self, addr: int, view: memoryview) -> None:
+        """Queue a page given as a view into a buffer that stays valid until ``flush_views()``; runs of
+        contiguous pages go out in one ``pwritev``."""
+        if self._views_end != addr or len(self._views) >= _IOV_MAX:
+            self.flush_views()
+            if self._buf:
+                self.flush()
+            self._views_at = addr
+        self._views.append(view)
+        self._views_end = addr + len(view)
+        i = addr // self.page_size
+        self.dirty[i >> 3] |= 1 << (i & 7)
+
+    def flush_views(self) -> None:
+        views = self._views
+        if views:
+            at = self.base + self._views_at
+            total = self._views_end - self._views_at
+            n = os.pwritev(self.fd, views, at)
+            if n != total:  # a short write: the rest one by one
+                rest = b"".join(views)[n:]
+                _pwrite_all(self.fd, rest, at + n)
+            self._views = []
+        self._views_at = self._views_end = -1
+
+    def flush(self) -> None:
+        self.flush_views()
+        if self._buf:
+            _pwrite_all(self.fd, self._buf, self.base + self._buf_at)
+            self._buf = bytearray()
+        self._buf_at = -1
+
+    def _mark(self, addr: int, on: bool) -> None:
+        i = addr // self.page_size
+        if on:
+            self.dirty[i >> 3] |= 1 << (i & 7)
+        else:
+            self.dirty[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+
+    def _is_dirty(self, addr: int) -> bool:
+        i = addr // self.page_size
+        return bool(self.dirty[i >> 3] >> (i & 7) & 1)
+
+    def put(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        if self._views:
+            self.flush_views()
+        if self._buf_at >= 0 and self._buf_at + len(self._buf) == addr and len(self._buf) < _FLUSH:
+            self._buf += data
+        else:
+            self.flush()
+            self._buf_at = addr
+            self._buf = bytearray(data)
+        ps = self.page_size
+        for a in range(addr - addr % ps, addr + len(data), ps):
+            self._mark(a, True)
+
+    def zero(self, addr: int, fill: int) -> None:
+        if fill:
+            self.put(addr, bytes((fill,)) * self.page_size)
+        elif self._is_dirty(addr):
+            self.flush()
+            _pwrite_all(self.fd, bytes(self.page_size), self.base + addr)
+            self._mark(addr, False)
+
+    def get(self, addr: int) -> bytes:
+        self.flush()
+        data = os.pread(self.fd, self.page_size, self.base + addr) if self._is_dirty(addr) else b""
+        return data + bytes(self.page_size - len(data))
+
+    def apply(self, ev: RamPage) -> None:
+        ps = self.page_size
+        addr = ev.addr
+        if addr % ps or addr + ps > self.size:
+            raise DecodeError(f"page at 0x{addr:x} lies outside RAM block {ev.block!r} "
+                              f"(0x{self.size:x} bytes)", ev.offset)
+        kind = ev.flags & ~RamFlag.CONTINUE
+        if kind == RamFlag.PAGE:
+            self.counts["normal"] += 1
+            buf = self._buf
+            if self._buf_at >= 0 and self._buf_at + len(buf) == addr and len(buf) < _FLUSH:
+                buf += ev.payload
+                i = addr // ps
+                self.dirty[i >> 3] |= 1 << (i & 7)
+            else:
+                self.put(addr, ev.payload)
+        elif kind == RamFlag.ZERO:
+            self.counts["zero"] += 1
+            self.zero(addr, ev.payload[0])
+        elif kind == RamFlag.XBZRLE:
+            self.counts["xbzrle"] += 1
+            self.xbzrle(addr, ev.payload[3:], ev.offset)
+        elif kind == RamFlag.COMPRESS_PAGE:
+            self.counts["compressed"] += 1
+            self.inflate(addr, ev.payload[4:], ev.offset)
+
+    def xbzrle(self, addr: int, delta: bytes | memoryview, offset: int) -> None:
+        page = bytearray(self.get(addr))
+        apply_delta(page, bytes(delta), offset)
+        self.put(addr, page)
+
+    def inflate(self, addr: int, data: bytes | memoryview, offset: int) -> None:
+        try:
+            page = zlib.decompress(data)
+        except zlib.error as e:
+            raise DecodeError(f"compressed page does not inflate: {e}", offset) from None
+        if len(page) != self.page_size:
+            raise DecodeError(f"compressed page inflates to {len(page)} bytes, not {self.page_size}", offset)
+        self.put(addr, page)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view = view[n:]
+        at += n
+
+
+def ram_records(raw: memoryview, page: int, block: str | None) -> Iterator[tuple[int, int, int, str | None, int, int]]:
+    """The records of a run of RAM page records the parser already checked (a ``RamTally``'s bytes):
+    (start, flags, addr, block, payload start, end) each; ``block`` is the block CONTINUE records refer to
+    when the run starts."""
+    n = len(raw)
+    mask = page - 1
+    pos = 0
+    while pos < n:
+        w = _B64(raw, pos)[0]
+        flags = w & mask
+        p = pos + 8
+        if not flags & _CONT:
+            ln = raw[p]
+            block = str(raw[p + 1:p + 1 + ln], "latin-1")
+            p += 1 + ln
+        kind = flags & ~_CONT
+        if kind == _PAGE:
+            end = p + page
+        elif kind == _ZERO:
+            end = p + 1
+        elif kind == _XBZRLE:
+            end = p + 3 + int.from_bytes(raw[p + 1:p + 3], "big")
+        else:
+            end = p + 4 + int.from_bytes(raw[p:p + 4], "big")
+        yield pos, flags, w - flags, block, p, end
+        pos = end
+
+
+class RamFiles:
+    """Event consumer that writes every RAM block's content through a ``BlockSink``.
+
+    ``open_block(name, size)`` gives the sink for a block (None: the block is not wanted).
+    Mapped-ram streams carry a bitmap and the pages at fixed file offsets: pages whose bit is set
+    are copied from ``inp`` (read back when the reader seeked over them)."""
+
+    def __init__(self, open_block: Callable[[str, int, int], BlockSink | None], inp: Input,
+                 page_size: Callable[[], int]) -> None:
+        self.open_block = open_block
+        self.inp = inp
+        self.page_size = page_size
+        self.sinks: dict[str, BlockSink | None] = {}
+        self.mapped: dict[str, tuple[int, int, int, bytes]] = {}  # block -> (pages start, page size, used, bitmap)
+        self._block: str | None = None  # the block CONTINUE records refer to (tally scanning)
+
+    def tally(self, ev: RamTally, page: int) -> None:
+        """Apply a run of RAM page records the parser checked and counted (``Parser(count_pages=True,
+        keep_raw="borrow")``): the fast twin of handing every ``RamPage`` to ``handle``.  Normal pages are
+        written straight from the parser's buffer (``pwritev``) before it is reused."""
+        raw = ev.raw
+        assert raw is not None
+        mv = memoryview(raw)
+        n = len(mv)
+        mask = page - 1
+        pos = 0
+        block = self._block
+        sinks = self.sinks
+        sink = sinks.get(block) if block is not None else None
+        touched: set[BlockSink] = set()
+        try:
+            while pos < n:
+                w = _B64(mv, pos)[0]
+                flags = w & mask
+                addr = w - flags
+                p = pos + 8
+                if not flags & _CONT:
+                    ln = mv[p]
+                    block = str(mv[p + 1:p + 1 + ln], "latin-1")
+                    p += 1 + ln
+                    sink = sinks.get(block)
+                    if sink is None and block not in sinks:
+                        raise DecodeError(f"page for RAM block {block!r}, which the stream never announced",
+                                          ev.offset + pos)
+                kind = flags & ~_CONT
+                if kind == _PAGE:
+                    if sink is not None:
+                        if sink._views_end == addr and len(sink._views) < _IOV_MAX:
+                            sink._views.append(mv[p:p + page])
+                            sink._views_end = addr + page
+                            i = addr // page
+                            sink.dirty[i >> 3] |= 1 << (i & 7)
+                        else:
+                            sink.put_view(addr, mv[p:p + page])
+                            touched.add(sink)
+                    p += page
+                elif kind == _ZERO:
+                    if sink is not None:
+                        sink.zero(addr, mv[p])
+                    p += 1
+                elif kind == _XBZRLE:
+                    dl = int.from_bytes(mv[p + 1:p + 3], "big")
+                    if sink is not None:
+                        sink.xbzrle(addr, mv[p + 3:p + 3 + dl], ev.offset + pos)
+                    p += 3 + dl
+                else:
+                    cl = int.from_bytes(mv[p:p + 4], "big")
+                    if sink is not None:
+                        sink.inflate(addr, mv[p + 4:p + 4 + cl], ev.offset + pos)
+                    p += 4 + cl
+                pos = p
+        finally:
+            self._block = block
+            for t in touched:
+                t.flush_views()  # the views borrow the parser's buffer
+
+    def chain(self, other: Callable[[Event], None]) -> Callable[[Event], None]:
+        """A handler giving RAM pages to this object only (the hot path) and every other event to both
+        ``other`` and this object.  Page counts are then in each sink's ``counts``."""
+        sinks = self.sinks
+
+        def handle(ev: Event) -> None:
+            if type(ev) is RamPage:
+                page = ev
+                sink = sinks.get(page.block)
+                if sink is not None:
+                    sink.apply(page)
+                elif page.block not in sinks:
+                    raise DecodeError(f"page for RAM block {page.block!r}, which the stream never announced",
+                                      page.offset)
+                return
+            if type(ev) is RamTally:
+                other(ev)
+                self.tally(ev, self.page_size())
+                return
+            other(ev)
+            self.handle(ev)
+        return handle
+
+    def handle(self, ev: Event) -> None:
+        t = type(ev)
+        if t is RamPage:
+            assert isinstance(ev, RamPage)
+            sink = self.sinks.get(ev.block)
+            if sink is not None:
+                sink.apply(ev)
+            elif ev.block not in self.sinks:
+                raise DecodeError(f"page for RAM block {ev.block!r}, which the stream never announced", ev.offset)
+        elif t is RamBlock:
+            assert isinstance(ev, RamBlock)
+            if ev.name in self.sinks:
+                sink = self.sinks[ev.name]
+                if sink is not None and sink.size != ev.used_length:
+                    raise DecodeError(f"RAM block {ev.name!r} announced again with a different size", ev.offset)
+                return
+            ps = ev.mapped.page_size if ev.mapped is not None and ev.mapped.page_size else self.page_size()
+            self.sinks[ev.name] = self.open_block(ev.name, ev.used_length, ps)
+            if ev.mapped is not None and ev.mapped.pages_offset:
+                start = ev.mapped.pages_offset - self.inp.file_offset
+                self.mapped[ev.name] = (start, ps, ev.used_length, b"")
+        elif t is MappedRamBitmap:
+            assert isinstance(ev, MappedRamBitmap)
+            start, ps, used, _ = self.mapped[ev.block]
+            self.mapped[ev.block] = (start, ps, used, ev.data)
+        elif t is MappedRamData:
+            assert isinstance(ev, MappedRamData)
+            self._mapped(ev)
+
+    def _mapped(self, ev: MappedRamData) -> None:
+        m = self.mapped.get(ev.block)
+        sink = self.sinks.get(ev.block)
+        if m is None or sink is None:
+            return
+        start, ps, used, bitmap = m
+        if not bitmap:
+            return
+        lo = max(ev.offset, start)
+        hi = min(ev.offset + ev.length, start + used)
+        if lo >= hi:
+            return
+        first = (lo - start) // ps
+        last = (hi - start + ps - 1) // ps
+        i = first
+        while i < last:  # runs of pages whose bit is set
+            if not bitmap[i >> 3] >> (i & 7) & 1:
+                i += 1
+                continue
+            j = i + 1
+            while j < last and bitmap[j >> 3] >> (j & 7) & 1:
+                j += 1
+            a, b = max(start + i * ps, lo), min(start + j * ps, hi)
+            self._copy_mapped(ev, sink, a, b - a, a - start)
+            i = j
+
+    def _copy_mapped(self, ev: MappedRamData, sink: BlockSink, at: int, n: int, addr: int) -> None:
+        if ev.data is not None:
+            rel = at - ev.offset
+            data: bytes | memoryview = memoryview(ev.data)[rel:rel + n]
+            sink.put(addr, data)
+        else:
+            pos = addr
+            for chunk in read_region(self.inp, at, n):
+                sink.put(pos, chunk)
+                pos += len(chunk)
+
+
+def read_region(inp: Input, at: int, n: int) -> Iterator[bytes]:
+    """``n`` bytes of a seekable input from stream offset ``at`` (a mapped-ram region the reader seeked
+    over), in chunks; the input's position is left where it was."""
+    f = inp.file
+    here = f.tell()
+    try:
+        f.seek(at)
+        left = n
+        while left:
+            chunk = f.read(min(left, CHUNK))
+            if not chunk:
+                raise DecodeError("input ended inside a mapped-ram region", at + n - left)
+            yield chunk
+            left -= len(chunk)
+    finally:
+        f.seek(here)
+
+
+def discard(path: str) -> None:
+    """Remove a temporary output left by a failed write (nothing under the final name is touched)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def output_directory(out_path: str) -> str:
+    """The directory a single output file goes to (its temporary name is made there), checked."""
+    directory = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(directory):
+        why = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise UsageError(f"output directory {directory} {why}")
+    if os.path.isdir(out_path):
+        raise UsageError(f"{out_path} is a directory")
+    return directory
+
+
+@dataclass
+class ExtractResult:
+    directory: str
+    machine: str | None
+    blocks: list[BlockFile]
+    stream_size: int
+
+
+def _open_out(directory: str) -> tuple[str, str | None]:
+    """(work directory, final directory to rename it to or None when files move one by one)."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"{directory} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(directory)) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"{parent} does not exist")
+    try:
+        if os.path.isdir(directory):
+            return tempfile.mkdtemp(prefix=".qevm-extract-", dir=directory), None
+        return tempfile.mkdtemp(prefix=".qevm-extract-", dir=parent), directory
+    except OSError as e:
+        raise UsageError(f"cannot write in {directory}: {e.strerror}") from None
+
+
+def extract(source: str | Input, directory: str, *, block: str | None = None, snapshot: str | None = None,
+            page_size: int | None = None) -> ExtractResult:
+    """Write each RAM block of ``source`` to a sparse file in ``directory`` plus ``blocks.json``."""
+    from qevm.analysis.guestmap import GuestMap, MapError
+
+    inp = open_input(source, snapshot) if isinstance(source, str) else source
+    work, final = _open_out(directory)
+    fds: dict[str, int] = {}
+    files: dict[str, BlockFile] = {}
+    done = False
+    try:
+        schema, trailer_page = trailer_schema(inp)
+        page_size = page_size or trailer_page
+        parser = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw="borrow",
+                        file_offset=inp.file_offset)
+        an = Analysis(schema=schema, page_size=lambda: parser.page_size or 4096)
+        names: list[str] = []
+
+        def open_block(name: str, size: int, ps: int) -> BlockSink | None:
+            if block is not None and name != block:
+                return None
+            names.append(name)
+            fname = safe_names(names)[name]
+            fd = os.open(fname, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                         dir_fd=dfd)
+            fds[name] = fd
+            os.ftruncate(fd, size)
+            files[name] = BlockFile(name, size, fname)
+            return BlockSink(fd, size, ps)
+
+        dfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
+
+            drive(parser, inp, rf.chain(an.handle), skip_regions=inp.seekable)
+            an.size = parser.offset
+            an.stream_page_size = parser.page_size
+            for sink in rf.sinks.values():
+                if sink is not None:
+                    sink.flush()
+            for fd in fds.values():
+                os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
+        if not an.blocks:
+            raise UsageError(f"{inp.name}: the stream carries no RAM (no RAM block announced)")
+        if block is not None and block not in files:
+            raise UsageError(f"no RAM block {block!r} in the stream (it has: {', '.join(an.blocks)})")
+        try:
+            an.decode_devices(strict=False)
+            gmap: GuestMap | None = GuestMap.from_analysis(an)
+        except (MapError, DecodeError):
+            gmap = None
+        for name, bf in files.items():
+            bf.pages = dict(an.blocks[name].pages)
+            if gmap is not None:
+                bf.guest_physical = gmap.placement(name)
+        machine = an.configuration.machine if isinstance(an.configuration, Configuration) else None
+        doc = {"machine": machine, "page_size": an.page_size or 4096,
+               "blocks": [bf.as_json() for bf in files.values()]}
+        with open(os.path.join(work, "blocks.json"), "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        if final is not None:
+            os.rename(work, final)
+        else:
+            for fn in [*(bf.file for bf in files.values()), "blocks.json"]:
+                os.replace(os.path.join(work, fn), os.path.join(directory, fn))
+            os.rmdir(work)
+        done = True
+        return ExtractResult(directory, machine, list(files.values()), an.size)
+    except OSError as e:
+        raise UsageError(f"cannot write {directory}: {e.strerror}") from None
+    finally:
+        if not done:
+            shutil.rmtree(work, ignore_errors=True)
+        if isinstance(source, str):
+            inp.close()
