@@ -223,7 +223,8 @@ def test_cli_local_and_dask(fleet: tuple[Path, dict[str, Entry]], cluster: str, 
     assert qevm("scan", str(tmp_path / "nothing-here")).returncode == 2
     bad = qevm("scan", str(root / "edits"), "--out", str(tmp_path / "t.xlsx"))
     assert bad.returncode == 2 and "must end in .parquet, .csv or .json" in bad.stderr
-    unreachable = qevm("scan", str(root / "edits"), "--scheduler", "tcp://127.0.0.1:9")
+    unreachable = qevm("scan", str(root / "edits"), "--scheduler", "tcp://127.0.0.1:9",
+                       env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
     assert unreachable.returncode == 2 and "cannot reach the Dask scheduler" in unreachable.stderr
 
 

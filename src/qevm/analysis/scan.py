@@ -177,10 +177,12 @@ def _scan_input(opener: Callable[[], Input], row: dict[str, Any], compat_to: lis
             first = next(d for d in an.devices if d.error)
             row["error"] = f"section {first.section.idstr!r}: {first.error}"
     if compat_to:
+        row["compat"] = "not checked"  # a damaged state: its vmdesc and sections are not the whole story
         if row["status"] == "ok":
-            _compat(row, compat(side_from_stream(str(row["path"]), an), compat_to))
-        else:
-            row["compat"] = "not checked"
+            try:
+                _compat(row, compat(side_from_stream(str(row["path"]), an), compat_to))
+            except QevmError as e:
+                row["break_reasons"] = f"qevm compat: {e}"
     return row
 
 
@@ -451,7 +453,7 @@ def _scan_dask(paths: list[str], scheduler: str, compat_to: list[Side] | None, t
 
     shown = _abs(paths)
     try:
-        client = dd.Client(scheduler, timeout="20s", set_as_default=False)
+        client = dd.Client(scheduler, set_as_default=False)  # connect timeout: dask's config (30 s default)
     except (OSError, TimeoutError) as e:
         raise UsageError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
     try:
