@@ -199,3 +199,18 @@ def test_report_errors(tmp_path: Path) -> None:
     r = qevm("report", str(bad), "-o", str(tmp_path / "y.html"), check=False)
     assert r.returncode == 2 and not (tmp_path / "y.html").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qevm-")]
+
+
+def test_two_state_report_of_xbzrle_streams(tmp_path: Path) -> None:
+    """A side with XBZRLE pages is read a second time (its page digests need the previous content):
+    the report's RAM map comes from the pass that counts, and the differences are still qevm diff's."""
+    from qevm.analysis.report import _gather
+
+    f = require_fixture("xbzrle-7.2")
+    doc, _, table = _gather(str(f), True, None, True, {})
+    assert table is not None and doc["ram"] == collect(str(f), pages=True)["ram"]
+    page = tmp_path / "x.html"
+    r = qevm("report", str(f), str(f), "-o", str(page))
+    assert "0 changed fields" in r.stderr.decode()
+    mine = _diff_doc(page)
+    assert mine["equal"] and mine["ram"] == {"page_size": 4096, "blocks": []}

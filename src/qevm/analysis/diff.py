@@ -101,6 +101,18 @@ class PageTable:
         else:
             raise _NeedContent()
 
+    def fast_sink(self) -> Callable[[str, int, int, memoryview, int], None]:
+        """``sink`` with the page size and tables bound (once the page size is known): the full-page
+        case, nearly every record, costs one digest and one store."""
+        tables, granule, ps, pack, slow = self.tables, self.granule, self.page_size, _PACK, self.sink
+
+        def sink(block: str, addr: int, kind: int, view: memoryview, pos: int) -> None:
+            if kind == _PAGE:
+                pack(tables[block], addr // granule * DIGEST, hash(bytes(view[pos:pos + ps])) or 1)
+            else:
+                slow(block, addr, kind, view, pos)
+        return sink
+
 
 class _NeedContent(Exception):
     pass
@@ -244,6 +256,7 @@ def read_side(source: str | Input, *, ram: bool = True, hooks: Hooks | None = No
                 assert isinstance(ev, RamBlock)
                 if not table.tables:  # one slot per target page (1 KiB on some Arm machines)
                     table.granule = table.page_size = parser.page_size or 4096
+                    parser.page_sink = table.fast_sink()
                 table.add_block(ev.name, ev.used_length)
             if on_event is not None:
                 on_event(ev)
