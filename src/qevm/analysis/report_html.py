@@ -75,6 +75,7 @@ details.dev table{margin:0}
 mark{background:#ffe58a}
 .chg td.a{background:#fdecea} .chg td.b{background:#e6f4ea}
 svg text{font-size:11px;fill:var(--fg)} svg.sizechart{display:block;max-width:100%;height:auto;margin:4px 0 10px}
+table.difffields td:first-child,table.diffsubs td:first-child{width:48%} table.difffields td.val{width:18%}
 .scroll{max-height:460px;overflow:auto;border:1px solid var(--line);border-radius:6px} .scroll th{top:0}
 </style></head>
 <body>
@@ -351,7 +352,7 @@ if (DATA.diff) {
     "the states differ: " + df.configuration.length + " configuration keys, " + secs.length + " sections, " +
     num(df.fields_total) + " fields" + (df.ram ? ", " + blocks.length + " RAM blocks" : " (RAM not compared)")}));
   /* configuration */
-  body.append(el("h3", {text: "Configuration (" + (df.configuration.length ? df.configuration.length + " keys differ" : "the same") + ")"}));
+  body.append(el("h3", {text: "Configuration (" + (df.configuration.length ? df.configuration.length + (df.configuration.length > 1 ? " keys differ" : " key differs") : "the same") + ")"}));
   if (df.configuration.length) body.append(table([{t: "key", cls: "mono"}, {t: a, cls: "val mono a"}, {t: b, cls: "val mono b"}],
     df.configuration.map((c) => [c.key, show(c.a), show(c.b)]), "chg diffconfig"));
   /* sections: one side only, versions */
