@@ -2,7 +2,8 @@
 
 Usage: python3 scripts/report_screenshot.py REPORT.html OUT_PREFIX [SEARCH]
 Writes OUT_PREFIX-overview.png (summary, sections), OUT_PREFIX-ram.png (the RAM map) and, with SEARCH,
-OUT_PREFIX-search.png (the device tree filtered by SEARCH).  Needs chromium, chromium-driver and selenium.
+OUT_PREFIX-search.png (the device tree filtered by SEARCH); a report of two states also gets
+OUT_PREFIX-diff.png (the differences view).  Needs chromium, chromium-driver and selenium.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def main(page: str, prefix: str, search: str | None = None) -> int:
         drv.execute_script("document.getElementById('ram').scrollIntoView()")
         time.sleep(0.3)
         drv.save_screenshot(f"{prefix}-ram.png")
+        if drv.find_element("id", "diff").is_displayed():
+            drv.execute_script("document.getElementById('diff').scrollIntoView()")
+            time.sleep(0.3)
+            drv.save_screenshot(f"{prefix}-diff.png")
         if search:
             box = drv.find_element("id", "search")
             box.send_keys(search)

@@ -7,6 +7,7 @@ virtio-net MAC) with the path ``qevm edit`` takes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import pytest
 from conftest import require_fixture
 from test_cli import qevm
 
-from qevm.analysis.report import collect, compare
+from qevm.analysis.report import collect
 
 CHROME = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -108,28 +109,83 @@ def test_single_report_in_chromium(browser: Any, tmp_path: Path) -> None:
     assert shown and all("last_avail_idx" in s for s in shown)
 
 
-def test_two_state_report_in_chromium(browser: Any, tmp_path: Path) -> None:
-    a, b = require_fixture("virtio-q35-7.2"), require_fixture("virtio-q35-10.0")
-    page = tmp_path / "diff.html"
-    qevm("report", str(a), str(b), "-o", str(page))
-    assert _open(browser, page) == []
-    assert browser.find_element("id", "diff").is_displayed()
-    texts = browser.execute_script(
-        "return Array.from(document.querySelectorAll('table.difffields tbody tr')).map(r => r.textContent);")
-    assert len(texts) > 10
-    # QEMU 10.0 sends SWITCHOVER_START and other section versions: some virtio queue state differs
-    assert any("/virtio/" in t for t in texts), texts[:20]
+def _diff_doc(page: Path) -> dict[str, Any]:
+    m = re.search(r'<script type="application/json" id="qevm-data">(.*?)</script>', page.read_text(), re.S)
+    assert m
+    return json.loads(m.group(1).replace("<\\/", "</"))["diff"]
 
 
-def test_compare_finds_an_edit(tmp_path: Path) -> None:
-    """The two-state comparison reports exactly the fields an edit changed."""
+def _same_as_qevm_diff(page: Path, a: Path, b: Path) -> dict[str, Any]:
+    """The page's differences are ``qevm diff --json``'s, nothing else (one comparison in the project)."""
+    mine = _diff_doc(page)
+    r = qevm("diff", "--json", str(a), str(b), check=False)
+    assert r.returncode in (0, 1), r.stderr.decode()
+    theirs = json.loads(r.stdout)
+    for sec in mine["sections"]:
+        assert sec.pop("fields_total") == len(sec["fields"])
+    for blk in (mine["ram"] or {}).get("blocks", []):
+        assert blk.pop("ranges_total") == len(blk["ranges"])
+    mine.pop("fields_total")
+    assert mine == theirs
+    return theirs
+
+
+def _rows(browser: Any, css: str) -> list[list[str]]:
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).filter(r => r.offsetParent !== null)"
+        ".map(r => Array.from(r.cells).map(c => c.textContent));", css)
+
+
+def test_two_state_report_of_an_edit_in_chromium(browser: Any, tmp_path: Path) -> None:
+    """A stream and its ``qevm edit`` (virtio-net MAC, a virtio-scsi queue's last_avail_idx inside the
+    decoded virtio blob): the differences view lists exactly the edited paths, A and B side by side."""
     f = require_fixture("virtio-pc-7.2")
     doc = collect(str(f), pages=False)
     net = next(d for d in doc["devices"] if d["section"].endswith("/virtio-net"))
+    scsi = next(d for d in doc["devices"] if d["section"].endswith("/virtio-scsi"))
+    idx = next(r for r in scsi["rows"] if r[0].endswith("/last_avail_idx") and r[2] != "0")
+    mac = f"{net['path']}/virtio/device/mac"
     out = tmp_path / "e.mig"
-    qevm("edit", str(f), str(out), "--set", f"{net['path']}/virtio/device/mac=5254009abcde")
-    diff = compare(doc, collect(str(out), pages=False))
-    assert diff["fields"] == [[f"{net['path']}/virtio/device/mac", "525400123470", "5254009abcde"]]
+    qevm("edit", str(f), str(out), "--set", f"{mac}=5254009abcde", "--set", f"{idx[0]}=300")
+    page = tmp_path / "edit.html"
+    r = qevm("report", str(f), str(out), "-o", str(page))
+    assert "2 changed fields" in r.stderr.decode()
+    _same_as_qevm_diff(page, f, out)
+    assert _open(browser, page) == []
+    assert browser.find_element("id", "diff").is_displayed()
+    rows = _rows(browser, "table.difffields tbody tr")
+    old = idx[2].split()[0]
+    assert sorted(rows) == sorted([[mac, "buffer", "bytes [0x3, 0x6)", "525400123470", "5254009abcde"],
+                                   [idx[0], "uint16", "value", old, "300"]])
+    assert not _rows(browser, "table.diffconfig tbody tr") and not _rows(browser, "table.diffram tbody tr")
+    assert "RAM pages that differ (none" in browser.find_element("id", "diffbody").text
+    # the filter box narrows the differences to the typed path
+    browser.find_element("id", "diffsearch").send_keys("device/mac")
+    assert [x[0] for x in _rows(browser, "table.difffields tbody tr")] == [mac]
+
+
+def test_two_state_report_in_chromium(browser: Any, tmp_path: Path) -> None:
+    """QEMU 7.2 vs 10.0, same machine family and devices: configuration, sections on one side, decoded
+    PCI/virtio fields, subsections on one side and RAM page ranges, as ``qevm diff`` finds them."""
+    a, b = require_fixture("virtio-q35-7.2"), require_fixture("virtio-q35-10.0")
+    page = tmp_path / "diff.html"
+    qevm("report", str(a), str(b), "-o", str(page))
+    theirs = _same_as_qevm_diff(page, a, b)
+    assert _open(browser, page) == []
+    assert browser.find_element("id", "diff").is_displayed()
+    assert ["machine", "pc-q35-7.2", "pc-q35-10.0"] in _rows(browser, "table.diffconfig tbody tr")
+    assert ["parallel_isa:0", "version 1", "(absent)"] in _rows(browser, "table.diffsections tbody tr")
+    fields = _rows(browser, "table.difffields tbody tr")
+    assert len(fields) == sum(len(s["fields"]) for s in theirs["sections"])
+    assert any(p.endswith("/virtio/transport/config/pcie@0x40/devcap") and t == "uint32_le" for p, t, *_ in fields)
+    assert any(p.endswith("/virtio/vq[0]/num") for p, *_ in fields)
+    subs = _rows(browser, "table.diffsubs tbody tr")
+    assert any(p.endswith("/virtio/virtio/ringsize") and x == ["(absent)", "sent"] for p, *x in subs), subs
+    ram = {r[0]: r for r in _rows(browser, "table.diffram tbody tr")}
+    pc = next(x for x in theirs["ram"]["blocks"] if x["block"] == "pc.ram")
+    assert ram["pc.ram"][3:] == [f"{pc[k]:,}" for k in ("pages_changed", "pages_appeared", "pages_disappeared")]
+    ranges = _rows(browser, "table.diffranges tbody tr")
+    assert any(r[0] == "pc.ram" and r[3] for r in ranges)  # guest-physical addresses for pc.ram
 
 
 def test_report_errors(tmp_path: Path) -> None:
@@ -143,3 +199,18 @@ def test_report_errors(tmp_path: Path) -> None:
     r = qevm("report", str(bad), "-o", str(tmp_path / "y.html"), check=False)
     assert r.returncode == 2 and not (tmp_path / "y.html").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qevm-")]
+
+
+def test_two_state_report_of_xbzrle_streams(tmp_path: Path) -> None:
+    """A side with XBZRLE pages is read a second time (its page digests need the previous content):
+    the report's RAM map comes from the pass that counts, and the differences are still qevm diff's."""
+    from qevm.analysis.report import _gather
+
+    f = require_fixture("xbzrle-7.2")
+    doc, _, table = _gather(str(f), True, None, True, {})
+    assert table is not None and doc["ram"] == collect(str(f), pages=True)["ram"]
+    page = tmp_path / "x.html"
+    r = qevm("report", str(f), str(f), "-o", str(page))
+    assert "0 changed fields" in r.stderr.decode()
+    mine = _diff_doc(page)
+    assert mine["equal"] and mine["ram"] == {"page_size": 4096, "blocks": []}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +22,19 @@ from qevm.codec.paths import FieldPath
 from qevm.codec.types import RAW, codec_for
 from qevm.codec.vmsd import NULL, Opaque, Struct
 from qevm.errors import DecodeError
-from qevm.format.events import Event, RamBlock, RamFlag
+from qevm.format.events import Event, PassTracker, RamBlock, RamFlag, RamPage
 from qevm.format.memory import RamImage
 from qevm.format.parser import Parser
 from qevm.io.reader import Analysis, Device, drive, read_stream, trailer_schema
 from qevm.io.sources import Input, open_input
 
-__all__ = ["FieldDiff", "SectionDiff", "BlockDiff", "StateDiff", "PageTable", "diff_states", "diff_analyses"]
+__all__ = ["FieldDiff", "SectionDiff", "BlockDiff", "StateDiff", "PageTable", "diff_states", "diff_analyses",
+           "read_side", "add_side_notes", "Hooks"]
 
 DIGEST = 8
+#: byte fields up to this size show whole old and new values (what ``qevm edit --set`` takes);
+#: longer ones the bytes of each differing range (up to 8 ranges)
+WHOLE_BYTES = 64
 _EMPTY = bytes(DIGEST)
 
 
@@ -95,6 +100,18 @@ class PageTable:
             self.put(block, addr, _digest(page))
         else:
             raise _NeedContent()
+
+    def fast_sink(self) -> Callable[[str, int, int, memoryview, int], None]:
+        """``sink`` with the page size and tables bound (once the page size is known): the full-page
+        case, nearly every record, costs one digest and one store."""
+        tables, granule, ps, pack, slow = self.tables, self.granule, self.page_size, _PACK, self.sink
+
+        def sink(block: str, addr: int, kind: int, view: memoryview, pos: int) -> None:
+            if kind == _PAGE:
+                pack(tables[block], addr // granule * DIGEST, hash(bytes(view[pos:pos + ps])) or 1)
+            else:
+                slow(block, addr, kind, view, pos)
+        return sink
 
 
 class _NeedContent(Exception):
@@ -200,11 +217,20 @@ class StateDiff:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read_side(source: str | Input, ram: bool, kw: dict[str, Any]) -> tuple[Analysis, PageTable | None]:
+#: called at the start of each pass over one side (an XBZRLE side is read twice): an event hook and a
+#: pass tracker to use for that pass, e.g. ``qevm report``'s RAM map; either may be None
+Hooks = Callable[[], tuple[Callable[[Event], None] | None, PassTracker | None]]
+
+
+def read_side(source: str | Input, *, ram: bool = True, hooks: Hooks | None = None, pages: bool = False,
+              strict: bool = False, **kw: Any) -> tuple[Analysis, PageTable | None]:
     """One pass over a stream; with ``ram`` a page table is filled on the way (the parser's counting
-    fast path hands every page record to ``PageTable.sink`` without building an event per page)."""
+    fast path hands every page record to ``PageTable.sink`` without building an event per page;
+    with ``pages`` every page is an event, given to ``hooks``' event hook too, and digested from it).
+    ``kw``: ``schema``, ``page_size`` as ``read_stream`` takes them."""
+    on_event, tracker = hooks() if hooks is not None else (None, None)
     if not ram:
-        return read_stream(source, strict=False, **kw), None
+        return read_stream(source, strict=strict, on_event=on_event, tracker=tracker, pages=pages, **kw), None
     inp = open_input(source) if isinstance(source, str) else source
     try:
         schema = kw.get("schema")
@@ -213,17 +239,27 @@ def _read_side(source: str | Input, ram: bool, kw: dict[str, Any]) -> tuple[Anal
         if schema is None:
             parse_schema, trailer_page = trailer_schema(inp)
             page_size = page_size or trailer_page
-        parser = Parser(schema=parse_schema, page_size=page_size, count_pages=True, keep_raw=False,
+        parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False,
                         file_offset=inp.file_offset)
         table = PageTable()
         an = Analysis(schema=schema, page_size=lambda: parser.page_size or 4096)
+        if tracker is not None:
+            parser.passes = an._tracker = tracker
 
         def handle(ev: Event) -> None:
             an.handle(ev)
-            if type(ev) is RamBlock:
+            t = type(ev)
+            if t is RamPage:
+                assert isinstance(ev, RamPage)
+                table.sink(ev.block, ev.addr, ev.kind, memoryview(ev.payload), 0)
+            elif t is RamBlock:
+                assert isinstance(ev, RamBlock)
                 if not table.tables:  # one slot per target page (1 KiB on some Arm machines)
                     table.granule = table.page_size = parser.page_size or 4096
+                    parser.page_sink = table.fast_sink()
                 table.add_block(ev.name, ev.used_length)
+            if on_event is not None:
+                on_event(ev)
 
         parser.page_sink = table.sink
         try:
@@ -232,21 +268,23 @@ def _read_side(source: str | Input, ram: bool, kw: dict[str, Any]) -> tuple[Anal
             if not isinstance(source, str) or source == "-":
                 raise DecodeError("a stream with XBZRLE pages must be a file (not a pipe) for the RAM "
                                   "comparison; or use --no-ram") from None
-            return _read_with_image(source, kw)
+            return _read_with_image(source, kw, hooks, strict)
         an.size = parser.offset
         an.stream_page_size = parser.page_size
-        an.decode_devices(strict=False)
+        an.decode_devices(strict=strict)
         return an, table
     finally:
         if isinstance(source, str):
             inp.close()
 
 
-def _read_with_image(source: str, kw: dict[str, Any]) -> tuple[Analysis, PageTable]:
+def _read_with_image(source: str, kw: dict[str, Any], hooks: Hooks | None,
+                     strict: bool) -> tuple[Analysis, PageTable]:
     """Second pass for an XBZRLE stream: apply every page to a sparse image and digest it at the end."""
+    on_event, tracker = hooks() if hooks is not None else (None, None)
     image = RamImage(4096)
     try:
-        an = read_stream(source, strict=False, memory=image, **kw)
+        an = read_stream(source, strict=strict, memory=image, on_event=on_event, tracker=tracker, pages=True, **kw)
         ps = an.page_size or 4096
         table = PageTable(ps)
         for name, size in image.blocks().items():
@@ -374,8 +412,12 @@ class _Walker:
         t = str(fd.get("type", "?"))
         if isinstance(a, bytes | bytearray) and isinstance(b, bytes | bytearray):
             ranges = _byte_ranges(bytes(a), bytes(b))
-            self.out.append(FieldDiff(self.path(segs), t, ";".join(bytes(a[s:e]).hex() for s, e in ranges[:8]),
-                                      ";".join(bytes(b[s:e]).hex() for s, e in ranges[:8]), "bytes", ranges))
+            if max(len(a), len(b)) <= WHOLE_BYTES:  # short (a MAC, a PCI header word): the values --set takes
+                old, new = bytes(a).hex(), bytes(b).hex()
+            else:
+                old = ";".join(bytes(a[s:e]).hex() for s, e in ranges[:8])
+                new = ";".join(bytes(b[s:e]).hex() for s, e in ranges[:8])
+            self.out.append(FieldDiff(self.path(segs), t, old, new, "bytes", ranges))
             return
         self.out.append(FieldDiff(self.path(segs), t, _fmt(fd, a), _fmt(fd, b)))
 
@@ -512,15 +554,20 @@ def _ignored(path: str, patterns: tuple[str, ...]) -> bool:
 def diff_states(a: str | Input, b: str | Input, *, ram: bool = True, ignore: tuple[str, ...] = (),
                 name_a: str | None = None, name_b: str | None = None, **kw: Any) -> StateDiff:
     """Read ``a`` then ``b`` (one pass each; either may be a pipe) and compare them."""
-    an_a, ta = _read_side(a, ram, kw)
-    an_b, tb = _read_side(b, ram, kw)
+    an_a, ta = read_side(a, ram=ram, **kw)
+    an_b, tb = read_side(b, ram=ram, **kw)
     na = name_a or (a if isinstance(a, str) else a.name)
     nb = name_b or (b if isinstance(b, str) else b.name)
     res = diff_analyses(an_a, an_b, na, nb, (ta, tb) if ta is not None and tb is not None else None, ignore)
-    for an, n in ((an_a, na), (an_b, nb)):
-        if any(blk.mapped is not None for blk in an.blocks.values()) and ram:
+    add_side_notes(res, ((an_a, na), (an_b, nb)))
+    return res
+
+
+def add_side_notes(res: StateDiff, sides: tuple[tuple[Analysis, str], ...]) -> None:
+    """What the comparison could not look at on each side: mapped-ram pages, undecoded sections."""
+    for an, n in sides:
+        if res.ram is not None and any(blk.mapped is not None for blk in an.blocks.values()):
             res.notes.append(f"{n}: mapped-ram stream: RAM pages are not compared")
         for d in an.devices:
             if d.error:
                 res.notes.append(f"{n}: section {d.section.idstr!r} compared as raw bytes: {d.error}")
-    return res

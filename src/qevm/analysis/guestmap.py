@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
-from qevm.codec.vmsd import to_json
+from qevm.codec.vmsd import Struct, encode_struct, to_json
 from qevm.errors import QevmError
 from qevm.io.reader import Analysis
 
@@ -92,19 +91,29 @@ class GuestMap:
         raise MapError(f"machine type {machine!r}: qevm does not know its guest-physical memory layout")
 
 
-def _device_fields(an: Analysis, vmsd: str) -> dict[str, Any] | None:
+def _device_struct(an: Analysis, vmsd: str) -> Struct | None:
     for d in an.devices:
         if d.struct is not None and d.struct.vmsd_name == vmsd:
-            return to_json(d.struct)
+            return d.struct
     return None
 
 
-def _pci_config(fields: dict[str, Any]) -> bytes:
-    parent = fields.get("parent_obj", {})
-    hexed = parent.get("config[0]") or parent.get("config")
-    if not isinstance(hexed, str):
-        raise MapError("host bridge state carries no PCI configuration space")
-    return bytes.fromhex(hexed)
+def _config_bytes(st: Struct) -> bytes | None:
+    """A device's PCI configuration space as the stream carries it (the ``config`` buffer of its
+    PCIDevice part), whether the blob codec decoded it into fields or kept it raw."""
+    for f in st.fields:
+        v = f.value[0] if isinstance(f.value, list) and len(f.value) == 1 else f.value
+        if f.name.startswith("config") and f.size in (256, 4096):
+            if isinstance(v, Struct):
+                return encode_struct(v)
+            if isinstance(v, bytes | bytearray | memoryview):
+                return bytes(v)
+        for inner in v if isinstance(v, list) else [v]:
+            if isinstance(inner, Struct):
+                found = _config_bytes(inner)
+                if found is not None:
+                    return found
+    return None
 
 
 def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str, int]) -> list[Range]:
@@ -127,11 +136,13 @@ def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str,
     below = min(ram, lowmem)
     above = ram - below
 
-    host = _device_fields(an, "mch" if q35 else "I440FX")
+    host = _device_struct(an, "mch" if q35 else "I440FX")
     if host is None:
         raise MapError(f"{machine}: no {'MCH' if q35 else 'I440FX'} host bridge state in the stream "
                        "(its PAM registers place 0xc0000-0xfffff)")
-    cfg = _pci_config(host)
+    cfg = _config_bytes(host)
+    if cfg is None:
+        raise MapError("host bridge state carries no PCI configuration space")
     pam_base, smram_reg = (0x90, 0x9D) if q35 else (0x59, 0x72)
     if q35 and cfg[0x9E] & 0x01:
         raise MapError(f"{machine}: TSEG is enabled (ESMRAMC T_EN); its size is not mapped yet")
@@ -178,19 +189,6 @@ _BAR_RAM = {"vga.vram": 0}
 _PCI_CMD_MEMORY = 0x2
 
 
-def _find_config(doc: Any) -> bytes | None:
-    """The PCI configuration space inside a device's decoded fields (the PCIDevice part)."""
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            if k.startswith("config") and isinstance(v, str) and len(v) in (512, 8192):
-                return bytes.fromhex(v)
-        for v in doc.values():
-            found = _find_config(v)
-            if found is not None:
-                return found
-    return None
-
-
 def _bar(cfg: bytes, index: int) -> int | None:
     off = 0x10 + 4 * index
     lo = int.from_bytes(cfg[off:off + 4], "little")
@@ -208,7 +206,7 @@ def _pci_ram(an: Analysis, sizes: dict[str, int]) -> list[Range]:
     for d in an.devices:
         head, sep, _ = d.section.idstr.partition("/")
         if sep and d.struct is not None and head not in configs:
-            cfg = _find_config(to_json(d.struct))
+            cfg = _config_bytes(d.struct)
             if cfg is not None:
                 configs[head] = cfg
     out: list[Range] = []

@@ -5,8 +5,10 @@ document), the section table, a RAM map per block and the decoded device tree wi
 ``qevm edit`` takes for every field.  The RAM map is aggregated into cells of ``CELL_PAGES``
 pages: how many times the pages of a cell were sent across the passes over memory (from the
 parser's pass bitmaps, so the counting fast path keeps its speed) and, with ``pages=True``, how many
-records of each kind (zero / data / XBZRLE / compressed) the cell received.  ``compare`` lines two
-documents up for the side-by-side view; ``qevm.analysis.report_html`` renders them.
+records of each kind (zero / data / XBZRLE / compressed) the cell received.  For two states the
+differences are ``qevm diff``'s (``qevm.analysis.diff``: the page digests are taken in the same pass
+that gathers the RAM map, so each stream is still read once and RAM is never held);
+``qevm.analysis.report_html`` renders the documents and that diff side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from qevm.analysis.diff import PageTable, StateDiff, add_side_notes, diff_analyses, read_side
 from qevm.analysis.document import info_document
 from qevm.codec.vmsd import NULL, Field, Opaque, Struct, encode_struct
 from qevm.errors import UsageError
@@ -24,7 +27,7 @@ from qevm.format.events import Event, PassTracker, RamPage, RamTally
 from qevm.io.reader import Analysis, read_stream
 from qevm.io.sources import Input
 
-__all__ = ["HeatTracker", "collect", "compare", "write_report", "device_rows", "CELL_PAGES", "DETAIL_LIMIT"]
+__all__ = ["HeatTracker", "collect", "diff_view", "write_report", "device_rows", "CELL_PAGES", "DETAIL_LIMIT"]
 
 #: pages per cell of the RAM map as gathered (display cells are whole multiples of it)
 CELL_PAGES = 64
@@ -32,7 +35,9 @@ CELL_PAGES = 64
 MAX_CELLS = 1024
 #: streams up to this size get the per-record kind map by default (it needs one event per page)
 DETAIL_LIMIT = 1 << 30
-#: array elements shown before identical trailing elements are folded into one row
+#: field differences and RAM ranges per block the two-state page lists (``qevm diff --json`` has all)
+MAX_DIFF_FIELDS = 5000
+MAX_DIFF_RANGES = 500
 _KINDS = ("normal", "zero", "xbzrle", "compressed")
 _KIND_OF_FLAG = {0x08: 0, 0x02: 1, 0x40: 2, 0x100: 3}
 
@@ -150,12 +155,30 @@ def collect(source: str | Input, *, pages: bool | None = None, name: str | None 
 
     ``pages``: gather the per-record kind map (one event per page; slower).  Default: on for
     inputs up to ``DETAIL_LIMIT`` bytes."""
+    return _gather(source, pages, name, False, read_opts)[0]
+
+
+def _gather(source: str | Input, pages: bool | None, name: str | None, ram_digests: bool,
+            read_opts: dict[str, Any]) -> tuple[dict[str, Any], Analysis, PageTable | None]:
+    """The report document, the analysis and, with ``ram_digests``, the page-digest table
+    ``qevm.analysis.diff`` compares (filled in the same pass, so two states are still read once each)."""
     if pages is None:
         size = source.size if isinstance(source, Input) else (os.path.getsize(source) if source != "-" else None)
         pages = size is not None and size <= DETAIL_LIMIT
-    tracker = HeatTracker()
-    watch = _RamWatch(tracker, kinds=bool(pages))
-    an = read_stream(source, on_event=watch, pages=bool(pages), tracker=tracker, **read_opts)
+    made: list[tuple[HeatTracker, _RamWatch]] = []
+
+    def hooks() -> tuple[_RamWatch, HeatTracker]:  # once per pass (an XBZRLE side is read twice)
+        tracker = HeatTracker()
+        made.append((tracker, _RamWatch(tracker, kinds=bool(pages))))
+        return made[-1][1], tracker
+
+    table: PageTable | None = None
+    if ram_digests:
+        an, table = read_side(source, ram=True, hooks=hooks, pages=bool(pages), **read_opts)
+    else:
+        watch, tracker = hooks()
+        an = read_stream(source, on_event=watch, pages=bool(pages), tracker=tracker, **read_opts)
+    tracker, watch = made[-1]
     tracker.finish()
     ps = an.page_size or read_opts.get("page_size") or 4096
     info = info_document(an, read_opts.get("page_size"))
@@ -185,8 +208,7 @@ def collect(source: str | Input, *, pages: bool | None = None, name: str | None 
                                          "vmdesc_size", "decoded_devices", "device_sections", "commands",
                                          "trailing_bytes")}
     return {"name": name or (source if isinstance(source, str) else "stream"), "summary": summary,
-            "sections": sections, "ram": _ram(an, tracker, watch, ps), "devices": devices,
-            "_flat": dict(_flat_all(an))}
+            "sections": sections, "ram": _ram(an, tracker, watch, ps), "devices": devices}, an, table
 
 
 def section_path(idstr: str, instance: int) -> str:
@@ -261,60 +283,24 @@ def device_rows(st: Struct, prefix: str) -> Iterator[list[Any]]:
         yield from device_rows(sub.body, f"{prefix}/{sub.name}")
 
 
-def _flat(st: Struct, prefix: str) -> Iterator[tuple[str, str]]:
-    """Every field, unfolded: (path, shown value); for comparing two states."""
-    for f in st.fields:
-        path = f"{prefix}/{_name(f)}"
-        if f.desc.get("array_len") is not None:
-            for i, v in enumerate(f.value):
-                if isinstance(v, Struct):
-                    yield from _flat(v, f"{path}[{i}]")
-                else:
-                    yield f"{path}[{i}]", _show(v)
-        elif isinstance(f.value, Struct):
-            yield from _flat(f.value, path)
-        else:
-            yield path, _show(f.value)
-    for sub in st.subsections:
-        yield from _flat(sub.body, f"{prefix}/{sub.name}")
-
-
-def _flat_all(an: Analysis) -> Iterator[tuple[str, str]]:
-    for d in an.devices:
-        prefix = section_path(d.section.idstr, d.section.instance_id)
-        if d.struct is not None:
-            yield from _flat(d.struct, prefix)
-        else:
-            yield prefix, _show_bytes(d.data)
-
-
 # -- two states ---------------------------------------------------------------------------------------
 
-def compare(a: dict[str, Any], b: dict[str, Any], limit: int = 5000) -> dict[str, Any]:
-    """The side-by-side view of two report documents: summary, sections, RAM totals, changed fields."""
-    summary = [[k, a["summary"].get(k), b["summary"].get(k)] for k in a["summary"]]
-    secs: dict[tuple[str, int], list[Any]] = {}
-    for side, doc in ((0, a), (1, b)):
-        for s in doc["sections"]:
-            row = secs.setdefault((s["name"], s["instance"]), [s["name"], s["instance"], None, None, None, None])
-            row[2 + side] = s["size"]
-            row[4 + side] = s["version"]
-    blocks: dict[str, list[Any]] = {}
-    for side, doc in ((0, a), (1, b)):
+def diff_view(res: StateDiff, max_fields: int = MAX_DIFF_FIELDS, max_ranges: int = MAX_DIFF_RANGES) -> dict[str, Any]:
+    """``qevm diff``'s JSON document of two states, bounded for the page: at most ``max_fields`` field
+    rows and ``max_ranges`` RAM ranges per block (the totals say how many there were)."""
+    doc = res.as_json()
+    total = left = sum(len(s["fields"]) for s in doc["sections"])
+    for sec in doc["sections"]:
+        keep = min(len(sec["fields"]), max(0, max_fields - (total - left)))
+        left -= len(sec["fields"])
+        sec["fields_total"] = len(sec["fields"])
+        del sec["fields"][keep:]
+    doc["fields_total"] = total
+    if doc["ram"] is not None:
         for blk in doc["ram"]["blocks"]:
-            row = blocks.setdefault(blk["name"], [blk["name"], None, None])
-            row[1 + side] = blk["pages"]
-    fa, fb = a["_flat"], b["_flat"]
-    fields: list[list[Any]] = []
-    total = 0
-    for path in list(fa) + [p for p in fb if p not in fa]:
-        va, vb = fa.get(path), fb.get(path)
-        if va != vb:
-            total += 1
-            if len(fields) < limit:
-                fields.append([path, va, vb])
-    return {"summary": summary, "sections": list(secs.values()), "blocks": list(blocks.values()),
-            "fields": fields, "changed": total, "compared": len(set(fa) | set(fb))}
+            blk["ranges_total"] = len(blk["ranges"])
+            del blk["ranges"][max_ranges:]
+    return doc
 
 
 def write_report(sources: list[str], out_path: str, *, pages: bool | None = None, **read_opts: Any) -> dict[str, Any]:
@@ -328,10 +314,16 @@ def write_report(sources: list[str], out_path: str, *, pages: bool | None = None
     directory = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(directory):
         raise UsageError(f"output directory {directory} does not exist")
-    docs = [collect(s, pages=pages, name=s, **read_opts) for s in sources]
-    diff = compare(docs[0], docs[1]) if len(docs) == 2 else None
-    for d in docs:
-        d.pop("_flat", None)
+    two = len(sources) == 2
+    sides = [_gather(s, pages, s, two, read_opts) for s in sources]
+    docs = [side[0] for side in sides]
+    diff = None
+    if two:
+        (_, an_a, ta), (_, an_b, tb) = sides
+        res = diff_analyses(an_a, an_b, sources[0], sources[1], (ta, tb) if ta is not None and tb is not None else None)
+        add_side_notes(res, ((an_a, sources[0]), (an_b, sources[1])))
+        diff = diff_view(res)
+    del sides
     page = render(docs, diff, version=_version()).encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
     try:
@@ -343,7 +335,7 @@ def write_report(sources: list[str], out_path: str, *, pages: bool | None = None
             os.unlink(tmp)
         raise
     return {"bytes": len(page), "fields": sum(len(dv["rows"]) for d in docs for dv in d["devices"]),
-            "changed": diff["changed"] if diff else None}
+            "changed": diff["fields_total"] if diff else None, "equal": diff["equal"] if diff else None}
 
 
 def _version() -> str:

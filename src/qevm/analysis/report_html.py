@@ -21,7 +21,7 @@ def _json_for_script(doc: Any) -> str:
 
 
 def render(docs: list[dict[str, Any]], diff: dict[str, Any] | None = None, version: str = "") -> str:
-    """The page for one stream, or two with their comparison."""
+    """The page for one stream, or two with their comparison (``diff``: ``qevm.analysis.report.diff_view``)."""
     payload = {"docs": docs, "diff": diff, "version": version}
     title = " vs ".join(str(d["name"]).rsplit("/", 1)[-1] for d in docs)
     return (_PAGE.replace("%TITLE%", html.escape(f"qevm report: {title}"))
@@ -75,6 +75,7 @@ details.dev table{margin:0}
 mark{background:#ffe58a}
 .chg td.a{background:#fdecea} .chg td.b{background:#e6f4ea}
 svg text{font-size:11px;fill:var(--fg)} svg.sizechart{display:block;max-width:100%;height:auto;margin:4px 0 10px}
+table.difffields td:first-child,table.diffsubs td:first-child{width:48%} table.difffields td.val{width:18%}
 .scroll{max-height:460px;overflow:auto;border:1px solid var(--line);border-radius:6px} .scroll th{top:0}
 </style></head>
 <body>
@@ -339,22 +340,64 @@ function search() {
   info.textContent = q ? hits + " of " + allRows.length + " fields match" : allRows.length + " fields";
 }
 
-/* two states */
+/* two states: qevm diff's document (qevm.analysis.diff), A and B side by side */
 if (DATA.diff) {
   const df = DATA.diff, body = $("diffbody");
   $("diff").classList.remove("hidden"); $("navdiff").classList.remove("hidden");
   const a = short(docs[0].name), b = short(docs[1].name);
-  const secRows = df.sections.filter((r) => r[2] !== r[3] || r[4] !== r[5]).map((r) => [r[0], r[1], r[2], r[3], r[2] != null && r[3] != null ? r[3] - r[2] : null, r[4] + " / " + r[5]]);
-  body.append(el("h3", {text: "Sections that differ in size, version or presence (" + secRows.length + " of " + df.sections.length + ")"}));
-  const st = table([{t: "section", cls: "mono"}, {t: "inst", num: 1}, {t: a, num: 1}, {t: b, num: 1}, {t: "delta", num: 1}, {t: "versions"}], secRows, "diffsections");
-  sortable(st); body.append(st);
-  const blk = df.blocks.map((r) => [r[0], r[1] ? r[1].normal : null, r[2] ? r[2].normal : null, r[1] ? r[1].zero : null, r[2] ? r[2].zero : null]);
-  body.append(el("h3", {text: "RAM blocks (data / zero page records)"}),
-    table([{t: "block", cls: "mono"}, {t: a + " data", num: 1}, {t: b + " data", num: 1}, {t: a + " zero", num: 1}, {t: b + " zero", num: 1}], blk));
-  body.append(el("h3", {text: "Device fields that differ (" + num(df.changed) + " of " + num(df.compared) + (df.changed > df.fields.length ? ", first " + df.fields.length + " shown" : "") + ")"}));
-  const ft = table([{t: "qevm edit path", cls: "path mono"}, {t: a, cls: "val mono a"}, {t: b, cls: "val mono b"}],
-    df.fields.map((r) => [r[0], r[1] == null ? "(absent)" : r[1], r[2] == null ? "(absent)" : r[2]]), "chg difffields");
-  body.append(ft);
+  const show = (v) => v == null ? "" : typeof v === "string" ? v : JSON.stringify(v);
+  const secs = df.sections, fieldsShown = secs.reduce((n, s) => n + s.fields.length, 0);
+  const blocks = df.ram ? df.ram.blocks : [];
+  body.append(el("p", {cls: "badge", id: "diffverdict", text: df.equal ? "the two states are equal (qevm diff exits 0)" :
+    "the states differ: " + df.configuration.length + " configuration keys, " + secs.length + " sections, " +
+    num(df.fields_total) + " fields" + (df.ram ? ", " + blocks.length + " RAM blocks" : " (RAM not compared)")}));
+  /* configuration */
+  body.append(el("h3", {text: "Configuration (" + (df.configuration.length ? df.configuration.length + (df.configuration.length > 1 ? " keys differ" : " key differs") : "the same") + ")"}));
+  if (df.configuration.length) body.append(table([{t: "key", cls: "mono"}, {t: a, cls: "val mono a"}, {t: b, cls: "val mono b"}],
+    df.configuration.map((c) => [c.key, show(c.a), show(c.b)]), "chg diffconfig"));
+  /* sections: one side only, versions */
+  const secRows = secs.filter((s) => s.presence !== "both" || s.version[0] !== s.version[1]).map((s) => [s.section,
+    s.presence === "only-b" ? "(absent)" : "version " + s.version[0], s.presence === "only-a" ? "(absent)" : "version " + s.version[1]]);
+  body.append(el("h3", {text: "Sections on one side only or in another version (" + secRows.length + ")"}));
+  if (secRows.length) { const t = table([{t: "section", cls: "mono"}, {t: a, cls: "a"}, {t: b, cls: "b"}], secRows, "chg diffsections"); sortable(t); body.append(t); }
+  /* subsections */
+  const subRows = [];
+  for (const s of secs) for (const x of s.subsections) subRows.push([s.section + "/" + x.name, x.presence === "only-a" ? "sent" : "(absent)", x.presence === "only-b" ? "sent" : "(absent)"]);
+  body.append(el("h3", {text: "Subsections on one side only (" + subRows.length + ")"}));
+  if (subRows.length) body.append(table([{t: "qevm edit path", cls: "path mono"}, {t: a, cls: "a"}, {t: b, cls: "b"}], subRows, "chg diffsubs"));
+  /* fields */
+  const fRows = [];
+  for (const s of secs) for (const f of s.fields) {
+    let what = f.change;
+    if (f.change === "bytes") what = "bytes " + (f.ranges || []).slice(0, 8).map((r) => "[0x" + r[0].toString(16) + ", 0x" + r[1].toString(16) + ")").join(" ") + ((f.ranges || []).length > 8 ? " …" : "");
+    else if (f.change === "length") what = "elements";
+    fRows.push([f.path, f.type, what, f.change === "only-b" ? "(absent)" : show(f.old), f.change === "only-a" ? "(absent)" : show(f.new)]);
+  }
+  body.append(el("h3", {text: "Device fields that differ (" + num(df.fields_total) + (df.fields_total > fieldsShown ? ", first " + num(fieldsShown) + " shown; qevm diff --json lists all" : "") + ")"}),
+    el("input", {type: "search", id: "diffsearch", placeholder: "Filter differences by path, type or value", autocomplete: "off"}));
+  const ft = table([{t: "qevm edit path", cls: "path mono"}, {t: "type", cls: "mono"}, {t: "change"}, {t: a, cls: "val mono a"}, {t: b, cls: "val mono b"}], fRows, "chg difffields");
+  body.append(el("div", {cls: "scroll"}, ft));
+  $("diffsearch").addEventListener("input", () => {
+    const q = $("diffsearch").value.trim().toLowerCase();
+    for (const tr of ft.tBodies[0].rows) tr.classList.toggle("hidden", !!q && !tr.textContent.toLowerCase().includes(q));
+  });
+  /* RAM */
+  if (!df.ram) body.append(el("h3", {text: "RAM: not compared"}));
+  else {
+    const ps = df.ram.page_size;
+    body.append(el("h3", {text: "RAM pages that differ (" + (blocks.length ? blocks.length + " blocks; " : "none; ") + ps + "-byte pages, compared by digest)"}));
+    if (blocks.length) {
+      const sz = (v) => v == null ? "(absent)" : fmtBytes(v);
+      body.append(table([{t: "block", cls: "mono"}, {t: a + " size", cls: "a"}, {t: b + " size", cls: "b"}, {t: "changed", num: 1}, {t: "appeared (zero in " + a + ")", num: 1}, {t: "disappeared (zero in " + b + ")", num: 1}],
+        blocks.map((x) => [x.block, sz(x.size[0]), sz(x.size[1]), x.pages_changed, x.pages_appeared, x.pages_disappeared]), "chg diffram"));
+      const rr = [];
+      for (const x of blocks) for (const r of x.ranges) rr.push([x.block, "0x" + r.start.toString(16), "0x" + r.end.toString(16), r.gpa == null ? "" : "0x" + r.gpa.toString(16), (r.end - r.start) / ps, r.change]);
+      const more = blocks.reduce((n, x) => n + x.ranges_total - x.ranges.length, 0);
+      body.append(el("h3", {text: "Page ranges (" + num(rr.length) + (more ? ", " + num(more) + " more not shown" : "") + ")"}),
+        el("div", {cls: "scroll"}, table([{t: "block", cls: "mono"}, {t: "start", cls: "mono"}, {t: "end", cls: "mono"}, {t: "guest-physical", cls: "mono"}, {t: "pages", num: 1}, {t: "change"}], rr, "diffranges")));
+    }
+  }
+  for (const n of df.notes || []) body.append(el("div", {cls: "note", text: "note: " + n}));
 }
 })();
 </script>

@@ -92,7 +92,8 @@ def render(res: StateDiff, max_ranges: int = 20) -> str:
                 rs = ", ".join(f"[0x{a:x}, 0x{b:x})" for a, b in f.ranges[:8])
                 more = f" and {len(f.ranges) - 8} more" if len(f.ranges) > 8 else ""
                 nbytes = sum(b - a for a, b in f.ranges)
-                out.append(f"  {f.path} ({f.type}): {nbytes} bytes differ at {rs}{more}")
+                vals = f": {_v(f.old)} -> {_v(f.new)}" if f.old is not None and f.new is not None else ""
+                out.append(f"  {f.path} ({f.type}): {nbytes} bytes differ at {rs}{more}{vals}")
             elif f.change == "length":
                 out.append(f"  {f.path} ({f.type}): {f.old} elements -> {f.new}")
             else:
