@@ -25,7 +25,6 @@ fi
 
 echo "== python packages"
 python3 -m pip install -q -e '.[test,fleet]'  # fleet: dask.distributed and pyarrow (tests/test_scan.py)
-python3 -m pip install -q selenium  # tests/test_report.py (with chromium-driver)
 
 echo "== QEMU 10.0 chroot"
 bash scripts/chroot.sh >/dev/null
