@@ -19,7 +19,8 @@ from qevm.engine.errors import QMPError
 from qevm.engine.hmp import run_hmp
 from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
-from qevm.engine.migration import CAPABILITIES, MAX_MIGRATE_DOWNTIME, SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.migration import CAPABILITIES, SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.parameters import PARAMETERS, apply_parameters
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
 from qevm.engine.states import MigrationStatus, RunState
 from qevm.errors import QevmError, UsageError
@@ -77,19 +78,10 @@ def check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
             raise QMPError(f"Invalid parameter type for '{name}', expected: {expected}")
 
 
-_PARAM_TYPES: dict[str, str] = {
-    "max-bandwidth": "size", "downtime-limit": "size", "xbzrle-cache-size": "size",
-    "avail-switchover-bandwidth": "size", "max-postcopy-bandwidth": "size", "announce-initial": "size",
-    "announce-max": "size", "announce-rounds": "size", "announce-step": "size",
-    "throttle-trigger-threshold": "int", "cpu-throttle-initial": "int", "cpu-throttle-increment": "int",
-    "cpu-throttle-tailslow": "bool", "tls-creds": "any", "tls-hostname": "any", "tls-authz": "any",
-    "x-checkpoint-delay": "int", "multifd-channels": "int", "max-cpu-throttle": "int",
-    "multifd-compression": "str", "multifd-zlib-level": "int", "multifd-qatzip-level": "int",
-    "multifd-zstd-level": "int", "x-vcpu-dirty-limit-period": "int", "vcpu-dirty-limit": "int", "mode": "str",
-    "zero-page-detection": "str", "direct-io": "bool",
+#: parameter values the engine stores and reports but cannot act on: ``migrate`` refuses them
+UNSUPPORTED_VALUES: dict[str, Callable[[Any], bool]] = {
+    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool,
 }
-#: parameters that change behaviour here (the others are stored and reported only)
-ACTIVE_PARAMETERS = ("max-bandwidth", "downtime-limit", "xbzrle-cache-size")
 
 
 class Engine:
@@ -164,6 +156,9 @@ class Engine:
         return self.mig.info()
 
     def _start_incoming(self, uri: str, exit_on_error: bool) -> None:
+        scheme, _, rest = uri.partition(":")
+        if scheme == "rdma":
+            raise QMPError(rdma_error(rest, outgoing=False))
         try:
             src = open_incoming(uri, self.fds)
         except QevmError as e:
@@ -182,7 +177,16 @@ class Engine:
             raise QMPError("Guest is waiting for an incoming migration")
         if self.m.runstate is RunState.POSTMIGRATE:
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
-        scheme = uri.partition(":")[0]
+        scheme, _, rest = uri.partition(":")
+        if scheme == "rdma":
+            mig.prepare()
+            why = rdma_error(rest, outgoing=True)
+            mig.fail_setup(why)
+            raise QMPError(why)
+        for name, unsupported in UNSUPPORTED_VALUES.items():
+            if unsupported(mig.params[name]):
+                raise QMPError(f"qevm's engine does not implement migrate parameter {name}="
+                               f"{mig.params[name]!r}; set it back to its default")
         if scheme in LISTEN_SCHEMES:
             # parse now (errors go back to the caller), connect in the migration thread like QEMU
             try:
@@ -263,6 +267,16 @@ class Engine:
         if self.store is None:
             return NO_SNAPSHOT_DEVICE + "\n"
         return format_snapshot_table(self.store.entries())
+
+
+def rdma_error(address: str, *, outgoing: bool) -> str:
+    """What QEMU answers for an ``rdma:`` URI on a host without an RDMA device (as this engine is):
+    a malformed HOST:PORT is refused first, then the connection manager cannot be opened."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or (host.startswith("[") != host.endswith("]")):
+        return f"RDMA ERROR: bad RDMA migration address '{address}'"
+    return "RDMA ERROR: could not create CM channel" if outgoing else \
+        "RDMA ERROR: could not create rdma event channel"
 
 
 # -- the commands --------------------------------------------------------------------------------------------
@@ -366,21 +380,9 @@ def _query_params(e: Engine, a: dict[str, Any]) -> Any:
     return dict(e.mig.params)
 
 
-@command("migrate-set-parameters", **{k: Arg(t) for k, t in _PARAM_TYPES.items()})
+@command("migrate-set-parameters", **{p.name: Arg("any") for p in PARAMETERS})
 def _set_params(e: Engine, a: dict[str, Any]) -> Any:
-    new = dict(a)
-    for k in ("max-bandwidth", "downtime-limit", "xbzrle-cache-size", "avail-switchover-bandwidth",
-              "max-postcopy-bandwidth"):
-        if k in new and new[k] < 0:
-            new[k] &= (1 << 64) - 1  # QAPI 'size' takes a negative number modulo 2^64
-    if "downtime-limit" in new and new["downtime-limit"] > MAX_MIGRATE_DOWNTIME:
-        raise QMPError("Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
-    if "xbzrle-cache-size" in new:
-        v = new["xbzrle-cache-size"]
-        if v < e.m.page_size or v & (v - 1):
-            raise QMPError("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size")
-    for k, v in new.items():
-        e.mig.params[k] = v
+    apply_parameters(e.mig.params, a, e.m.page_size)
     return {}
 
 

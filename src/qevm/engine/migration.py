@@ -27,8 +27,9 @@ from typing import Any
 
 from qevm.codec.wire import be32
 from qevm.engine.machine import Machine
+from qevm.engine.parameters import DEFAULT_PARAMETERS
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
-from qevm.engine.stream import XBZRLE_DEFAULT_CACHE, Cancelled, RamSaver, SaveSession, StreamOut
+from qevm.engine.stream import Cancelled, RamSaver, SaveSession, StreamOut
 from qevm.errors import QevmError
 from qevm.format.events import CommandEvent
 from qevm.format.records import Command
@@ -36,28 +37,16 @@ from qevm.migration.channels import Channel
 from qevm.migration.ratelimit import RateLimiter
 from qevm.migration.returnpath import PRECOPY_MESSAGES, ReturnPathReader
 
-__all__ = ["MigrationState", "DEFAULT_PARAMETERS", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "BUFFER_DELAY"]
+__all__ = ["MigrationState", "DEFAULT_PARAMETERS", "CAPABILITIES", "SUPPORTED_CAPABILITIES",
+           "BUFFER_DELAY"]
 
 log = logging.getLogger(__name__)
 
 BUFFER_DELAY = 0.1  # seconds: the bandwidth measurement window
 MAX_WAIT = 0.05  # seconds: longest PART section
-MAX_THROTTLE = 128 << 20  # QEMU's default max-bandwidth
-MAX_MIGRATE_DOWNTIME = 2000 * 1000
 
 S = MigrationStatus
 
-#: QEMU 10.0's query-migrate-parameters, with its defaults (only some of them act here)
-DEFAULT_PARAMETERS: dict[str, Any] = {
-    "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100,
-    "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
-    "cpu-throttle-tailslow": False, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
-    "max-bandwidth": MAX_THROTTLE, "avail-switchover-bandwidth": 0, "downtime-limit": 300,
-    "x-checkpoint-delay": 20000, "multifd-channels": 2, "xbzrle-cache-size": XBZRLE_DEFAULT_CACHE,
-    "max-postcopy-bandwidth": 0, "max-cpu-throttle": 99, "multifd-compression": "none",
-    "multifd-zlib-level": 1, "multifd-qatzip-level": 1, "multifd-zstd-level": 1, "x-vcpu-dirty-limit-period": 1000,
-    "vcpu-dirty-limit": 1, "mode": "normal", "zero-page-detection": "multifd", "direct-io": False,
-}
 #: QEMU 10.0's capabilities, in query-migrate-capabilities order
 CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram", "x-colo",
                 "release-ram", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",

@@ -1,0 +1,153 @@
+"""The engine's migration API against QEMU 10.0's: every ``migrate-set-parameters`` request below is
+sent to the real QEMU 10.0 (the trixie chroot, ``-machine none``) and to a ``qevm vm``; both must
+answer the same, and ``query-migrate-parameters`` must report the same values afterwards.  ``rdma:``
+URIs fail with QEMU's words (QEMU on a host without an RDMA device)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_engine import VM, run, vms
+
+QEMU10 = Path.home() / ".cache" / "qevm" / "trixie"
+
+
+
+@pytest.fixture
+def work() -> Any:
+    d = Path(tempfile.mkdtemp(prefix="qe-"))  # short: unix socket paths are limited to 107 bytes
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+P = "migrate-set-parameters"
+# (command, arguments): accepted ones change the state the later queries report
+REQUESTS: list[tuple[str, dict[str, Any]]] = [
+    ("query-migrate-parameters", {}),
+    *[(P, {k: v}) for k, vs in {
+        "throttle-trigger-threshold": [0, 101, -1, "x", 60], "cpu-throttle-initial": [0, 100, 30],
+        "cpu-throttle-increment": [0, 100, 5], "max-cpu-throttle": [0, 100, 29, 90],
+        "max-bandwidth": [-1, 1.5, "x", 1 << 62], "avail-switchover-bandwidth": [1 << 40],
+        "downtime-limit": [2000001, 1 << 64, 500], "x-checkpoint-delay": [-1, 1 << 32, 100],
+        "multifd-channels": [0, 256, -1, 4], "multifd-zlib-level": [10, 9], "multifd-zstd-level": [21, 20],
+        "multifd-qatzip-level": [0, 10, 9], "xbzrle-cache-size": [1000, 4095, 1 << 20],
+        "max-postcopy-bandwidth": [1 << 30], "announce-initial": [100001, 7], "announce-max": [100001, 70],
+        "announce-rounds": [1001, 3], "announce-step": [0, 10001, 9],
+        "x-vcpu-dirty-limit-period": [0, 1001, -1, 500], "vcpu-dirty-limit": [0, 10],
+        "multifd-compression": ["bogus", "qatzip", "qpl", "uadk", 5, "zstd"],
+        "mode": ["x", 1], "zero-page-detection": ["x", "legacy"], "direct-io": ["x"],
+        "cpu-throttle-tailslow": [True], "tls-creds": [5, "c0", None], "tls-hostname": ["h"], "tls-authz": ["a"],
+        "compress-level": [1], "block-incremental": [True], "bogus": [1],
+        "block-bitmap-mapping": [
+            "x", [{"node-name": "x"}], [{"node-name": "x", "alias": "y", "bitmaps": [{"name": "b"}]}],
+            [{"node-name": "x", "alias": "y", "bitmaps": [{"name": "b", "alias": "c"}, {"name": "b", "alias": "d"}]}],
+            [{"node-name": "x", "alias": "y", "bitmaps": []}, {"node-name": "z", "alias": "y", "bitmaps": []}],
+            [{"node-name": "x", "alias": "y", "bitmaps": []}, {"node-name": "x", "alias": "z", "bitmaps": []}],
+            [{"node-name": "x", "alias": "", "bitmaps": []}],
+            [{"node-name": "x", "alias": "y", "bitmaps": [{"name": "b", "alias": "c",
+                                                            "transform": {"persistent": True}}]}]],
+    }.items() for v in vs],
+    (P, {"cpu-throttle-initial": 95}),  # above max-cpu-throttle (90): the merged check refuses it
+    (P, {"cpu-throttle-initial": 50, "max-cpu-throttle": 40}),
+    (P, {"multifd-channels": 8, "downtime-limit": 2000001}),  # all or nothing: channels stay 4
+    (P, {}),
+    ("query-migrate-parameters", {}),
+]
+
+
+def _qemu10_replies(requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    if not (QEMU10 / "usr" / "bin" / "qemu-system-x86_64").exists():
+        if os.environ.get("CI"):
+            pytest.fail("the QEMU 10.0 chroot is missing (scripts/chroot.sh)")
+        pytest.skip("the QEMU 10.0 chroot is missing (scripts/chroot.sh)")
+    lines = [json.dumps({"execute": "qmp_capabilities"})]
+    lines += [json.dumps({"execute": c, "arguments": a, "id": i}) for i, (c, a) in enumerate(requests)]
+    lines.append(json.dumps({"execute": "quit"}))
+    p = subprocess.run(["chroot", str(QEMU10), "qemu-system-x86_64", "-machine", "none", "-nodefaults",
+                        "-display", "none", "-qmp", "stdio"], input="\n".join(lines).encode() + b"\n",
+                       capture_output=True, timeout=60)
+    out: list[Any] = [None] * len(requests)
+    for line in p.stdout.decode().splitlines():
+        msg = json.loads(line)
+        if "id" in msg:
+            out[msg["id"]] = msg.get("return", msg.get("error"))
+    assert None not in out, p.stdout.decode() + p.stderr.decode()
+    return out
+
+
+def test_parameters_answer_as_qemu_10(work: Path) -> None:
+    expected = _qemu10_replies(REQUESTS)
+
+    async def go() -> list[Any]:
+        async with vms(VM(work, "a")) as (a,):
+            return [await _raw(a, c, args) for c, args in REQUESTS]
+
+    got = run(go())
+    for (c, args), want, have in zip(REQUESTS, expected, got, strict=True):
+        assert have == want, f"{c} {args}: QEMU 10.0 said {want}, the engine {have}"
+    # the final report carries every value set above, in QEMU's own spelling
+    assert got[-1]["block-bitmap-mapping"][0]["bitmaps"][0]["transform"] == {"persistent": True}
+    assert got[-1]["multifd-channels"] == 4 and got[-1]["max-bandwidth"] == 1 << 62
+
+
+async def _raw(vm: VM, cmd: str, args: dict[str, Any]) -> Any:
+    from qemu.qmp import ExecuteError
+
+    try:
+        return await vm.cmd(cmd, args)
+    except ExecuteError as e:
+        return {"class": e.error.error.class_, "desc": e.error.error.desc}
+
+
+def test_rdma_refused_with_qemus_words(work: Path) -> None:
+    async def go() -> None:
+        from qemu.qmp import ExecuteError
+
+        async with vms(VM(work, "a"), VM(work, "b", "--incoming", "defer")) as (a, b):
+            await a.enable_events()
+            a.mark()
+            for uri, why in (("rdma:127.0.0.1:4444", "RDMA ERROR: could not create CM channel"),
+                             ("rdma:[::1]:5", "RDMA ERROR: could not create CM channel"),
+                             ("rdma:x", "RDMA ERROR: bad RDMA migration address 'x'")):
+                with pytest.raises(ExecuteError) as ei:
+                    await a.cmd("migrate", {"uri": uri})
+                assert ei.value.error.error.desc == why
+                assert await a.cmd("query-migrate") == {"status": "failed", "error-desc": why}
+            assert [d["status"] for _, d in a.event_names("MIGRATION")] == ["setup", "failed"] * 3
+            assert await a.status() == "running"
+            with pytest.raises(ExecuteError) as ei:
+                await b.cmd("migrate-incoming", {"uri": "rdma:127.0.0.1:4444"})
+            assert ei.value.error.error.desc == "RDMA ERROR: could not create rdma event channel"
+            # the refusal leaves the destination usable: a real migration still goes through
+            await b.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            port = (await b.cmd("query-migrate"))["socket-address"][0]["port"]
+            await a.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            assert (await a.wait_migration())["status"] == "completed"
+            assert (await b.wait_migration())["status"] == "completed"
+
+    run(go())
+
+
+def test_unimplemented_parameter_values_refused_at_migrate(work: Path) -> None:
+    async def go() -> None:
+        from qemu.qmp import ExecuteError
+
+        async with vms(VM(work, "a")) as (a,):
+            for k, v in (("tls-creds", "c0"), ("mode", "cpr-reboot"), ("direct-io", True)):
+                await a.cmd(P, {k: v})
+                with pytest.raises(ExecuteError) as ei:
+                    await a.cmd("migrate", {"uri": f"file:{work}/x.mig"})
+                assert k in ei.value.error.error.desc and "does not implement" in ei.value.error.error.desc
+                assert await a.cmd("query-migrate") == {}
+                await a.cmd(P, {k: None if k == "tls-creds" else {"mode": "normal", "direct-io": False}[k]})
+            await a.cmd("migrate", {"uri": f"file:{work}/x.mig"})
+            assert (await a.wait_migration())["status"] == "completed"
+
+    run(go())
