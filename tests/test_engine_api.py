@@ -5,16 +5,18 @@ URIs fail with QEMU's words (QEMU on a host without an RDMA device)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine import VM, run, vms
+from test_engine import ENV, VM, run, vms
 
 QEMU10 = Path.home() / ".cache" / "qevm" / "trixie"
 
@@ -151,3 +153,107 @@ def test_unimplemented_parameter_values_refused_at_migrate(work: Path) -> None:
             assert (await a.wait_migration())["status"] == "completed"
 
     run(go())
+
+
+# -- the debug-migration device ---------------------------------------------------------------------------
+
+def _qevm(*args: str) -> subprocess.CompletedProcess[bytes]:
+    from test_engine import qevm_cli
+
+    return qevm_cli(*args)
+
+
+def test_debug_migration_device(work: Path) -> None:
+    """``--device debug-migration``: the stream carries its vmdesc in a device section (magic, length,
+    JSON identical to the trailer); a destination with the device loads it, one without refuses it as
+    QEMU refuses an unknown section; with the trailer cut off, ``qevm dump`` still names every field."""
+    from test_engine import assert_continues
+
+    from qevm.format.selfdesc import DEBUG_MIGRATION_MAGIC
+    from qevm.io.reader import read_stream
+
+    stream = work / "a.mig"
+
+    async def main() -> None:
+        src = VM(work, "src", "--device", "debug-migration", ram="8M", dirty_rate=1000)
+        async with vms(src):
+            await asyncio.sleep(0.35)
+            await src.cmd("migrate", {"uri": f"file:{stream}"})
+            assert (await src.wait_migration())["status"] == "completed"
+            digest = (await src.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"]
+        dst = VM(work, "dst", "--device", "debug-migration", "--incoming", f"file:{stream}", "-S", ram="8M")
+        bare = VM(work, "bare", "--incoming", "defer", ram="8M")
+        async with vms(dst, bare):
+            assert (await dst.wait_migration())["status"] == "completed"
+            assert (await dst.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"] == digest
+            await dst.cmd("cont")
+            await asyncio.sleep(0.35)
+            await bare.cmd("migrate-incoming", {"uri": f"file:{stream}", "exit-on-error": False})
+            info = await bare.wait_migration()
+            assert info["status"] == "failed"
+            assert "Unknown savevm section or instance 'debug-migration' 0" in info["error-desc"]
+        assert_continues(src.lines(), dst.lines())
+
+    run(main())
+
+    full = _qevm("dump", str(stream))
+    assert full.returncode == 0, full.stderr.decode()
+    doc = json.loads(full.stdout)
+    assert doc["vmdesc_source"] == "trailer"
+    sec = doc["sections"][-1]
+    assert sec["name"] == "debug-migration" and sec["version"] == 1
+    # the payload: magic, be32 length, the trailer's JSON byte for byte
+    data = stream.read_bytes()
+    at = data.index(DEBUG_MIGRATION_MAGIC)
+    n = int.from_bytes(data[at + 16:at + 20], "big")
+    embedded = data[at + 20:at + 20 + n]
+    assert data.endswith(embedded) and data[-n - 5] == 0x06  # QEMU's vmdesc record: 0x06, be32 size, JSON
+    desc = json.loads(embedded)
+    entry = [d for d in desc["devices"] if d["name"] == "debug-migration"][0]
+    assert entry["fields"] == [{"name": "data", "size": 20 + n, "type": "buffer"}]
+    # QEMU's own analyze-migration.py (7.2 and 10.0) reads the stream, the new section included
+    from conftest import require_peer
+
+    for v in ("7.2", "10.0"):
+        p = subprocess.run([sys.executable, str(require_peer(v)), "-f", str(stream)], capture_output=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        assert "debug-migration (5)" in json.loads(p.stdout)
+
+    # nothing after EOF (as on a postcopy channel): the embedded vmdesc names every field
+    cut = work / "cut.mig"
+    cut.write_bytes(data[:-n - 5])
+    r = _qevm("dump", str(cut))
+    assert r.returncode == 0, r.stderr.decode()
+    cdoc = json.loads(r.stdout)
+    assert cdoc["vmdesc"] is False and cdoc["vmdesc_source"] == "debug-migration"
+    by_name = {s["name"]: s for s in cdoc["sections"]}
+    assert by_name["cpu"]["fields"] == {s["name"]: s for s in doc["sections"]}["cpu"]["fields"]
+    assert "fields" in by_name["serial"] and "fields" in by_name["globalstate"]
+    # without the device the same cut stream decodes no field
+    plain = work / "plain.mig"
+
+    async def plain_stream() -> None:
+        v = VM(work, "p", ram="8M")
+        async with vms(v):
+            await v.cmd("migrate", {"uri": f"file:{plain}"})
+            assert (await v.wait_migration())["status"] == "completed"
+
+    run(plain_stream())
+    pdata = plain.read_bytes()
+    eof = read_stream(str(plain)).eof_offset
+    assert eof is not None and pdata[eof] == 0x00  # QEMU_VM_EOF
+    (work / "pcut.mig").write_bytes(pdata[:eof + 1])
+    r = _qevm("dump", str(work / "pcut.mig"))
+    assert r.returncode == 0, r.stderr.decode()
+    pdoc = json.loads(r.stdout)
+    assert pdoc["vmdesc_source"] is None
+    assert all("fields" not in s for s in pdoc["sections"])
+
+
+def test_debug_migration_bad_device_name(work: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "qevm", "vm", "--qmp", f"unix:{work}/q", "--device", "nosuch"],
+                       env=ENV, capture_output=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "'nosuch' is not a valid device model name" in lines[0], lines

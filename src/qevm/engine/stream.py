@@ -16,6 +16,7 @@ device sections and the vmdesc trailer come from the machine's ``SaveStateRegist
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import threading
@@ -28,6 +29,7 @@ from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
 from qevm.errors import QevmError
 from qevm.format.events import (
     Configuration,
+    DeviceState,
     FileHeader,
     Footer,
     RamBlock,
@@ -35,12 +37,15 @@ from qevm.format.events import (
     RamMemSize,
     Section,
     SectionHeader,
+    VmDescription,
 )
 from qevm.format.records import RamFlag, SectionKind, ram_record_head
+from qevm.format.selfdesc import DEBUG_MIGRATION_IDSTR, encode_debug_payload
 from qevm.migration.ratelimit import RateLimiter
+from qevm.vmstate.jsonout import vmdesc_json
 
 __all__ = ["Cancelled", "StreamOut", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
-           "XBZRLE_DEFAULT_CACHE"]
+           "XBZRLE_DEFAULT_CACHE", "embed_vmdesc"]
 
 XBZRLE_DEFAULT_CACHE = 64 << 20
 _B16 = struct.Struct(">H")
@@ -323,6 +328,31 @@ class SaveSession:
         """The FULL device sections, EOF and the vmdesc trailer: the machine registry's own
         (``SaveStateRegistry.events``, the ``ram`` entry has no FULL section)."""
         out = self.out
-        for ev in self.m.registry.events(machine=MACHINE_TYPE, page_size=self.m.page_size, header=False,
-                                         describe_configuration=True, offset=out.total + len(out.buf)):
+        evs = self.m.registry.events(machine=MACHINE_TYPE, page_size=self.m.page_size, header=False,
+                                     describe_configuration=True, offset=out.total + len(out.buf))
+        if self.m.debug_migration is not None:
+            embed_vmdesc(evs)
+        for ev in evs:
             out.write(ev.encode())
+
+
+def embed_vmdesc(evs: list[Any]) -> None:
+    """Put the vmdesc into the debug-migration section of ``evs`` (device sections, EOF, vmdesc):
+    the JSON describes that section as a buffer of ``20 + len(JSON)`` bytes, so the size is
+    iterated to its fixed point (the number's digit count converges in two or three rounds)."""
+    i_dev = next(i for i, ev in enumerate(evs)
+                 if isinstance(ev, DeviceState) and ev.section.idstr == DEBUG_MIGRATION_IDSTR)
+    i_desc = next(i for i, ev in enumerate(evs) if isinstance(ev, VmDescription))
+    top = json.loads(evs[i_desc].raw)
+    entry = next(d for d in top["devices"] if d["name"] == DEBUG_MIGRATION_IDSTR)
+    size = -1
+    payload = b""
+    raw = b""
+    while len(payload) != size:
+        size = len(payload)
+        entry["size"] = entry["fields"][0]["size"] = size
+        raw = vmdesc_json(top).encode("utf-8")
+        payload = encode_debug_payload(raw)
+    dev = evs[i_dev]
+    evs[i_dev] = DeviceState(dev.offset, dev.section, payload)
+    evs[i_desc] = VmDescription(evs[i_desc].offset, raw)
