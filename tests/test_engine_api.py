@@ -257,3 +257,94 @@ def test_debug_migration_bad_device_name(work: Path) -> None:
     assert r.returncode == 2
     lines = r.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "'nosuch' is not a valid device model name" in lines[0], lines
+
+
+# -- savevm into a qcow2 drive ------------------------------------------------------------------------------
+
+def _snapshot_list(img: Path) -> list[list[str]]:
+    """``qemu-img snapshot -l`` (QEMU 7.2's tool) rows: ID, TAG, VM_SIZE value and unit, DATE, TIME, CLOCK."""
+    r = subprocess.run(["qemu-img", "snapshot", "-l", str(img)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    if not lines:
+        return []
+    assert lines[0] == "Snapshot list:"
+    return [ln.split() for ln in lines[2:]]
+
+
+def _check_clean(img: Path) -> None:
+    r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "No errors were found on the image." in r.stdout, r.stdout + r.stderr
+
+
+def test_savevm_into_qcow2_drive(work: Path) -> None:
+    """``--drive FILE.qcow2``: savevm/loadvm/delvm/info snapshots use the image's internal snapshots;
+    ``qemu-img snapshot -l`` lists what ``info snapshots`` lists, ``qemu-img check`` finds the image
+    clean after every change, ``qevm dump --snapshot`` reads the state, a new process loads it."""
+    from conftest import require_binary
+
+    require_binary("qemu-img")
+    img = work / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), "16M"], check=True, capture_output=True)
+    raw = work / "disk.raw"
+    raw.write_bytes(bytes(1 << 20))
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        vm = VM(work, "vm", "--drive", str(img), ram="8M", dirty_rate=2000)
+        bare = VM(work, "bare", "--drive", str(raw), ram="8M")
+        async with vms(vm, bare):
+            assert await vm.hmp("info snapshots") == "There is no snapshot available.\r\n"
+            await asyncio.sleep(0.3)
+            assert await vm.hmp("savevm s1") == ""
+            assert await vm.hmp("savevm s2") == ""
+            await asyncio.sleep(0.3)
+            await vm.cmd("stop")
+            state["saved"] = await vm.cmd("x-qevm-query-machine", {"digest": True})
+            assert await vm.hmp("savevm s1") == ""  # replaces s1: deleted first, the new one gets id 3
+            rows = (await vm.hmp("info snapshots")).split("\r\n")
+            assert [r.split()[1] for r in rows[2:-1]] == ["s2", "s1"]
+            listed = _snapshot_list(img)
+            assert [(r[0], r[1]) for r in listed] == [("2", "s2"), ("3", "s1")]
+            for row, ours in zip(listed, rows[2:-1], strict=True):  # same size, date and clock as QEMU prints
+                assert ours.split()[2:6] == row[2:6], (ours, row)
+            _check_clean(img)
+            await vm.cmd("cont")
+            await asyncio.sleep(0.4)
+            await vm.cmd("stop")
+            assert await vm.hmp("loadvm s1") == ""
+            back = await vm.cmd("x-qevm-query-machine", {"digest": True})
+            assert back["ram-sha256"] == state["saved"]["ram-sha256"] and back["ops"] == state["saved"]["ops"]
+            assert await vm.hmp("loadvm nope") == "Error: Snapshot 'nope' does not exist in one or more devices\r\n"
+            assert await vm.hmp("loadvm 3") == "Error: Snapshot '3' does not exist in one or more devices\r\n"
+            assert await vm.hmp("delvm s2") == ""
+            assert await vm.hmp("delvm nope") == ""
+            assert [(r[0], r[1]) for r in _snapshot_list(img)] == [("3", "s1")]
+            _check_clean(img)
+            # a raw drive cannot hold snapshots: QEMU's words
+            assert await bare.hmp("savevm x") == ("Error: Device 'drive0' is writable but does not support "
+                                                  "snapshots\r\n")
+            for cmd in ("loadvm x", "delvm x"):
+                assert await bare.hmp(cmd) == ("Error: Device 'drive0' is writable but does not support "
+                                               "snapshots\r\n")
+            assert await bare.hmp("info snapshots") == "no block device can store vmstate for snapshot\r\n"
+            assert await bare.status() == "running"
+
+    run(main())
+    r = _qevm("dump", "--snapshot", "s1", str(img))
+    assert r.returncode == 0, r.stderr.decode()
+    doc = json.loads(r.stdout)
+    assert [s["name"] for s in doc["sections"]] == ["ram", "timer", "cpu", "serial", "globalstate"]
+    cpu = [s for s in doc["sections"] if s["name"] == "cpu"][0]["fields"]
+    assert cpu["ops"] == state["saved"]["ops"]
+
+    async def again() -> None:
+        vm2 = VM(work, "vm2", "--drive", str(img), "-S", ram="8M")
+        async with vms(vm2):
+            assert await vm2.hmp("loadvm s1") == ""
+            m = await vm2.cmd("x-qevm-query-machine", {"digest": True})
+            assert m["ram-sha256"] == state["saved"]["ram-sha256"]
+            assert m["next-line"] == state["saved"]["next-line"]
+
+    run(again())
+    _check_clean(img)

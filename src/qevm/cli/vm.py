@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--snapshot-dir", metavar="DIR", help="where savevm keeps snapshots (one stream file each)")
     p.add_argument("--device", action="append", default=[], metavar="MODEL",
                    help="add a device: debug-migration (a section carrying the stream's vmdesc)")
+    p.add_argument("--drive", metavar="FILE",
+                   help="the VM's disk image; with a qcow2 image savevm/loadvm/delvm use its internal snapshots")
     p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     p.add_argument("--fill", type=float, default=1.0,
                    help="fraction of RAM the firmware fills with data at boot (default 1.0)")
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     root.setLevel(logging.WARNING)
     machine = Machine(parse_size(args.ram, "--ram"), dirty_rate=args.dirty_rate, serial_path=args.serial,
                       seed=args.seed, fill=args.fill, devices=tuple(args.device))
-    engine = Engine(machine, snapshot_dir=args.snapshot_dir, autostart=not args.stopped, incoming=args.incoming)
+    engine = Engine(machine, snapshot_dir=args.snapshot_dir, autostart=not args.stopped, incoming=args.incoming,
+                    drive=args.drive)
     server = QMPServer(engine, args.qmp)
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -21,6 +21,7 @@ from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
 from qevm.engine.migration import CAPABILITIES, SUPPORTED_CAPABILITIES, MigrationState
 from qevm.engine.parameters import PARAMETERS, apply_parameters
+from qevm.engine.qcow2store import Qcow2SnapshotStore
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
 from qevm.engine.states import MigrationStatus, RunState
 from qevm.errors import QevmError, UsageError
@@ -88,13 +89,16 @@ class Engine:
     """The QMP-facing VM: see the module docstring."""
 
     def __init__(self, machine: Machine, *, snapshot_dir: str | None = None, autostart: bool = True,
-                 incoming: str | None = None) -> None:
+                 incoming: str | None = None, drive: str | None = None) -> None:
         self.m = machine
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         machine.emit = self.emit
         self.mig = MigrationState(machine, self.emit)
         self.fds = FdTable()
-        self.store = SnapshotStore(snapshot_dir) if snapshot_dir else None
+        if snapshot_dir and drive:
+            raise UsageError("give --snapshot-dir or --drive, not both (snapshots go into the drive's image)")
+        self.store: SnapshotStore | Qcow2SnapshotStore | None = (
+            SnapshotStore(snapshot_dir) if snapshot_dir else Qcow2SnapshotStore(drive) if drive else None)
         self.autostart = autostart
         self.incoming: IncomingMigration | None = None
         self.incoming_once = False
@@ -216,9 +220,14 @@ class Engine:
             ch.settimeout(None)
         return ch
 
+    def _can_snapshot(self) -> None:
+        if isinstance(self.store, Qcow2SnapshotStore):
+            self.store.check()
+
     def savevm(self, name: str | None) -> None:
         if self.store is None:
             raise UsageError(NO_SNAPSHOT_DEVICE)
+        self._can_snapshot()
         if self.mig.running:
             raise UsageError(MIGRATION_ACTIVE)
         m = self.m
@@ -241,6 +250,7 @@ class Engine:
                 m.vm_start()
 
     def loadvm(self, name: str) -> None:
+        self._can_snapshot()
         m = self.m
         was_running = m.running
         m.vm_stop(RunState.RESTORE_VM)
@@ -261,10 +271,11 @@ class Engine:
     def delvm(self, name: str) -> None:
         if self.store is None:
             return
+        self._can_snapshot()
         self.store.delete(name)
 
     def info_snapshots(self) -> str:
-        if self.store is None:
+        if self.store is None or (isinstance(self.store, Qcow2SnapshotStore) and not self.store.qcow2):
             return NO_SNAPSHOT_DEVICE + "\n"
         return format_snapshot_table(self.store.entries())
 
