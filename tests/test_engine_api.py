@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine import ENV, VM, run, vms
+from test_engine import ENV, MIB, VM, run, vms
 
 QEMU10 = Path.home() / ".cache" / "qevm" / "trixie"
 
@@ -348,3 +348,197 @@ def test_savevm_into_qcow2_drive(work: Path) -> None:
 
     run(again())
     _check_clean(img)
+
+
+# -- compression threads (QEMU 7.2's migration API) ------------------------------------------------------------
+
+REQUESTS_72: list[tuple[str, dict[str, Any]]] = [
+    ("query-migrate-parameters", {}),
+    ("query-migrate-capabilities", {}),
+    *[(P, {k: v}) for k, vs in {
+        "compress-level": [10, -1, "x", 6], "compress-threads": [0, 256, 2], "decompress-threads": [0, 256, 3],
+        "compress-wait-thread": [1, False], "multifd-zlib-level": [10], "multifd-zstd-level": [21],
+        "mode": ["normal"], "zero-page-detection": ["none"], "avail-switchover-bandwidth": [1],
+        "max-cpu-throttle": [10], "block-incremental": [True, False], "throttle-trigger-threshold": [101],
+    }.items() for v in vs],
+    ("query-migrate-parameters", {}),
+]
+
+
+def _qemu_replies(argv0: list[str], requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    lines = [json.dumps({"execute": "qmp_capabilities"})]
+    lines += [json.dumps({"execute": c, "arguments": a, "id": i}) for i, (c, a) in enumerate(requests)]
+    lines.append(json.dumps({"execute": "quit"}))
+    p = subprocess.run([*argv0, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
+                       input="\n".join(lines).encode() + b"\n", capture_output=True, timeout=60)
+    out: list[Any] = [None] * len(requests)
+    for line in p.stdout.decode().splitlines():
+        msg = json.loads(line)
+        if "id" in msg:
+            out[msg["id"]] = msg.get("return", msg.get("error"))
+    assert None not in out, p.stdout.decode() + p.stderr.decode()
+    return out
+
+
+def test_migration_api_72_answers_as_qemu_72(work: Path) -> None:
+    """``--migration-api 7.2``: capabilities and parameters (compress-*, decompress-threads, no 10.0-only
+    ones, no multifd level checks) answer as the real QEMU 7.2 does; QEMU 10.0's API has no compress."""
+    from conftest import require_binary
+
+    expected = _qemu_replies([require_binary("qemu-system-x86_64")], REQUESTS_72)
+
+    async def go() -> tuple[list[Any], Any, Any]:
+        async with vms(VM(work, "a", "--migration-api", "7.2"), VM(work, "b")) as (a, b):
+            got = [await _raw(a, c, args) for c, args in REQUESTS_72]
+            version = await a.cmd("query-version")
+            refused = await _raw(b, "migrate-set-capabilities",
+                                 {"capabilities": [{"capability": "compress", "state": True}]})
+            return got, version, refused
+
+    got, version, refused = run(go())
+    for (c, args), want, have in zip(REQUESTS_72, expected, got, strict=True):
+        assert have == want, f"{c} {args}: QEMU 7.2 said {want}, the engine {have}"
+    assert version["qemu"] == {"major": 7, "minor": 2, "micro": 0}
+    assert refused == {"class": "GenericError", "desc": "Parameter 'capability' does not accept value 'compress'"}
+
+
+def test_compression_threads_migration(work: Path) -> None:
+    """compress on, 2 threads, level 6: the destination (also 7.2 API) gets the same RAM, the serial
+    numbering continues, query-migrate shows QEMU 7.2's compression counters, and the stream (to a
+    file) holds COMPRESS_PAGE records that qevm counts."""
+    from test_engine import CountingProxy, assert_continues, incoming_port
+
+    stream = work / "c.mig"
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        # --fill 0: the pages hold the workload's 64-byte records only (random firmware data does not deflate)
+        src = VM(work, "src", "--migration-api", "7.2", "--fill", "0", ram="32M", dirty_rate=5000)
+        dst = VM(work, "dst", "--migration-api", "7.2", "--incoming", "tcp:127.0.0.1:0", "-S", ram="32M")
+        async with vms(src, dst):
+            for vm in (src, dst):
+                await vm.cmd("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "compress", "state": True}, {"capability": "events", "state": True}]})
+            await src.cmd(P, {"compress-threads": 2, "compress-level": 6})
+            await dst.cmd(P, {"decompress-threads": 2})
+            await asyncio.sleep(0.4)
+            proxy = CountingProxy(incoming_port(await dst.cmd("query-migrate")))
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{proxy.port}"})
+            info = await src.wait_migration()
+            assert info["status"] == "completed", info
+            assert (await dst.wait_migration())["status"] == "completed"
+            proxy.done.wait(10)
+            comp = info["compression"]
+            assert set(comp) == {"pages", "busy", "busy-rate", "compressed-size", "compression-rate"}
+            assert comp["pages"] > 500 and 0 < comp["compressed-size"] < comp["pages"] * 4096
+            assert comp["compression-rate"] > 1.0
+            assert info["ram"]["transferred"] == proxy.count
+            normal = info["ram"]["normal"]
+            assert info["ram"]["transferred"] < (comp["pages"] + normal) * 4096  # less than the pages sent
+            a = await src.cmd("x-qevm-query-machine", {"digest": True})
+            b = await dst.cmd("x-qevm-query-machine", {"digest": True})
+            assert a["ram-sha256"] == b["ram-sha256"]
+            await dst.cmd("cont")
+            await asyncio.sleep(0.35)
+            state["lines"] = (src.lines(), dst.lines())
+            # the same to a file, for qevm dump
+            f = VM(work, "f", "--migration-api", "7.2", ram="16M", dirty_rate=2000)
+            async with vms(f):
+                await f.cmd("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "compress", "state": True}]})
+                await f.cmd("migrate", {"uri": f"file:{stream}"})
+                finfo = await f.wait_migration()
+                assert finfo["status"] == "completed"
+                state["pages"] = finfo["compression"]["pages"]
+
+    run(main())
+    assert_continues(*state["lines"])
+    r = _qevm("dump", str(stream))
+    assert r.returncode == 0, r.stderr.decode()
+    doc = json.loads(r.stdout)
+    pages = doc["sections"][0]["ram"]["pages"]
+    assert pages["compressed"] == state["pages"] > 0, pages
+
+
+def test_compressed_records_load_in_qemu_72(work: Path) -> None:
+    """The pool's COMPRESS_PAGE records, in a RAM-only stream for QEMU 7.2's pc-i440fx-7.2 (32 MiB,
+    block pc.ram), are loaded by QEMU 7.2 (compress capability on, as its loader needs): guest memory
+    read back with pmemsave equals what was sent."""
+    import random
+
+    from conftest import require_binary
+
+    from qevm.engine.compress import CompressPool
+    from qevm.format.events import (
+        Configuration,
+        EndOfFile,
+        FileHeader,
+        Footer,
+        RamBlock,
+        RamControl,
+        RamMemSize,
+        Section,
+        SectionHeader,
+        SectionKind,
+    )
+    from qevm.format.records import RamFlag, ram_record_head
+
+    qemu = require_binary("qemu-system-x86_64")
+    size, ps = 32 * MIB, 4096
+    rnd = random.Random(7)
+    ram = bytearray(size)
+    for p in range(256, size // ps):  # from 1 MiB on: below it the guest sees ROM and VGA holes
+        if p % 3:
+            ram[p * ps:p * ps + 64] = rnd.randbytes(64)
+    # a non-zero section id: QEMU matches PART sections on load_section_id, which is 0 for every handler
+    # that no START named
+    sec = Section(2, "ram", 0, 4, "ram")
+    out = bytearray(FileHeader(0).encode() + Configuration(0, "pc-i440fx-7.2", []).encode())
+    out += SectionHeader(0, SectionKind.START, sec).encode()
+    out += RamMemSize(0, size).encode() + RamBlock(0, "pc.ram", size).encode()
+    out += RamControl(0, int(RamFlag.EOS)).encode() + Footer(0, 2).encode()
+    out += SectionHeader(0, SectionKind.PART, sec).encode()
+    pool = CompressPool(2, 1, True, ps)
+    out += ram_record_head(0, int(RamFlag.PAGE), "pc.ram") + bytes(ram[:ps])
+    for p in range(1, size // ps):
+        page = bytes(ram[p * ps:(p + 1) * ps])
+        pool.submit(ram_record_head(p * ps, int(RamFlag.COMPRESS_PAGE | RamFlag.CONTINUE), None), page, out.extend)
+    pool.flush(out.extend)
+    pool.close()
+    assert pool.c.pages == size // ps - 1
+    out += RamControl(0, int(RamFlag.EOS)).encode() + Footer(0, 2).encode() + EndOfFile(0).encode()
+    stream = work / "ram-only.mig"
+    stream.write_bytes(out)
+    dump = work / "mem.bin"
+    reqs = [("migrate-set-capabilities", {"capabilities": [{"capability": "compress", "state": True},
+                                                           {"capability": "events", "state": True}]}),
+            ("migrate-incoming", {"uri": f"exec:cat {stream}"})]
+    lines = [json.dumps({"execute": "qmp_capabilities"})]
+    lines += [json.dumps({"execute": c, "arguments": a}) for c, a in reqs]
+    proc = subprocess.Popen([qemu, "-M", "pc-i440fx-7.2", "-m", "32M", "-nodefaults", "-display", "none",
+                             "-incoming", "defer", "-S", "-qmp", "stdio"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("\n".join(lines) + "\n")
+        proc.stdin.flush()
+        status = None
+        for line in proc.stdout:
+            msg = json.loads(line)
+            seen.append(msg)
+            assert "error" not in msg, msg
+            if msg.get("event") == "MIGRATION" and msg["data"]["status"] in ("completed", "failed"):
+                status = msg["data"]["status"]
+                break
+        proc.stdin.write(json.dumps({"execute": "pmemsave", "arguments": {
+            "val": 1 << 20, "size": size - (1 << 20), "filename": str(dump)}}) + "\n")
+        proc.stdin.write(json.dumps({"execute": "quit"}) + "\n")
+        proc.stdin.flush()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert status == "completed", (seen, proc.stderr.read() if proc.stderr else "")
+    assert dump.read_bytes() == bytes(ram[1 << 20:])

@@ -19,8 +19,8 @@ from qevm.engine.errors import QMPError
 from qevm.engine.hmp import run_hmp
 from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
-from qevm.engine.migration import CAPABILITIES, SUPPORTED_CAPABILITIES, MigrationState
-from qevm.engine.parameters import PARAMETERS, apply_parameters
+from qevm.engine.migration import SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.parameters import APIS, PARAMETERS, apply_parameters
 from qevm.engine.qcow2store import Qcow2SnapshotStore
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
 from qevm.engine.states import MigrationStatus, RunState
@@ -81,7 +81,7 @@ def check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
 
 #: parameter values the engine stores and reports but cannot act on: ``migrate`` refuses them
 UNSUPPORTED_VALUES: dict[str, Callable[[Any], bool]] = {
-    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool,
+    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool, "block-incremental": bool,
 }
 
 
@@ -89,11 +89,16 @@ class Engine:
     """The QMP-facing VM: see the module docstring."""
 
     def __init__(self, machine: Machine, *, snapshot_dir: str | None = None, autostart: bool = True,
-                 incoming: str | None = None, drive: str | None = None) -> None:
+                 incoming: str | None = None, drive: str | None = None, api: str = "10.0") -> None:
         self.m = machine
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         machine.emit = self.emit
-        self.mig = MigrationState(machine, self.emit)
+        if api not in APIS:
+            raise UsageError(f"migration API {api!r}: choose one of {', '.join(APIS)}")
+        self.api = api
+        major, minor = (int(x) for x in api.split("."))
+        self.version: dict[str, Any] = {"qemu": {"micro": 0, "minor": minor, "major": major}, "package": "qevm"}
+        self.mig = MigrationState(machine, self.emit, api)
         self.fds = FdTable()
         if snapshot_dir and drive:
             raise UsageError("give --snapshot-dir or --drive, not both (snapshots go into the drive's image)")
@@ -188,7 +193,7 @@ class Engine:
             mig.fail_setup(why)
             raise QMPError(why)
         for name, unsupported in UNSUPPORTED_VALUES.items():
-            if unsupported(mig.params[name]):
+            if name in mig.params and unsupported(mig.params[name]):
                 raise QMPError(f"qevm's engine does not implement migrate parameter {name}="
                                f"{mig.params[name]!r}; set it back to its default")
         if scheme in LISTEN_SCHEMES:
@@ -310,7 +315,7 @@ def _query_status(e: Engine, a: dict[str, Any]) -> Any:
 
 @command("query-version")
 def _query_version(e: Engine, a: dict[str, Any]) -> Any:
-    return dict(QEMU_VERSION)
+    return dict(e.version)
 
 
 @command("query-commands")
@@ -393,13 +398,13 @@ def _query_params(e: Engine, a: dict[str, Any]) -> Any:
 
 @command("migrate-set-parameters", **{p.name: Arg("any") for p in PARAMETERS})
 def _set_params(e: Engine, a: dict[str, Any]) -> Any:
-    apply_parameters(e.mig.params, a, e.m.page_size)
+    apply_parameters(e.mig.params, a, e.m.page_size, api=e.api)
     return {}
 
 
 @command("query-migrate-capabilities")
 def _query_caps(e: Engine, a: dict[str, Any]) -> Any:
-    return [{"capability": c, "state": e.mig.caps[c]} for c in CAPABILITIES]
+    return [{"capability": c, "state": e.mig.caps[c]} for c in e.mig.capabilities]
 
 
 @command("migrate-set-capabilities", capabilities=Arg("list", True))
@@ -418,7 +423,7 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
             raise QMPError("Parameter 'capability' is missing")
         if state is None:
             raise QMPError("Parameter 'state' is missing")
-        if not isinstance(cap, str) or cap not in CAPABILITIES:
+        if not isinstance(cap, str) or cap not in e.mig.capabilities:
             raise QMPError(f"Parameter 'capability' does not accept value '{cap}'")
         if not isinstance(state, bool):
             raise QMPError("Invalid parameter type for 'state', expected: boolean")

@@ -21,7 +21,8 @@ from typing import Any
 from qevm.engine.errors import QMPError
 from qevm.engine.stream import XBZRLE_DEFAULT_CACHE
 
-__all__ = ["Parameter", "PARAMETERS", "DEFAULT_PARAMETERS", "ACTIVE_PARAMETERS", "apply_parameters",
+__all__ = ["Parameter", "PARAMETERS", "DEFAULT_PARAMETERS", "APIS", "parameters_of", "default_parameters",
+           "ACTIVE_PARAMETERS", "apply_parameters",
            "MAX_MIGRATE_DOWNTIME", "MAX_THROTTLE", "XBZRLE_DEFAULT_CACHE"]
 
 MAX_MIGRATE_DOWNTIME = 2000 * 1000
@@ -45,6 +46,10 @@ class Parameter:
     choices: tuple[str, ...] = ()
     #: (low, high, text) checked on the merged value; ``text`` is QEMU's sentence after "Parameter '...' "
     check: tuple[int, int, str] | None = None
+    #: the migration APIs that have it ("10.0": QEMU 10.0's, "7.2": QEMU 7.2's)
+    apis: tuple[str, ...] = ("10.0", "7.2")
+    #: the APIs that range-check it (QEMU 7.2 took any multifd zlib/zstd level)
+    checked_in: tuple[str, ...] = ("10.0", "7.2")
 
 
 def _between(cname: str, lo: int, hi: int, shown_lo: int | None = None) -> tuple[int, int, str]:
@@ -58,6 +63,11 @@ def _range(cname: str, lo: int, hi: int, text: str | None = None) -> tuple[int, 
 P = Parameter
 #: in QEMU 10.0's query-migrate-parameters order (block-bitmap-mapping only appears once set)
 PARAMETERS: tuple[Parameter, ...] = (
+    P("compress-level", "u8", 1, check=_between("compress_level", 0, 9), apis=("7.2",)),
+    P("compress-threads", "u8", 8, check=_between("compress_threads", 1, 255), apis=("7.2",)),
+    P("compress-wait-thread", "bool", True, apis=("7.2",)),
+    P("decompress-threads", "u8", 2, check=_between("decompress_threads", 1, 255), apis=("7.2",)),
+    P("block-incremental", "bool", False, apis=("7.2",)),
     P("announce-initial", "u64", 50, check=_between("announce_initial", 0, 100000)),
     P("announce-max", "u64", 550, check=_between("announce_max", 0, 100000)),
     P("announce-rounds", "u64", 5, check=_between("announce_rounds", 0, 1000)),
@@ -70,7 +80,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     P("tls-hostname", "str-or-null", ""),
     P("tls-authz", "str-or-null", ""),
     P("max-bandwidth", "u64", MAX_THROTTLE),
-    P("avail-switchover-bandwidth", "u64", 0),
+    P("avail-switchover-bandwidth", "u64", 0, apis=("10.0",)),
     P("downtime-limit", "u64", 300, check=_range("downtime_limit", 0, MAX_MIGRATE_DOWNTIME, "0 to (2000 * 1000) ms")),
     P("x-checkpoint-delay", "u32", 20000),
     P("multifd-channels", "u8", 2, check=_between("multifd_channels", 1, 255)),
@@ -78,19 +88,35 @@ PARAMETERS: tuple[Parameter, ...] = (
     P("max-postcopy-bandwidth", "u64", 0),
     P("max-cpu-throttle", "u8", 99),  # its low bound is cpu-throttle-initial: see _cross_checks
     P("multifd-compression", "enum", "none", choices=MULTIFD_COMPRESSION),
-    P("multifd-zlib-level", "u8", 1, check=_between("multifd_zlib_level", 0, 9)),
-    P("multifd-qatzip-level", "u8", 1, check=_between("multifd_qatzip_level", 1, 9)),
-    P("multifd-zstd-level", "u8", 1, check=_between("multifd_zstd_level", 0, 20)),
+    P("multifd-zlib-level", "u8", 1, check=_between("multifd_zlib_level", 0, 9), checked_in=("10.0",)),
+    P("multifd-qatzip-level", "u8", 1, check=_between("multifd_qatzip_level", 1, 9), apis=("10.0",)),
+    P("multifd-zstd-level", "u8", 1, check=_between("multifd_zstd_level", 0, 20), checked_in=("10.0",)),
     P("block-bitmap-mapping", "bitmap-mapping", None),
-    P("x-vcpu-dirty-limit-period", "u64", 1000, check=_between("x-vcpu-dirty-limit-period", 1, 1000)),
-    P("vcpu-dirty-limit", "u64", 1, check=(1, U64, "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s")),
-    P("mode", "enum", "normal", choices=MIGRATION_MODES),
-    P("zero-page-detection", "enum", "multifd", choices=ZERO_PAGE_DETECTION),
-    P("direct-io", "bool", False),
+    P("x-vcpu-dirty-limit-period", "u64", 1000, check=_between("x-vcpu-dirty-limit-period", 1, 1000),
+      apis=("10.0",)),
+    P("vcpu-dirty-limit", "u64", 1, check=(1, U64, "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s"),
+      apis=("10.0",)),
+    P("mode", "enum", "normal", choices=MIGRATION_MODES, apis=("10.0",)),
+    P("zero-page-detection", "enum", "multifd", choices=ZERO_PAGE_DETECTION, apis=("10.0",)),
+    P("direct-io", "bool", False, apis=("10.0",)),
 )
-BY_NAME = {p.name: p for p in PARAMETERS}
+#: accepted but not stored: QEMU 7.2's migrate-set-parameters keeps the old multifd levels (probed)
+IGNORED_BY: dict[str, tuple[str, ...]] = {"7.2": ("multifd-zlib-level", "multifd-zstd-level")}
+#: the migration APIs the engine speaks: QEMU 10.0's (default) and QEMU 7.2's (with compression threads)
+APIS = ("10.0", "7.2")
+
+
+def parameters_of(api: str) -> dict[str, Parameter]:
+    return {p.name: p for p in PARAMETERS if api in p.apis}
+
+
+def default_parameters(api: str = "10.0") -> dict[str, Any]:
+    """query-migrate-parameters of a fresh QEMU ``api``."""
+    return {p.name: p.default for p in PARAMETERS if api in p.apis and p.default is not None}
+
+
 #: QEMU 10.0's query-migrate-parameters with its defaults
-DEFAULT_PARAMETERS: dict[str, Any] = {p.name: p.default for p in PARAMETERS if p.default is not None}
+DEFAULT_PARAMETERS: dict[str, Any] = default_parameters("10.0")
 
 _UINT_MAX = {"u8": (255, "uint8_t"), "u32": ((1 << 32) - 1, "uint32_t"), "u64": (U64, "uint64")}
 
@@ -203,9 +229,9 @@ def _check_mapping(mapping: list[dict[str, Any]]) -> None:
             baliases.add(bm["alias"])
 
 
-def _cross_checks(merged: dict[str, Any], page_size: int) -> None:
+def _cross_checks(merged: dict[str, Any], page_size: int, api: str) -> None:
     for p in PARAMETERS:
-        if p.check is not None:
+        if p.check is not None and p.name in merged and api in p.checked_in:
             lo, hi, text = p.check
             if not lo <= merged[p.name] <= hi:
                 raise QMPError(text)
@@ -217,15 +243,18 @@ def _cross_checks(merged: dict[str, Any], page_size: int) -> None:
 
 
 def apply_parameters(current: dict[str, Any], request: dict[str, Any], page_size: int,
-                     check: Callable[[dict[str, Any]], None] | None = None) -> None:
+                     check: Callable[[dict[str, Any]], None] | None = None, api: str = "10.0") -> None:
     """``migrate-set-parameters``: visit every member, check the merged result, then store it
     in ``current`` (all or nothing).  ``check`` is the caller's own refusal (unsupported values)."""
+    known = parameters_of(api)
     for k in request:
-        if k not in BY_NAME:
+        if k not in known:
             raise QMPError(f"Parameter '{k}' is unexpected")
-    new = {k: _visit(BY_NAME[k], v, page_size) for k, v in request.items()}
+    new = {k: _visit(known[k], v, page_size) for k, v in request.items()}
     merged = {**current, **new}
-    _cross_checks(merged, page_size)
+    _cross_checks(merged, page_size, api)
     if check is not None:
         check(new)
+    for k in IGNORED_BY.get(api, ()):
+        new.pop(k, None)
     current.update(new)
