@@ -69,19 +69,7 @@ def _qemu10_replies(requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         if os.environ.get("CI"):
             pytest.fail("the QEMU 10.0 chroot is missing (scripts/chroot.sh)")
         pytest.skip("the QEMU 10.0 chroot is missing (scripts/chroot.sh)")
-    lines = [json.dumps({"execute": "qmp_capabilities"})]
-    lines += [json.dumps({"execute": c, "arguments": a, "id": i}) for i, (c, a) in enumerate(requests)]
-    lines.append(json.dumps({"execute": "quit"}))
-    p = subprocess.run(["chroot", str(QEMU10), "qemu-system-x86_64", "-machine", "none", "-nodefaults",
-                        "-display", "none", "-qmp", "stdio"], input="\n".join(lines).encode() + b"\n",
-                       capture_output=True, timeout=60)
-    out: list[Any] = [None] * len(requests)
-    for line in p.stdout.decode().splitlines():
-        msg = json.loads(line)
-        if "id" in msg:
-            out[msg["id"]] = msg.get("return", msg.get("error"))
-    assert None not in out, p.stdout.decode() + p.stderr.decode()
-    return out
+    return _qemu_replies(["chroot", str(QEMU10), "qemu-system-x86_64"], requests)
 
 
 def test_parameters_answer_as_qemu_10(work: Path) -> None:
@@ -366,6 +354,7 @@ REQUESTS_72: list[tuple[str, dict[str, Any]]] = [
 
 
 def _qemu_replies(argv0: list[str], requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    """The replies of a real QEMU (``-machine none``, QMP on stdio) to ``requests``, in order."""
     lines = [json.dumps({"execute": "qmp_capabilities"})]
     lines += [json.dumps({"execute": c, "arguments": a, "id": i}) for i, (c, a) in enumerate(requests)]
     lines.append(json.dumps({"execute": "quit"}))
