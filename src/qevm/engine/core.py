@@ -354,8 +354,14 @@ def _quit(e: Engine, a: dict[str, Any]) -> Any:
     return {}
 
 
-@command("migrate", uri=Arg("str"), channels=Arg("list"), detach=Arg("bool"), resume=Arg("bool"))
+@command("migrate", uri=Arg("str"), channels=Arg("list"), detach=Arg("bool"), resume=Arg("bool"), blk=Arg("bool"),
+         inc=Arg("bool"))
 def _migrate(e: Engine, a: dict[str, Any]) -> Any:
+    for k in ("blk", "inc"):
+        if k in a and e.api != "7.2":
+            raise QMPError(f"Parameter '{k}' is unexpected")  # QEMU 9.1 removed block migration
+    if a.get("blk") or a.get("inc"):
+        raise QMPError("block migration (migrate -b / -i) is not supported by qevm's engine")
     if a.get("resume"):
         raise QMPError("Cannot resume if there is no paused migration")
     if "uri" in a and "channels" in a:
@@ -378,6 +384,13 @@ def _migrate_incoming(e: Engine, a: dict[str, Any]) -> Any:
         raise QMPError("need either 'uri' or 'channels' argument")
     e._start_incoming(a["uri"], a.get("exit-on-error", True))
     return {}
+
+
+@command("migrate-start-postcopy")
+def _start_postcopy(e: Engine, a: dict[str, Any]) -> Any:
+    # postcopy-ram cannot be switched on here (refused by migrate-set-capabilities), so QEMU's answer
+    # for a migration without it is the only one
+    raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
 
 
 @command("query-migrate")
