@@ -15,6 +15,9 @@ sid   idstr          description
 4     ``globalstate``  QEMU 7.2 migration/global_state.c (v1): the run state to resume in
 ====  =============  =========================================================================
 
+With ``devices=("debug-migration",)`` (``qevm vm --device debug-migration``) a sixth entry, sid 5
+``debug-migration`` (v1), carries the stream's vmdesc inside the stream (``qevm.format.selfdesc``).
+
 **The workload.**  Operation number ``n`` writes 64 bytes into one page at a 64-byte slot chosen by
 ``h >> 32``, where ``h = splitmix64(seed ^ n)``: three operations in four go to a hot set (the first
 sixteenth of RAM, ``h % hot``), the others anywhere (``h % npages``), so that pages are written again
