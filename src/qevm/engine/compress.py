@@ -9,11 +9,12 @@ of the first pass (QEMU stops compressing once XBZRLE takes over, from the secon
 carry the block name), a big-endian 32-bit length, and the zlib stream.  zlib releases the GIL,
 so the workers do run in parallel.
 
+Pages go to the workers in batches of ``BATCH`` (the records are the same as with one page per job).
 Records are written in submission order (QEMU writes whichever thread finishes first; the order of
 pages inside an iteration does not matter to the loader), and every record is out before the end
-of the iteration and before a new pass starts over pages already sent.  When every worker is busy,
-``compress-wait-thread`` on waits for the oldest one (counted in ``busy``), off sends the page
-uncompressed, as QEMU.
+of the iteration and before a new pass starts over pages already sent.  A page that finds every
+worker busy is counted in ``busy``; with ``compress-wait-thread`` off it is sent uncompressed, as
+QEMU does, with it on it waits.
 
 The counters are QEMU 7.2's ``compression`` object of ``query-migrate``: pages, busy, busy-rate,
 compressed-size, compression-rate.
@@ -47,8 +48,13 @@ class CompressCounters:
                 "compressed-size": self.compressed_size, "compression-rate": self.compression_rate}
 
 
-def _deflate(data: bytes, level: int) -> bytes:
-    return zlib.compress(data, level)
+def _deflate_many(pages: list[bytes], level: int) -> list[bytes]:
+    return [zlib.compress(p, level) for p in pages]
+
+
+#: pages handed to a worker at a time: one Python job per page costs about a quarter of zlib level 1's
+#: own time on this machine, which would leave a second worker nothing to gain
+BATCH = 32
 
 
 class CompressPool:
@@ -61,7 +67,8 @@ class CompressPool:
         self.wait = wait
         self.page_size = page_size
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="compress")
-        self.queue: deque[tuple[bytes, Future[bytes]]] = deque()
+        self.queue: deque[tuple[list[bytes], Future[list[bytes]]]] = deque()
+        self.batch: list[tuple[bytes, bytes]] = []
         self.c = CompressCounters()
         self._period_pages = 0
         self._period_busy = 0
@@ -75,15 +82,25 @@ class CompressPool:
         """Queue one page whose record starts with ``head``; False when every worker is busy and
         ``compress-wait-thread`` is off (the caller sends the page uncompressed)."""
         self._period_pages += 1
-        self.drain(write)
-        if len(self.queue) >= self.threads:
+        q = self.queue
+        if len(q) >= self.threads and not q[0][1].done():  # no free worker
             self.c.busy += 1
             self._period_busy += 1
             if not self.wait:
                 return False
-            self._write_one(write)
-        self.queue.append((head, self.pool.submit(_deflate, data, self.level)))
+        self.batch.append((head, data))
+        if len(self.batch) >= BATCH:
+            self._dispatch(write)
         return True
+
+    def _dispatch(self, write: Callable[[bytes], None]) -> None:
+        self.drain(write)
+        while len(self.queue) >= self.threads:
+            self._write_one(write)  # wait for the oldest worker
+        heads = [h for h, _ in self.batch]
+        pages = [d for _, d in self.batch]
+        self.batch = []
+        self.queue.append((heads, self.pool.submit(_deflate_many, pages, self.level)))
 
     def drain(self, write: Callable[[bytes], None]) -> None:
         """Write the records that are ready, in submission order."""
@@ -93,17 +110,19 @@ class CompressPool:
 
     def flush(self, write: Callable[[bytes], None]) -> None:
         """Write every queued record (QEMU's flush_compressed_data)."""
+        if self.batch:
+            self._dispatch(write)
         while self.queue:
             self._write_one(write)
 
     def _write_one(self, write: Callable[[bytes], None]) -> None:
-        head, fut = self.queue.popleft()
-        body = fut.result()
-        write(head + _B32.pack(len(body)) + body)
-        self.c.pages += 1
-        self.c.compressed_size += len(head) + 4 + len(body) - 8  # QEMU: the record less the 8-byte offset
-        self._period_compressed += 1
-        self._period_size += len(body)
+        heads, fut = self.queue.popleft()
+        for head, body in zip(heads, fut.result(), strict=True):
+            write(head + _B32.pack(len(body)) + body)
+            self.c.pages += 1
+            self.c.compressed_size += len(head) + 4 + len(body) - 8  # QEMU: the record less the 8-byte offset
+            self._period_compressed += 1
+            self._period_size += len(body)
 
     def update_rates(self) -> None:
         """At a dirty sync: busy-rate and compression-rate over the period since the last one."""
