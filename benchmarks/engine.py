@@ -13,6 +13,9 @@ the source (workload operations per second of virtual time while the migration r
     python3 benchmarks/engine.py --json          # figures as JSON
     python3 benchmarks/engine.py --rates 1000,20000 --bandwidths 32,64 --ram 256M
 
+Part 3 (compression) migrates with QEMU 7.2's API and the compress capability, 1 and 2 compression
+threads, max-bandwidth unlimited so that the workers are the limit.
+
 Part 1 (dirty rates) uses QEMU's defaults: max-bandwidth 128 MiB/s, downtime-limit 300 ms, plus one
 run with XBZRLE at the higher rate.  Part 2 (bandwidth) migrates at a low dirty rate (1000 pages/s)
 with max-bandwidth set, and reports the rate over the whole run (transferred / total-time) and over the
@@ -79,16 +82,23 @@ class Proc:
         self.err.close()
 
 
-async def migrate_once(ram: str, dirty_rate: int, params: dict[str, Any], xbzrle: bool = False) -> dict[str, Any]:
+async def migrate_once(ram: str, dirty_rate: int, params: dict[str, Any], xbzrle: bool = False,
+                       compress_threads: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qe-bench-") as d:
         work = Path(d)
-        src = Proc(work, "src", "--ram", ram, "--dirty-rate", str(dirty_rate), "--fill", "1.0")
-        dst = Proc(work, "dst", "--ram", ram, "--incoming", "tcp:127.0.0.1:0")
+        api = ["--migration-api", "7.2"] if compress_threads else []
+        src = Proc(work, "src", "--ram", ram, "--dirty-rate", str(dirty_rate), "--fill", "1.0", *api)
+        dst = Proc(work, "dst", "--ram", ram, "--incoming", "tcp:127.0.0.1:0", *api)
         try:
             await src.connect()
             await dst.connect()
             port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
             await src.cmd("migrate-set-parameters", params)
+            if compress_threads:
+                for p in (src, dst):
+                    await p.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "compress",
+                                                                                 "state": True}]})
+                await src.cmd("migrate-set-parameters", {"compress-threads": compress_threads})
             if xbzrle:
                 await src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "xbzrle",
                                                                               "state": True}]})
@@ -120,6 +130,8 @@ async def migrate_once(ram: str, dirty_rate: int, params: dict[str, Any], xbzrle
                 "downtime_bytes": ram_info["downtime-bytes"], "mbps": round(ram_info["mbps"], 1),
                 "normal_pages": ram_info["normal"], "xbzrle_pages": info.get("xbzrle-cache", {}).get("pages", 0),
                 "achieved_dirty_rate": round((after["ops"] - before["ops"]) / vclock) if vclock > 0 else None,
+                "pages_per_second": ram_info["pages-per-second"], "compress_threads": compress_threads,
+                "compression": info.get("compression"),
             }
         finally:
             await src.close()
@@ -137,14 +149,14 @@ def bandwidth_figures(r: dict[str, Any], limit: int) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    rates = [int(x) for x in args.rates.split(",")]
-    bws = [int(x) for x in args.bandwidths.split(",")]
+    rates = [int(x) for x in args.rates.split(",") if x]
+    bws = [int(x) for x in args.bandwidths.split(",") if x]
     out: dict[str, Any] = {"dirty_rates": [], "bandwidth": []}
     defaults = {"max-bandwidth": 128 * MIB, "downtime-limit": 300}
     for rate in rates:
         log(f"{args.ram} at {rate} pages/s, QEMU defaults")
         out["dirty_rates"].append(await migrate_once(args.ram, rate, defaults))
-    if not args.no_xbzrle:
+    if rates and not args.no_xbzrle:
         log(f"{args.ram} at {rates[-1]} pages/s, XBZRLE")
         out["dirty_rates"].append(await migrate_once(args.ram, rates[-1], defaults, xbzrle=True))
     for bw in bws:
@@ -152,6 +164,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         r = await migrate_once(args.ram, 1000, {"max-bandwidth": bw * MIB, "downtime-limit": 300})
         r.update(bandwidth_figures(r, bw * MIB))
         out["bandwidth"].append(r)
+    out["compression"] = []
+    for threads in [int(x) for x in args.compress_threads.split(",") if x]:
+        log(f"{args.ram} at 1000 pages/s, compression with {threads} thread(s), max-bandwidth unlimited")
+        out["compression"].append(await migrate_once(args.ram, 1000, {"max-bandwidth": 64 << 30,
+                                                                       "downtime-limit": 300},
+                                                     compress_threads=threads))
     return out
 
 
@@ -171,6 +189,16 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['max_bandwidth'] / MIB:.0f} MiB/s | {r['overall_Bps'] / MIB:.2f} MiB/s "
                      f"({r['overall_vs_limit_pct']:+.1f}%) | {r['precopy_Bps'] / MIB:.2f} MiB/s "
                      f"({r['precopy_vs_limit_pct']:+.1f}%) | {r['total_time_ms']} ms | {r['downtime_ms']} ms |")
+    if doc.get("compression"):
+        lines += ["", "Compression threads (QEMU 7.2's API, zlib level 1, every page random data, "
+                  "1000 pages/s, max-bandwidth unlimited):", "",
+                  "| threads | total-time | downtime | pages/s | compressed pages | busy | transferred |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in doc["compression"]:
+            c = r["compression"] or {}
+            lines.append(f"| {r['compress_threads']} | {r['total_time_ms']} ms | {r['downtime_ms']} ms | "
+                         f"{r['pages_per_second']} | {c.get('pages', 0)} | {c.get('busy', 0)} | "
+                         f"{r['transferred_bytes'] / MIB:.1f} MiB |")
     return "\n".join(lines)
 
 
@@ -180,6 +208,8 @@ def main() -> int:
     p.add_argument("--rates", default="1000,20000", help="dirty rates, pages/s (default 1000,20000)")
     p.add_argument("--bandwidths", default="32,64", help="max-bandwidth values, MiB/s (default 32,64)")
     p.add_argument("--no-xbzrle", action="store_true", help="skip the XBZRLE run")
+    p.add_argument("--compress-threads", default="1,2",
+                   help="compression runs, one per thread count (default 1,2; empty: none)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
     doc = asyncio.run(main_async(args))

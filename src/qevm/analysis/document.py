@@ -85,6 +85,7 @@ def dump_document(an: Analysis, page_size: int | None = None) -> dict[str, Any]:
         "sections": sections,
         "commands": an.command_list(),
         "vmdesc": an.vmdesc is not None,
+        "vmdesc_source": an.vmdesc_source,
         "trailing_bytes": an.trailing,
     }
 
@@ -161,6 +162,7 @@ def info_document(an: Analysis, page_size: int | None = None) -> dict[str, Any]:
         "commands": counts,
         "vmdesc": an.vmdesc is not None,
         "vmdesc_size": len(an.vmdesc_raw) if an.vmdesc_raw is not None else None,
+        "vmdesc_source": an.vmdesc_source,
         "eof_offset": an.eof_offset,
         "trailing_bytes": an.trailing,
         "device_sections": len(an.devices),

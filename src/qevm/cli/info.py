@@ -32,6 +32,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"uuid            {doc['uuid']}")
     lines.append(f"QEMU            {qv}" + (f"  ({'; '.join(q['reasons'])})" if q["reasons"] else ""))
     vm = f"yes, {doc['vmdesc_size']} bytes" if doc["vmdesc"] else "no"
+    if not doc["vmdesc"] and doc.get("vmdesc_source"):
+        vm += f" (the {doc['vmdesc_source']} section carries one)"
     lines.append(f"vmdesc          {vm}")
     lines.append(f"devices         {doc['decoded_devices']} of {doc['device_sections']} device sections decoded")
     if doc["commands"]:

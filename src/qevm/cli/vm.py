@@ -26,6 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "file:PATH[,offset=N], or 'defer' (then migrate-incoming)")
     p.add_argument("-S", dest="stopped", action="store_true", help="do not start the CPU (cont starts it)")
     p.add_argument("--snapshot-dir", metavar="DIR", help="where savevm keeps snapshots (one stream file each)")
+    p.add_argument("--device", action="append", default=[], metavar="MODEL",
+                   help="add a device: debug-migration (a section carrying the stream's vmdesc)")
+    p.add_argument("--drive", metavar="FILE",
+                   help="the VM's disk image; with a qcow2 image savevm/loadvm/delvm use its internal snapshots")
+    p.add_argument("--migration-api", choices=("10.0", "7.2"), default="10.0",
+                   help="whose QMP migration interface to offer: QEMU 10.0's (default) or QEMU 7.2's, which "
+                        "has the compress capability and compression-thread parameters")
     p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     p.add_argument("--fill", type=float, default=1.0,
                    help="fraction of RAM the firmware fills with data at boot (default 1.0)")
@@ -39,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     machine = Machine(parse_size(args.ram, "--ram"), dirty_rate=args.dirty_rate, serial_path=args.serial,
-                      seed=args.seed, fill=args.fill)
-    engine = Engine(machine, snapshot_dir=args.snapshot_dir, autostart=not args.stopped, incoming=args.incoming)
+                      seed=args.seed, fill=args.fill, devices=tuple(args.device))
+    engine = Engine(machine, snapshot_dir=args.snapshot_dir, autostart=not args.stopped, incoming=args.incoming,
+                    drive=args.drive, api=args.migration_api)
     server = QMPServer(engine, args.qmp)
 
     def on_signal(signum: int, frame: Any) -> None:

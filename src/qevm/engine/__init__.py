@@ -2,7 +2,8 @@
 
 ``machine``   the demo machine: RAM with dirty logging, a CPU thread running a deterministic
               workload, a 16550 UART printing ``tick N`` every 100 ms, QEMU's virtual clock;
-              every piece of state described with ``qevm.vmstate``
+              every piece of state described with ``qevm.vmstate``; the optional debug-migration
+              device (its section carries the vmdesc: ``qevm.format.selfdesc``)
 ``states``    the migration status and run state lifecycles, as tables
 ``stream``    writing a stream: savevm phases, the RAM handler (dirty bitmap, zero pages, XBZRLE
               cache), the output buffer
@@ -10,6 +11,9 @@
 ``migration`` the outgoing migration thread (precopy, stop-and-copy, cancel, failure)
 ``incoming``  the destination side
 ``snapshots`` savevm / loadvm / delvm into a directory of stream files
+``qcow2store`` savevm / loadvm / delvm into a qcow2 drive's internal snapshots (``--drive``)
+``parameters`` QEMU 10.0's (and 7.2's) migration parameters: types, defaults, checks, texts
+``compress``  QEMU 7.2's compression threads (a zlib worker pool, COMPRESS_PAGE records)
 ``errors``    ``QMPError``
 ``hmp``       the human monitor commands
 ``core``      the engine and its QMP command set

@@ -19,7 +19,9 @@ from qevm.engine.errors import QMPError
 from qevm.engine.hmp import run_hmp
 from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
-from qevm.engine.migration import CAPABILITIES, MAX_MIGRATE_DOWNTIME, SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.migration import SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.parameters import APIS, PARAMETERS, apply_parameters
+from qevm.engine.qcow2store import Qcow2SnapshotStore
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
 from qevm.engine.states import MigrationStatus, RunState
 from qevm.errors import QevmError, UsageError
@@ -77,32 +79,31 @@ def check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
             raise QMPError(f"Invalid parameter type for '{name}', expected: {expected}")
 
 
-_PARAM_TYPES: dict[str, str] = {
-    "max-bandwidth": "size", "downtime-limit": "size", "xbzrle-cache-size": "size",
-    "avail-switchover-bandwidth": "size", "max-postcopy-bandwidth": "size", "announce-initial": "size",
-    "announce-max": "size", "announce-rounds": "size", "announce-step": "size",
-    "throttle-trigger-threshold": "int", "cpu-throttle-initial": "int", "cpu-throttle-increment": "int",
-    "cpu-throttle-tailslow": "bool", "tls-creds": "any", "tls-hostname": "any", "tls-authz": "any",
-    "x-checkpoint-delay": "int", "multifd-channels": "int", "max-cpu-throttle": "int",
-    "multifd-compression": "str", "multifd-zlib-level": "int", "multifd-qatzip-level": "int",
-    "multifd-zstd-level": "int", "x-vcpu-dirty-limit-period": "int", "vcpu-dirty-limit": "int", "mode": "str",
-    "zero-page-detection": "str", "direct-io": "bool",
+#: parameter values the engine stores and reports but cannot act on: ``migrate`` refuses them
+UNSUPPORTED_VALUES: dict[str, Callable[[Any], bool]] = {
+    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool, "block-incremental": bool,
 }
-#: parameters that change behaviour here (the others are stored and reported only)
-ACTIVE_PARAMETERS = ("max-bandwidth", "downtime-limit", "xbzrle-cache-size")
 
 
 class Engine:
     """The QMP-facing VM: see the module docstring."""
 
     def __init__(self, machine: Machine, *, snapshot_dir: str | None = None, autostart: bool = True,
-                 incoming: str | None = None) -> None:
+                 incoming: str | None = None, drive: str | None = None, api: str = "10.0") -> None:
         self.m = machine
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         machine.emit = self.emit
-        self.mig = MigrationState(machine, self.emit)
+        if api not in APIS:
+            raise UsageError(f"migration API {api!r}: choose one of {', '.join(APIS)}")
+        self.api = api
+        major, minor = (int(x) for x in api.split("."))
+        self.version: dict[str, Any] = {"qemu": {"micro": 0, "minor": minor, "major": major}, "package": "qevm"}
+        self.mig = MigrationState(machine, self.emit, api)
         self.fds = FdTable()
-        self.store = SnapshotStore(snapshot_dir) if snapshot_dir else None
+        if snapshot_dir and drive:
+            raise UsageError("give --snapshot-dir or --drive, not both (snapshots go into the drive's image)")
+        self.store: SnapshotStore | Qcow2SnapshotStore | None = (
+            SnapshotStore(snapshot_dir) if snapshot_dir else Qcow2SnapshotStore(drive) if drive else None)
         self.autostart = autostart
         self.incoming: IncomingMigration | None = None
         self.incoming_once = False
@@ -164,6 +165,9 @@ class Engine:
         return self.mig.info()
 
     def _start_incoming(self, uri: str, exit_on_error: bool) -> None:
+        scheme, _, rest = uri.partition(":")
+        if scheme == "rdma":
+            raise QMPError(rdma_error(rest, outgoing=False))
         try:
             src = open_incoming(uri, self.fds)
         except QevmError as e:
@@ -182,7 +186,16 @@ class Engine:
             raise QMPError("Guest is waiting for an incoming migration")
         if self.m.runstate is RunState.POSTMIGRATE:
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
-        scheme = uri.partition(":")[0]
+        scheme, _, rest = uri.partition(":")
+        if scheme == "rdma":
+            mig.prepare()
+            why = rdma_error(rest, outgoing=True)
+            mig.fail_setup(why)
+            raise QMPError(why)
+        for name, unsupported in UNSUPPORTED_VALUES.items():
+            if name in mig.params and unsupported(mig.params[name]):
+                raise QMPError(f"qevm's engine does not implement migrate parameter {name}="
+                               f"{mig.params[name]!r}; set it back to its default")
         if scheme in LISTEN_SCHEMES:
             # parse now (errors go back to the caller), connect in the migration thread like QEMU
             try:
@@ -212,9 +225,14 @@ class Engine:
             ch.settimeout(None)
         return ch
 
+    def _can_snapshot(self) -> None:
+        if isinstance(self.store, Qcow2SnapshotStore):
+            self.store.check()
+
     def savevm(self, name: str | None) -> None:
         if self.store is None:
             raise UsageError(NO_SNAPSHOT_DEVICE)
+        self._can_snapshot()
         if self.mig.running:
             raise UsageError(MIGRATION_ACTIVE)
         m = self.m
@@ -237,6 +255,7 @@ class Engine:
                 m.vm_start()
 
     def loadvm(self, name: str) -> None:
+        self._can_snapshot()
         m = self.m
         was_running = m.running
         m.vm_stop(RunState.RESTORE_VM)
@@ -257,12 +276,23 @@ class Engine:
     def delvm(self, name: str) -> None:
         if self.store is None:
             return
+        self._can_snapshot()
         self.store.delete(name)
 
     def info_snapshots(self) -> str:
-        if self.store is None:
+        if self.store is None or (isinstance(self.store, Qcow2SnapshotStore) and not self.store.qcow2):
             return NO_SNAPSHOT_DEVICE + "\n"
         return format_snapshot_table(self.store.entries())
+
+
+def rdma_error(address: str, *, outgoing: bool) -> str:
+    """What QEMU answers for an ``rdma:`` URI on a host without an RDMA device (as this engine is):
+    a malformed HOST:PORT is refused first, then the connection manager cannot be opened."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or (host.startswith("[") != host.endswith("]")):
+        return f"RDMA ERROR: bad RDMA migration address '{address}'"
+    return "RDMA ERROR: could not create CM channel" if outgoing else \
+        "RDMA ERROR: could not create rdma event channel"
 
 
 # -- the commands --------------------------------------------------------------------------------------------
@@ -285,7 +315,7 @@ def _query_status(e: Engine, a: dict[str, Any]) -> Any:
 
 @command("query-version")
 def _query_version(e: Engine, a: dict[str, Any]) -> Any:
-    return dict(QEMU_VERSION)
+    return dict(e.version)
 
 
 @command("query-commands")
@@ -324,8 +354,14 @@ def _quit(e: Engine, a: dict[str, Any]) -> Any:
     return {}
 
 
-@command("migrate", uri=Arg("str"), channels=Arg("list"), detach=Arg("bool"), resume=Arg("bool"))
+@command("migrate", uri=Arg("str"), channels=Arg("list"), detach=Arg("bool"), resume=Arg("bool"), blk=Arg("bool"),
+         inc=Arg("bool"))
 def _migrate(e: Engine, a: dict[str, Any]) -> Any:
+    for k in ("blk", "inc"):
+        if k in a and e.api != "7.2":
+            raise QMPError(f"Parameter '{k}' is unexpected")  # QEMU 9.1 removed block migration
+    if a.get("blk") or a.get("inc"):
+        raise QMPError("block migration (migrate -b / -i) is not supported by qevm's engine")
     if a.get("resume"):
         raise QMPError("Cannot resume if there is no paused migration")
     if "uri" in a and "channels" in a:
@@ -350,6 +386,13 @@ def _migrate_incoming(e: Engine, a: dict[str, Any]) -> Any:
     return {}
 
 
+@command("migrate-start-postcopy")
+def _start_postcopy(e: Engine, a: dict[str, Any]) -> Any:
+    # postcopy-ram cannot be switched on here (refused by migrate-set-capabilities), so QEMU's answer
+    # for a migration without it is the only one
+    raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
+
+
 @command("query-migrate")
 def _query_migrate(e: Engine, a: dict[str, Any]) -> Any:
     return e.migration_info()
@@ -366,27 +409,15 @@ def _query_params(e: Engine, a: dict[str, Any]) -> Any:
     return dict(e.mig.params)
 
 
-@command("migrate-set-parameters", **{k: Arg(t) for k, t in _PARAM_TYPES.items()})
+@command("migrate-set-parameters", **{p.name: Arg("any") for p in PARAMETERS})
 def _set_params(e: Engine, a: dict[str, Any]) -> Any:
-    new = dict(a)
-    for k in ("max-bandwidth", "downtime-limit", "xbzrle-cache-size", "avail-switchover-bandwidth",
-              "max-postcopy-bandwidth"):
-        if k in new and new[k] < 0:
-            new[k] &= (1 << 64) - 1  # QAPI 'size' takes a negative number modulo 2^64
-    if "downtime-limit" in new and new["downtime-limit"] > MAX_MIGRATE_DOWNTIME:
-        raise QMPError("Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
-    if "xbzrle-cache-size" in new:
-        v = new["xbzrle-cache-size"]
-        if v < e.m.page_size or v & (v - 1):
-            raise QMPError("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size")
-    for k, v in new.items():
-        e.mig.params[k] = v
+    apply_parameters(e.mig.params, a, e.m.page_size, api=e.api)
     return {}
 
 
 @command("query-migrate-capabilities")
 def _query_caps(e: Engine, a: dict[str, Any]) -> Any:
-    return [{"capability": c, "state": e.mig.caps[c]} for c in CAPABILITIES]
+    return [{"capability": c, "state": e.mig.caps[c]} for c in e.mig.capabilities]
 
 
 @command("migrate-set-capabilities", capabilities=Arg("list", True))
@@ -405,7 +436,7 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
             raise QMPError("Parameter 'capability' is missing")
         if state is None:
             raise QMPError("Parameter 'state' is missing")
-        if not isinstance(cap, str) or cap not in CAPABILITIES:
+        if not isinstance(cap, str) or cap not in e.mig.capabilities:
             raise QMPError(f"Parameter 'capability' does not accept value '{cap}'")
         if not isinstance(state, bool):
             raise QMPError("Invalid parameter type for 'state', expected: boolean")

@@ -168,10 +168,14 @@ class StreamLoader(PushParser):
     def _device(self, ev: DeviceState) -> None:
         sec = ev.section
         se = self.m.registry.find(sec.idstr, sec.instance_id)
-        if se is None or se.vmsd is None:
+        handler = se.handler if se is not None else None
+        if se is None or (se.vmsd is None and (handler is None or handler.load_state is None)):
             raise LoadError(f"section '{sec.idstr}' cannot be loaded here")
         try:
-            load_state(se.vmsd, se.opaque, ev.data, sec.version, name=sec.idstr, offset=ev.offset)
+            if se.vmsd is not None:
+                load_state(se.vmsd, se.opaque, ev.data, sec.version, name=sec.idstr, offset=ev.offset)
+            elif handler is not None and handler.load_state is not None:
+                handler.load_state(se.opaque, bytes(ev.data), sec.version)
         except QevmError as e:
             raise LoadError(f"error while loading state for instance 0x{sec.instance_id:x} of device "
                             f"'{sec.idstr}': {e}") from e

@@ -15,6 +15,9 @@ sid   idstr          description
 4     ``globalstate``  QEMU 7.2 migration/global_state.c (v1): the run state to resume in
 ====  =============  =========================================================================
 
+With ``devices=("debug-migration",)`` (``qevm vm --device debug-migration``) a sixth entry, sid 5
+``debug-migration`` (v1), carries the stream's vmdesc inside the stream (``qevm.format.selfdesc``).
+
 **The workload.**  Operation number ``n`` writes 64 bytes into one page at a 64-byte slot chosen by
 ``h >> 32``, where ``h = splitmix64(seed ^ n)``: three operations in four go to a hot set (the first
 sixteenth of RAM, ``h % hot``), the others anywhere (``h % npages``), so that pages are written again
@@ -49,6 +52,11 @@ from typing import Any
 
 from qevm.engine.states import RUNSTATE_TRANSITIONS, IllegalTransition, RunState
 from qevm.errors import UsageError
+from qevm.format.selfdesc import (
+    DEBUG_MIGRATION_IDSTR,
+    DEBUG_MIGRATION_VERSION,
+    decode_debug_payload,
+)
 from qevm.vmstate import (
     TIMER_NOT_ARMED,
     HookError,
@@ -63,7 +71,8 @@ from qevm.vmstate import (
 )
 from qevm.vmstate.devices.serial import VMSTATE_ISA_SERIAL, ISASerialState
 
-__all__ = ["Machine", "CpuState", "TimersState", "GlobalState", "VirtualClock", "VMSTATE_TIMERS", "VMSTATE_CPU",
+__all__ = ["Machine", "DebugMigration", "CpuState", "TimersState", "GlobalState", "VirtualClock", "VMSTATE_TIMERS",
+           "VMSTATE_CPU",
            "VMSTATE_GLOBALSTATE", "MACHINE_TYPE", "RAM_BLOCK", "TICK_NS", "splitmix64", "workload_op"]
 
 log = logging.getLogger(__name__)
@@ -206,6 +215,24 @@ VMSTATE_GLOBALSTATE = VMStateDescription(
 )
 
 
+class DebugMigration:
+    """The debug-migration device (``--device debug-migration``): its section carries the stream's
+    vmdesc (``qevm.format.selfdesc``).  ``payload`` is set by the writer just before the device
+    sections are produced; on load the section is checked and its JSON kept in ``received``."""
+
+    def __init__(self) -> None:
+        self.payload = b""
+        self.received: bytes | None = None
+
+    @staticmethod
+    def save(dev: DebugMigration) -> bytes:
+        return dev.payload
+
+    @staticmethod
+    def load(dev: DebugMigration, data: bytes, version_id: int) -> None:
+        dev.received = decode_debug_payload(data)
+
+
 def _serial_defaults() -> ISASerialState:
     """The UART after the machine's firmware set it up: 115200 baud, 8N1, DTR/RTS/OUT2."""
     s = ISASerialState()
@@ -228,7 +255,7 @@ class Machine:
     page_size = 4096
 
     def __init__(self, ram_size: int, *, dirty_rate: int = 0, serial_path: str | None = None, seed: int = 1,
-                 fill: float = 1.0, emit: EventSink | None = None) -> None:
+                 fill: float = 1.0, emit: EventSink | None = None, devices: tuple[str, ...] = ()) -> None:
         if ram_size <= 0 or ram_size % self.page_size:
             raise UsageError(f"RAM size {ram_size} is not a positive multiple of {self.page_size}")
         if not 0.0 <= fill <= 1.0:
@@ -255,6 +282,15 @@ class Machine:
         self.registry.register(VMSTATE_CPU, self.cpu)
         self.registry.register(VMSTATE_ISA_SERIAL, self.serial)
         self.registry.register(VMSTATE_GLOBALSTATE, self.globalstate)
+        self.debug_migration: DebugMigration | None = None
+        for dev in devices:
+            if dev != DEBUG_MIGRATION_IDSTR:
+                raise UsageError(f"'{dev}' is not a valid device model name (this machine offers "
+                                 f"{DEBUG_MIGRATION_IDSTR})")
+            self.debug_migration = DebugMigration()
+            self.registry.register(LegacyHandler(DEBUG_MIGRATION_IDSTR, DEBUG_MIGRATION_VERSION,
+                                                 save_state=DebugMigration.save, load_state=DebugMigration.load),
+                                   self.debug_migration)
         self._pace_clock = 0
         self._pace_debt = 0.0
         self._quit = threading.Event()

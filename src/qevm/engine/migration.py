@@ -26,9 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 from qevm.codec.wire import be32
+from qevm.engine.compress import CompressCounters, CompressPool
 from qevm.engine.machine import Machine
+from qevm.engine.parameters import DEFAULT_PARAMETERS, default_parameters
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
-from qevm.engine.stream import XBZRLE_DEFAULT_CACHE, Cancelled, RamSaver, SaveSession, StreamOut
+from qevm.engine.stream import Cancelled, RamSaver, SaveSession, StreamOut
 from qevm.errors import QevmError
 from qevm.format.events import CommandEvent
 from qevm.format.records import Command
@@ -36,36 +38,32 @@ from qevm.migration.channels import Channel
 from qevm.migration.ratelimit import RateLimiter
 from qevm.migration.returnpath import PRECOPY_MESSAGES, ReturnPathReader
 
-__all__ = ["MigrationState", "DEFAULT_PARAMETERS", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "BUFFER_DELAY"]
+__all__ = ["MigrationState", "DEFAULT_PARAMETERS", "CAPABILITIES", "CAPABILITIES_72", "CAPABILITIES_OF",
+           "SUPPORTED_CAPABILITIES",
+           "BUFFER_DELAY"]
 
 log = logging.getLogger(__name__)
 
 BUFFER_DELAY = 0.1  # seconds: the bandwidth measurement window
 MAX_WAIT = 0.05  # seconds: longest PART section
-MAX_THROTTLE = 128 << 20  # QEMU's default max-bandwidth
-MAX_MIGRATE_DOWNTIME = 2000 * 1000
 
 S = MigrationStatus
 
-#: QEMU 10.0's query-migrate-parameters, with its defaults (only some of them act here)
-DEFAULT_PARAMETERS: dict[str, Any] = {
-    "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100,
-    "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
-    "cpu-throttle-tailslow": False, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
-    "max-bandwidth": MAX_THROTTLE, "avail-switchover-bandwidth": 0, "downtime-limit": 300,
-    "x-checkpoint-delay": 20000, "multifd-channels": 2, "xbzrle-cache-size": XBZRLE_DEFAULT_CACHE,
-    "max-postcopy-bandwidth": 0, "max-cpu-throttle": 99, "multifd-compression": "none",
-    "multifd-zlib-level": 1, "multifd-qatzip-level": 1, "multifd-zstd-level": 1, "x-vcpu-dirty-limit-period": 1000,
-    "vcpu-dirty-limit": 1, "mode": "normal", "zero-page-detection": "multifd", "direct-io": False,
-}
 #: QEMU 10.0's capabilities, in query-migrate-capabilities order
 CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram", "x-colo",
                 "release-ram", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",
                 "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
                 "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
                 "mapped-ram")
+#: QEMU 7.2's capabilities, in its query-migrate-capabilities order (compress and block were removed in 9.1)
+CAPABILITIES_72 = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
+                   "x-colo", "release-ram", "block", "return-path", "pause-before-switchover", "multifd",
+                   "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
+                   "background-snapshot", "zero-copy-send", "postcopy-preempt")
+CAPABILITIES_OF = {"10.0": CAPABILITIES, "7.2": CAPABILITIES_72}
 #: the ones this engine implements (setting another one on is refused, rather than ignored)
-SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate"})
+SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate",
+                                    "compress"})
 #: how long the source waits for the destination's SHUT on the return path
 RP_SHUT_TIMEOUT = 30.0
 
@@ -73,11 +71,14 @@ RP_SHUT_TIMEOUT = 30.0
 class MigrationState:
     """The source side of migration: status, parameters, capabilities, counters, thread."""
 
-    def __init__(self, machine: Machine, emit: Callable[[str, dict[str, Any] | None], None]) -> None:
+    def __init__(self, machine: Machine, emit: Callable[[str, dict[str, Any] | None], None],
+                 api: str = "10.0") -> None:
         self.m = machine
         self.emit = emit
-        self.params: dict[str, Any] = dict(DEFAULT_PARAMETERS)
-        self.caps: dict[str, bool] = {c: False for c in CAPABILITIES}
+        self.api = api
+        self.params: dict[str, Any] = default_parameters(api)
+        self.capabilities = CAPABILITIES_OF[api]
+        self.caps: dict[str, bool] = {c: False for c in self.capabilities}
         self.cell = StatusCell(self._on_status)
         self.error: str | None = None
         self.thread: threading.Thread | None = None
@@ -99,6 +100,7 @@ class MigrationState:
         self.downtime_bytes = 0
         self.session: SaveSession | None = None
         self.out: StreamOut | None = None
+        self.pool: CompressPool | None = None
         self.iterations = 0
 
     # -- status ----------------------------------------------------------------------------------------
@@ -180,8 +182,13 @@ class MigrationState:
         self._rate_param = self.params["max-bandwidth"]
         out = StreamOut(ch.sendall, limiter=limiter, abort=self._abort)
         self.out = out
+        pool = None
+        if self.caps.get("compress"):
+            pool = CompressPool(int(self.params["compress-threads"]), int(self.params["compress-level"]),
+                                bool(self.params["compress-wait-thread"]), m.page_size)
+        self.pool = pool
         sess = SaveSession(m, out, xbzrle=self.caps["xbzrle"], cache_size=int(self.params["xbzrle-cache-size"]),
-                           on_sync=self._pass)
+                           on_sync=self._pass, compress=pool)
         self.session = sess
         stopped_here = False
         was_running = m.running
@@ -253,6 +260,8 @@ class MigrationState:
         finally:
             if rp is not None:
                 rp.stop()
+            if pool is not None:
+                pool.close()
             self.channel = None
 
     def _wait_shut(self, rp: ReturnPathReader) -> None:
@@ -317,6 +326,8 @@ class MigrationState:
             info["ram"] = self._ram_info(st)
             if self.caps["xbzrle"]:
                 info["xbzrle-cache"] = self._xbzrle_info()
+            if self.caps.get("compress"):
+                info["compression"] = self.pool.c.info() if self.pool is not None else CompressCounters().info()
         elif st is S.FAILED and self.error:
             info["error-desc"] = self.error
         return info

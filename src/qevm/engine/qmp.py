@@ -25,7 +25,7 @@ import socket
 import threading
 from typing import Any
 
-from qevm.engine.core import COMMANDS, QEMU_VERSION, Engine, QMPError, check_args
+from qevm.engine.core import COMMANDS, Engine, QMPError, check_args
 from qevm.errors import UsageError
 
 __all__ = ["QMPServer", "parse_qmp_address"]
@@ -141,7 +141,7 @@ class _Monitor:
 
     def run(self) -> None:
         try:
-            self.send({"QMP": {"version": QEMU_VERSION, "capabilities": ["oob"]}})
+            self.send({"QMP": {"version": self.engine.version, "capabilities": ["oob"]}})
             buf = ""
             dec = json.JSONDecoder()
             while self._alive:

@@ -26,7 +26,8 @@ from qevm.engine.stream import SaveSession, StreamOut
 from qevm.errors import UsageError
 from qevm.units import format_size
 
-__all__ = ["SnapshotInfo", "SnapshotStore", "size_to_str", "format_snapshot_table", "NO_SNAPSHOT_DEVICE"]
+__all__ = ["SnapshotInfo", "SnapshotStore", "load_from_file", "size_to_str", "format_snapshot_table",
+           "NO_SNAPSHOT_DEVICE"]
 
 INDEX = "snapshots.json"
 SUFFIX = ".qevm"
@@ -64,6 +65,21 @@ def format_snapshot_table(snaps: list[SnapshotInfo]) -> str:
         lines.append(f"{'--':<7} {sn.name:<16} {size_to_str(sn.vm_state_size):>8} {date:>19} {clock:>15} "
                      f"{icount:>10}")
     return "\n".join(lines) + "\n"
+
+
+def load_from_file(machine: Machine, f: Any) -> None:
+    """Load the stream read from ``f`` (anything with ``readinto``) into ``machine``."""
+    ld = StreamLoader(machine)
+    while not ld.finished:
+        view = ld.get_buffer(1 << 20)
+        try:
+            n = f.readinto(view)
+        finally:
+            view.release()
+        ld.buffer_updated(n or 0)
+        if not n:
+            break
+    ld.check_complete()
 
 
 class SnapshotStore:
@@ -143,18 +159,8 @@ class SnapshotStore:
         info = self.find(name)
         if info is None:
             raise UsageError(f"Snapshot '{name}' does not exist in one or more devices")
-        ld = StreamLoader(machine)
         with open(self.path(info.name), "rb") as f:
-            while not ld.finished:
-                view = ld.get_buffer(1 << 20)
-                try:
-                    n = f.readinto(view)
-                finally:
-                    view.release()
-                ld.buffer_updated(n or 0)
-                if not n:
-                    break
-        ld.check_complete()
+            load_from_file(machine, f)
         return info
 
     def delete(self, name: str) -> bool:

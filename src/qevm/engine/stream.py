@@ -16,6 +16,7 @@ device sections and the vmdesc trailer come from the machine's ``SaveStateRegist
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import threading
@@ -24,10 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qevm.engine.compress import CompressPool
 from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
 from qevm.errors import QevmError
 from qevm.format.events import (
     Configuration,
+    DeviceState,
     FileHeader,
     Footer,
     RamBlock,
@@ -35,12 +38,15 @@ from qevm.format.events import (
     RamMemSize,
     Section,
     SectionHeader,
+    VmDescription,
 )
 from qevm.format.records import RamFlag, SectionKind, ram_record_head
+from qevm.format.selfdesc import DEBUG_MIGRATION_IDSTR, encode_debug_payload
 from qevm.migration.ratelimit import RateLimiter
+from qevm.vmstate.jsonout import vmdesc_json
 
 __all__ = ["Cancelled", "StreamOut", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
-           "XBZRLE_DEFAULT_CACHE"]
+           "XBZRLE_DEFAULT_CACHE", "embed_vmdesc"]
 
 XBZRLE_DEFAULT_CACHE = 64 << 20
 _B16 = struct.Struct(">H")
@@ -48,6 +54,7 @@ _XBZRLE_ENCODING = b"\x01"  # ENCODING_FLAG_XBZRLE
 _NONZERO = re.compile(rb"[^\x00]+")
 _ZERO, _PAGE, _EOS, _CONT, _XBZRLE = (int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.EOS), int(RamFlag.CONTINUE),
                                      int(RamFlag.XBZRLE))
+_COMPRESS = int(RamFlag.COMPRESS_PAGE)
 
 _EOS_RECORD = RamControl(0, _EOS).encode()
 
@@ -141,8 +148,10 @@ class RamSaver:
     """The save side of the ``ram`` live handler for one RAMBlock."""
 
     def __init__(self, machine: Machine, *, xbzrle: bool = False, cache_size: int = XBZRLE_DEFAULT_CACHE,
-                 on_sync: Callable[[int], None] | None = None) -> None:
+                 on_sync: Callable[[int], None] | None = None, compress: CompressPool | None = None) -> None:
         self.m = machine
+        self.compress = compress
+        self._out: StreamOut | None = None
         self.ps = machine.page_size
         self.zero = bytes(self.ps)
         self.bitmap = bytearray(machine.npages)
@@ -180,6 +189,8 @@ class RamSaver:
             self.c.dirty_pages_rate = int(self._rate_pages / (now - self._rate_t))
             self._rate_t = now
             self._rate_pages = 0
+        if self.compress is not None:
+            self.compress.update_rates()
         if self.xbzrle and self._period_visits:
             self.c.xbzrle_cache_miss_rate = self._period_misses / self._period_visits
             if self._period_xbz_bytes:
@@ -205,6 +216,7 @@ class RamSaver:
     def iterate(self, out: StreamOut, deadline: float | None) -> int:
         """Send dirty pages, scanning on from where the last call stopped, until none are left or
         ``deadline`` (monotonic) has passed; then EOS.  Returns the pages visited."""
+        self._out = out
         bm = self.bitmap
         pos = self.pos
         visited = 0
@@ -225,12 +237,19 @@ class RamSaver:
             if deadline is not None and not visited & 63 and time.monotonic() >= deadline:
                 break
         self.pos = pos
+        if self.compress is not None:
+            self.compress.flush(out.write)
         out.write(_EOS_RECORD)
         return visited
 
     def _round_done(self) -> None:
         if self.xbzrle:
             self.xbzrle_active = True
+        self._compress_out_flush()
+
+    def _compress_out_flush(self) -> None:
+        if self.compress is not None and self._out is not None:
+            self.compress.flush(self._out.write)
 
     def _save_page(self, out: StreamOut, p: int) -> None:
         ps = self.ps
@@ -249,6 +268,11 @@ class RamSaver:
             if self.xbzrle and p in self.cache:
                 self.cache[p] = self.zero
             return
+        pool = self.compress
+        if pool is not None and cont and not self.xbzrle_active:
+            if pool.submit(ram_record_head(off, _COMPRESS | cont, RAM_BLOCK), data, out.write):
+                return
+            pool.drain(out.write)
         if self.xbzrle_active:
             self._period_visits += 1
             old = self.cache.get(p)
@@ -288,10 +312,11 @@ class SaveSession:
     """One outgoing stream of this machine (migration or savevm): QEMU's savevm phases."""
 
     def __init__(self, machine: Machine, out: StreamOut, *, xbzrle: bool = False,
-                 cache_size: int = XBZRLE_DEFAULT_CACHE, on_sync: Callable[[int], None] | None = None) -> None:
+                 cache_size: int = XBZRLE_DEFAULT_CACHE, on_sync: Callable[[int], None] | None = None,
+                 compress: CompressPool | None = None) -> None:
         self.m = machine
         self.out = out
-        self.ram = RamSaver(machine, xbzrle=xbzrle, cache_size=cache_size, on_sync=on_sync)
+        self.ram = RamSaver(machine, xbzrle=xbzrle, cache_size=cache_size, on_sync=on_sync, compress=compress)
         ram = machine.ram_entry
         self._ram_section = Section(ram.section_id, ram.idstr, ram.instance_id, ram.version_id, "ram")
 
@@ -323,6 +348,31 @@ class SaveSession:
         """The FULL device sections, EOF and the vmdesc trailer: the machine registry's own
         (``SaveStateRegistry.events``, the ``ram`` entry has no FULL section)."""
         out = self.out
-        for ev in self.m.registry.events(machine=MACHINE_TYPE, page_size=self.m.page_size, header=False,
-                                         describe_configuration=True, offset=out.total + len(out.buf)):
+        evs = self.m.registry.events(machine=MACHINE_TYPE, page_size=self.m.page_size, header=False,
+                                     describe_configuration=True, offset=out.total + len(out.buf))
+        if self.m.debug_migration is not None:
+            embed_vmdesc(evs)
+        for ev in evs:
             out.write(ev.encode())
+
+
+def embed_vmdesc(evs: list[Any]) -> None:
+    """Put the vmdesc into the debug-migration section of ``evs`` (device sections, EOF, vmdesc):
+    the JSON describes that section as a buffer of ``20 + len(JSON)`` bytes, so the size is
+    iterated to its fixed point (the number's digit count converges in two or three rounds)."""
+    i_dev = next(i for i, ev in enumerate(evs)
+                 if isinstance(ev, DeviceState) and ev.section.idstr == DEBUG_MIGRATION_IDSTR)
+    i_desc = next(i for i, ev in enumerate(evs) if isinstance(ev, VmDescription))
+    top = json.loads(evs[i_desc].raw)
+    entry = next(d for d in top["devices"] if d["name"] == DEBUG_MIGRATION_IDSTR)
+    size = -1
+    payload = b""
+    raw = b""
+    while len(payload) != size:
+        size = len(payload)
+        entry["size"] = entry["fields"][0]["size"] = size
+        raw = vmdesc_json(top).encode("utf-8")
+        payload = encode_debug_payload(raw)
+    dev = evs[i_dev]
+    evs[i_dev] = DeviceState(dev.offset, dev.section, payload)
+    evs[i_desc] = VmDescription(evs[i_desc].offset, raw)

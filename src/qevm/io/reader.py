@@ -46,6 +46,7 @@ from qevm.format.events import (
 from qevm.format.live import decode_command
 from qevm.format.memory import RamImage
 from qevm.format.parser import DONE, NEED_DATA, Parser
+from qevm.format.selfdesc import DEBUG_MIGRATION_IDSTR, decode_debug_payload
 from qevm.io.sources import CHUNK, Input, find_vmdesc, open_input
 
 __all__ = ["Analysis", "BlockStats", "SectionStats", "Device", "read_stream", "load_schema",
@@ -117,6 +118,8 @@ class Analysis:
         self.live_records: dict[int, dict[str, int]] = {}
         self.vmdesc_raw: bytes | None = None
         self.vmdesc: dict[str, Any] | None = None
+        #: the vmdesc a debug-migration section carries (used when no trailer vmdesc exists)
+        self.embedded_vmdesc: dict[str, Any] | None = None
         self.trailing = 0
         self.stream_page_size: int | None = None  # the page size the parser used
         self.eof_offset: int | None = None
@@ -173,6 +176,8 @@ class Analysis:
         elif t is DeviceState:
             assert isinstance(ev, DeviceState)
             self.devices.append(Device(ev.section, ev.offset, ev.data))
+            if ev.section.idstr == DEBUG_MIGRATION_IDSTR and self.embedded_vmdesc is None:
+                self._embedded(ev)
         elif t is CommandEvent:
             assert isinstance(ev, CommandEvent)
             self._close(ev.offset)
@@ -226,6 +231,24 @@ class Analysis:
         elif t in (RamMemSize, MappedRamData):
             pass
 
+    def _embedded(self, ev: DeviceState) -> None:
+        raw = decode_debug_payload(ev.data, ev.offset)
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise DecodeError(f"debug-migration vmdesc is not valid JSON: {e}", ev.offset + 20,
+                              DEBUG_MIGRATION_IDSTR) from None
+        if not isinstance(doc, dict):
+            raise DecodeError("debug-migration vmdesc is not an object", ev.offset + 20, DEBUG_MIGRATION_IDSTR)
+        self.embedded_vmdesc = doc
+
+    @property
+    def vmdesc_source(self) -> str | None:
+        """Where the device descriptions come from: "trailer", "debug-migration" or None."""
+        if self.vmdesc is not None:
+            return "trailer"
+        return DEBUG_MIGRATION_IDSTR if self.embedded_vmdesc is not None else None
+
     def _close(self, offset: int) -> None:
         if self._open is not None:
             self._open.size += offset - self._open_at
@@ -245,7 +268,8 @@ class Analysis:
     def schema(self) -> Schema:
         if self.user_schema is not None:
             return self.user_schema
-        return schema_from_vmdesc(self.vmdesc) if self.vmdesc is not None else Schema()
+        desc = self.vmdesc if self.vmdesc is not None else self.embedded_vmdesc
+        return schema_from_vmdesc(desc) if desc is not None else Schema()
 
     def decode_devices(self, strict: bool = True) -> None:
         """Decode every held device payload with the vmdesc (or user) schema."""
