@@ -298,7 +298,7 @@ def test_compat_to_agrees_with_real_migrations(matrix: tuple[Path, dict[str, Any
                                                tmp_path: Path) -> None:
     """Every destination of the matrix: the sources migrated to it, scanned with --compat-to its dump and
     stream; each state's verdict is what real QEMU did with it."""
-    from qevm.cli.compat import load_side
+    from qevm.analysis.compat import load_side
 
     out, doc = matrix
     groups: dict[tuple[str, str], dict[str, bool]] = {}

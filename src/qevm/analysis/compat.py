@@ -17,13 +17,16 @@ options) or ``note``.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from qevm.errors import SchemaError
+from qevm.errors import SchemaError, UsageError
+from qevm.io.reader import read_stream
+from qevm.io.sources import open_input
 
-__all__ = ["Finding", "Side", "CompatResult", "side_from_stream", "side_from_dump", "compat"]
+__all__ = ["Finding", "Side", "CompatResult", "side_from_stream", "side_from_dump", "compat", "load_side"]
 
 BREAK, RISK, NOTE = "break", "risk", "note"
 _IDX = re.compile(r"\[\d+\]$")
@@ -578,3 +581,36 @@ def _dump_sections(src: Side, dump: Side | None, stream: Side | None, devices: s
                                              f"minimum_version_id {dd.minimum}", [f"{vname}/version_id"]))
             continue
         _Replay(vname, out, True).run(_dump_as_source(sd, sd.version), dd, sd.version, f"{vname}/")
+
+
+#: how a stream, a container or a compressed stream starts (anything else is taken as a -dump-vmstate JSON)
+_STREAM_MAGIC = (b"QEVM", b"QFI\xfb", b"Libv", b"\x1f\x8b\x08", b"\xfd7zX", b"BZh", b"\x28\xb5\x2f\xfd")
+
+
+def _is_stream(path: str) -> bool:
+    if path == "-":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _STREAM_MAGIC
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
+def load_side(path: str, snapshot: str | None = None) -> Side:
+    """One side of a comparison from a path: a stream/image (its vmdesc and sections) or a -dump-vmstate JSON."""
+    if _is_stream(path):
+        inp = open_input(path, snapshot=snapshot)
+        try:
+            return side_from_stream(path, read_stream(inp, strict=False))
+        finally:
+            inp.close()
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: neither a stream nor a JSON file ({e})") from None
+    try:
+        return side_from_dump(path, doc)
+    except SchemaError as e:
+        raise UsageError(str(e)) from None

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from typing import Any
 
-from qevm.analysis.compat import CompatResult, Side, compat, side_from_dump, side_from_stream
+from qevm.analysis.compat import CompatResult, Side, compat, load_side
 from qevm.cli.common import print_json
 from qevm.errors import SchemaError, UsageError
-from qevm.io.reader import read_stream
-from qevm.io.sources import open_input
 from qevm.migration.probe import probe
-
-_STREAM_MAGIC = (b"QEVM", b"QFI\xfb", b"Libv", b"\x1f\x8b\x08", b"\xfd7zX", b"BZh")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,34 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--json", action="store_true", help="a JSON document instead of text")
     p.add_argument("--notes", action="store_true", help="also print the notes (text output)")
     p.set_defaults(run=run, takes_extra=True)
-
-
-def _is_stream(path: str) -> bool:
-    if path == "-":
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) in _STREAM_MAGIC
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
-
-
-def load_side(path: str, snapshot: str | None = None) -> Side:
-    if _is_stream(path):
-        inp = open_input(path, snapshot=snapshot)
-        try:
-            return side_from_stream(path, read_stream(inp, strict=False))
-        finally:
-            inp.close()
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: neither a stream nor a JSON file ({e})") from None
-    try:
-        return side_from_dump(path, doc)
-    except SchemaError as e:
-        raise UsageError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:

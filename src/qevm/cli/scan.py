@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from qevm.analysis.compat import load_side
 from qevm.analysis.scan import FileResult, expand_paths, missing_extra, scan, sort_rows, summarize, write_table
-from qevm.cli.compat import load_side
 from qevm.errors import UsageError
 from qevm.units import format_size
 
