@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
-from qevm.codec.vmsd import to_json
+from qevm.codec.vmsd import Struct, encode_struct, to_json
 from qevm.errors import QevmError
 from qevm.io.reader import Analysis
 
@@ -92,19 +91,36 @@ class GuestMap:
         raise MapError(f"machine type {machine!r}: qevm does not know its guest-physical memory layout")
 
 
-def _device_fields(an: Analysis, vmsd: str) -> dict[str, Any] | None:
+def _device_struct(an: Analysis, vmsd: str) -> Struct | None:
     for d in an.devices:
         if d.struct is not None and d.struct.vmsd_name == vmsd:
-            return to_json(d.struct)
+            return d.struct
     return None
 
 
-def _pci_config(fields: dict[str, Any]) -> bytes:
-    parent = fields.get("parent_obj", {})
-    hexed = parent.get("config[0]") or parent.get("config")
-    if not isinstance(hexed, str):
+def _config_bytes(st: Struct) -> bytes | None:
+    """The bytes of the first ``pci config`` field in a decoded device (raw or decoded by its blob codec)."""
+    for f in st.fields:
+        vals = f.value if isinstance(f.value, list) else [f.value]
+        if f.type == "pci config":
+            v = vals[0] if vals else None
+            if isinstance(v, Struct):
+                return encode_struct(v)
+            if isinstance(v, bytes | bytearray):
+                return bytes(v)
+        for v in vals:
+            if isinstance(v, Struct):
+                found = _config_bytes(v)
+                if found is not None:
+                    return found
+    return None
+
+
+def _pci_config(st: Struct) -> bytes:
+    cfg = _config_bytes(st)
+    if cfg is None:
         raise MapError("host bridge state carries no PCI configuration space")
-    return bytes.fromhex(hexed)
+    return cfg
 
 
 def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str, int]) -> list[Range]:
@@ -127,7 +143,7 @@ def _x86(an: Analysis, machine: str, sizes: dict[str, int], overrides: dict[str,
     below = min(ram, lowmem)
     above = ram - below
 
-    host = _device_fields(an, "mch" if q35 else "I440FX")
+    host = _device_struct(an, "mch" if q35 else "I440FX")
     if host is None:
         raise MapError(f"{machine}: no {'MCH' if q35 else 'I440FX'} host bridge state in the stream "
                        "(its PAM registers place 0xc0000-0xfffff)")
@@ -178,19 +194,6 @@ _BAR_RAM = {"vga.vram": 0}
 _PCI_CMD_MEMORY = 0x2
 
 
-def _find_config(doc: Any) -> bytes | None:
-    """The PCI configuration space inside a device's decoded fields (the PCIDevice part)."""
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            if k.startswith("config") and isinstance(v, str) and len(v) in (512, 8192):
-                return bytes.fromhex(v)
-        for v in doc.values():
-            found = _find_config(v)
-            if found is not None:
-                return found
-    return None
-
-
 def _bar(cfg: bytes, index: int) -> int | None:
     off = 0x10 + 4 * index
     lo = int.from_bytes(cfg[off:off + 4], "little")
@@ -208,7 +211,7 @@ def _pci_ram(an: Analysis, sizes: dict[str, int]) -> list[Range]:
     for d in an.devices:
         head, sep, _ = d.section.idstr.partition("/")
         if sep and d.struct is not None and head not in configs:
-            cfg = _find_config(to_json(d.struct))
+            cfg = _config_bytes(d.struct)
             if cfg is not None:
                 configs[head] = cfg
     out: list[Range] = []

@@ -61,6 +61,7 @@ from qevm.format.events import (
 )
 from qevm.format.grammar import Oddity, Place, RecordGrammar, Resolved, Sections
 from qevm.format.live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
+from qevm.format.pagebits import claim_bits
 from qevm.format.records import VERSION, XBZRLE_ENCODING, Command, RecordType
 
 __all__ = ["Parser", "RunSink", "Sentinel", "NEED_DATA", "DONE", "page_size_for_machine"]
@@ -147,18 +148,6 @@ def _run_length(buf: bytearray, pos: int, w: int, page: int, k: int, data: bool)
         else:
             hi = m
     return lo
-
-
-def _claim_bits(seen: bytearray, i: int, n: int) -> bool:
-    """Set bits i..i+n-1 of ``seen`` if none of them is set yet; False (nothing changed) otherwise."""
-    j0 = i >> 3
-    j1 = (i + n - 1 >> 3) + 1
-    v = int.from_bytes(seen[j0:j1], "little")
-    m = ((1 << n) - 1) << (i & 7)
-    if v & m:
-        return False
-    seen[j0:j1] = (v | m).to_bytes(j1 - j0, "little")
-    return True
 
 
 def page_size_for_machine(machine: str) -> int:
@@ -658,7 +647,7 @@ class Parser:
                                     if j >= seen_len:
                                         seen.extend(bytes(max(j + 1 - seen_len, 4096)))
                                         seen_len = len(seen)
-                                    if _claim_bits(seen, i, r):
+                                    if claim_bits(seen, i, r):
                                         self._want = min(_MAX_RUN, 2 * k) if r == k else max(2, r)
                                         if data:
                                             n_page += r

@@ -43,6 +43,7 @@ from qevm.format.events import (
     VmDescription,
 )
 from qevm.format.memory import RamImage
+from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
 from qevm.io.base import CHUNK, Input
@@ -475,6 +476,9 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
 # sequential -> mapped-ram
 
 
+_PAGE = int(RamFlag.PAGE)
+
+
 class _MappedRam(RamImage):
     """RAM pages applied straight into the page regions of a mapped-ram file being written: the
     ``RamImage`` page logic (ZERO, PAGE, XBZRLE against the current content, COMPRESS_PAGE), with
@@ -549,6 +553,36 @@ class _MappedRam(RamImage):
             self.resolved += 1
         super().apply(ev)
 
+    def run(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
+            stride: int, offset: int) -> None:
+        """A run of page records from the parser's counting lane (``qevm.format.parser.RunSink``): the fast
+        twin of ``apply`` for each of its ``RamPage`` events.  Data pages go out in one ``pwritev`` straight
+        from the parser's buffer; zero pages over never-written pages cost nothing."""
+        ps = self.page_size
+        size = self._size.get(block)
+        if count > 1 and size is not None and addr % ps == 0 and addr + count * ps <= size:
+            i = addr // ps
+            bm = self._sent[block]
+            if kind == _PAGE:
+                views = [view[p:p + ps] for p in range(pos, pos + count * stride, stride)]
+                if self._zero not in views:  # a data page of zeros stays a hole: one at a time below
+                    self.flush()
+                    at = self._base[block] + addr
+                    for k in range(0, count, 1024):  # IOV_MAX
+                        part = views[k:k + 1024]
+                        want = len(part) * ps
+                        done = os.pwritev(self._fd, part, at)
+                        if done < want:
+                            os.pwrite(self._fd, b"".join(part)[done:], at + done)
+                        at += want
+                    set_bits(bm, i, count)
+                    return
+            elif not any_bits(bm, i, count):  # zero pages (fill 0) where nothing was written: holes
+                return
+        for k in range(count):
+            p = pos + k * stride
+            self.apply(RamPage(offset + k * stride, kind, addr + k * ps, block, bytes(view[p:p + length])))
+
     def bitmaps(self) -> dict[str, bytearray]:
         return self._sent
 
@@ -558,7 +592,7 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
     offset 0); returns the file size.  Pages sent more than once end with their last copy; XBZRLE
     and compressed pages are applied; zero pages stay holes."""
     schema, page_size = _schema_and_page(inp)
-    parser = Parser(schema=schema, page_size=page_size, count_pages=False, keep_raw=False,
+    parser = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw=False,
                     file_offset=inp.file_offset)
     pos = 0
     ram: _MappedRam | None = None
@@ -612,6 +646,7 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
             ps = parser.page_size or 4096
             if ram is None:
                 ram = _MappedRam(fd, ps)
+                parser.run_sink = ram.run  # every page record from now on (the fast twin of RamPage events)
             entry = RamBlock(ev.offset, ev.name, ev.used_length, None, ev.addr, None).encode()
             hdr_at = pos + len(entry)
             bitmap_at = hdr_at + 28
@@ -631,7 +666,11 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
                 return  # QEMU writes none with mapped-ram
             if ev.flags == RamFlag.HOOK:
                 raise UsageError("the stream was sent over RDMA (RAM_SAVE_FLAG_HOOK): its pages are not in it")
-        if isinstance(ev, (MappedRamBitmap, MappedRamData, RamTally)):
+        if type(ev) is RamTally:
+            if ram is None:
+                raise DecodeError("RAM page before the block list", ev.offset, "ram")
+            return  # its pages went to ram.run
+        if isinstance(ev, (MappedRamBitmap, MappedRamData)):
             raise DecodeError(f"unexpected {type(ev).__name__} in a plain stream", ev.offset)
         from qevm.format.events import CommandEvent
 
