@@ -249,6 +249,13 @@ class Parser:
             raise InvalidOperation("buffer_updated() beyond the buffer")
         self._end += n
 
+    def last_fed(self, n: int) -> memoryview:
+        """A view of the last ``n`` bytes given to the parser (``feed`` / ``buffer_updated``), valid until it is
+        fed again: a copier that reads into ``get_buffer`` writes its output from here, with no copy of its own."""
+        if not 0 <= n <= self._end:
+            raise InvalidOperation("last_fed() beyond what is buffered")
+        return memoryview(self._buf)[self._end - n:self._end]
+
     def _reserve(self, n: int) -> None:
         buf = self._buf
         if self._end + n <= len(buf):

@@ -16,6 +16,7 @@ complete (the qcow2 image is changed in place, snapshot table last).  The input 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -425,11 +426,64 @@ def _bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, 
             a = b
 
 
+_HEADS: dict[tuple[int, int], struct.Struct] = {}
+
+
+def _heads(n: int, ps: int) -> struct.Struct:
+    """Packs the words of ``n`` consecutive page records (``ps``-byte payload slots skipped)."""
+    st = _HEADS.get((n, ps))
+    if st is None:
+        if len(_HEADS) > 64:
+            _HEADS.clear()
+        st = _HEADS[(n, ps)] = struct.Struct(">" + f"Q{ps}x" * n)
+    return st
+
+
+def _read_slots(f: Any, slots: list[memoryview], at: int) -> int:
+    """Fill ``slots`` with the bytes of ``f`` from offset ``at`` on; the bytes read (fewer only at the end
+    of the file).  A plain file is read with ``preadv`` (IOV_MAX slots a call), anything else with seek and
+    read."""
+    if not isinstance(f, (io.BufferedReader, io.FileIO)):
+        f.seek(at)
+        done = 0
+        for s in slots:
+            data = f.read(len(s))
+            s[:len(data)] = data
+            done += len(data)
+            if len(data) < len(s):
+                break
+        return done
+    fd = f.fileno()
+    done = 0
+    for k in range(0, len(slots), 1024):
+        part = slots[k:k + 1024]
+        need = sum(map(len, part))
+        got = os.preadv(fd, part, at + done)
+        while 0 < got < need:  # a short read: go on from where it stopped
+            rest: list[memoryview] = []
+            skip = got
+            for s in part:
+                if skip >= len(s):
+                    skip -= len(s)
+                else:
+                    rest.append(s[skip:])
+                    skip = 0
+            more = os.preadv(fd, rest, at + done + got)
+            if not more:
+                break
+            got += more
+        done += got
+        if got < need:
+            break
+    return done
+
+
 def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                   stats: ConvertResult | None) -> Iterator[list[bytes | memoryview]]:
     """PAGE records for the set bits of every block's bitmap, ZERO records for the others, as lists
-    of buffers (record heads and page views, no copies) for ``writev``."""
+    of buffers for ``writev``; a list is valid only until the next one is asked for (its buffer is reused)."""
     f = inp.file
+    scratch = bytearray()  # reused: each yielded list is valid until the next one is asked for
     run_max = max(1, (4 << 20) // ps)
     cont_page = int(RamFlag.PAGE | RamFlag.CONTINUE)
     cont_zero = int(RamFlag.ZERO | RamFlag.CONTINUE)
@@ -449,18 +503,27 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                 k0 = i + 1
                 first = False
             if present:
-                f.seek(base + i * ps)
-                data = f.read((j - i) * ps)
-                if len(data) < (j - i) * ps:
-                    raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page 0x{i * ps:x}",
-                                      base + i * ps + len(data), f"ram/{b.name}")
-                mv = memoryview(data)
-                if k0 > i:
-                    vec.append(mv[:ps])
-                heads = memoryview(struct.pack(f">{j - k0}Q", *range(k0 * ps | cont_page, j * ps, ps)))
-                for t in range(j - k0):
-                    vec.append(heads[8 * t:8 * t + 8])
-                    vec.append(mv[(k0 - i + t) * ps:(k0 - i + t + 1) * ps])
+                # the records laid out in one reused buffer: heads packed, then the pages read into their
+                # slots with one preadv (one contiguous write per run, no per-page buffers)
+                n = j - k0
+                stride = ps + 8
+                at = base + i * ps
+                if len(scratch) < (j - i) * stride:
+                    scratch = bytearray((j - i) * stride)
+                slots: list[memoryview] = []
+                if k0 > i:  # the named first record's page
+                    first_page = memoryview(scratch)[n * stride:n * stride + ps]
+                    vec.append(first_page)
+                    slots.append(first_page)
+                mv = memoryview(scratch)[:n * stride]
+                if n:
+                    _heads(n, ps).pack_into(mv, 0, *range(k0 * ps | cont_page, j * ps, ps))
+                    slots += [mv[p:p + ps] for p in range(8, n * stride, stride)]
+                    vec.append(mv)
+                got = _read_slots(f, slots, at)
+                if got < (j - i) * ps:
+                    raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page "
+                                      f"0x{(i + got // ps) * ps:x}", at + got, f"ram/{b.name}")
                 pages += j - i
             else:
                 vec.append(struct.pack(">" + "QB" * (j - k0),
@@ -745,10 +808,14 @@ class _LoadvmCheck:
     postcopy) and picks up the VM clock from the ``timer`` section.  Raises ``UsageError`` at the
     first record loadvm cannot take."""
 
-    def __init__(self, chunks: Iterable[bytes], schema: Schema | None, page_size: int | None) -> None:
+    def __init__(self, chunks: Iterable[bytes], schema: Schema | None, page_size: int | None,
+                 inp: Input | None = None) -> None:
         self._chunks = chunks
         self._parser: Parser | None = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw=False)
         self.vm_clock: int | None = None
+        # a seekable plain input (``_raw_chunks`` of it as ``chunks``): read straight into the parser's buffer
+        # and hand out views of it, one copy fewer per byte
+        self._inp = inp if inp is not None and inp.seekable and hasattr(inp.file, "readinto") else None
 
     def _look(self, ev: Event) -> None:
         from qevm.format.events import CommandEvent, DeviceState
@@ -767,7 +834,24 @@ class _LoadvmCheck:
         elif isinstance(ev, DeviceState) and ev.section.idstr == "timer" and ev.section.instance_id == 0:
             self.vm_clock = vm_clock_of(ev.data)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def _parse(self) -> None:
+        p = self._parser
+        if p is None:
+            return
+        try:
+            while True:
+                ev = p.next_event()
+                if ev is NEED_DATA or ev is DONE:
+                    break
+                assert isinstance(ev, Event)
+                self._look(ev)
+        except DecodeError:
+            self._parser = None  # QEMU will judge the rest; the copy goes on
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        if self._inp is not None:
+            yield from self._direct(self._inp)
+            return
         for c in self._chunks:
             p = self._parser
             if p is not None:
@@ -782,6 +866,33 @@ class _LoadvmCheck:
                 except DecodeError:
                     self._parser = None  # QEMU will judge the rest; the copy goes on
             yield c
+
+    def _direct(self, inp: Input) -> Iterator[memoryview]:
+        """Each chunk read into the parser's buffer, parsed there, then handed out as a view of it (valid
+        until the next chunk is asked for)."""
+        readinto = inp.file.readinto  # type: ignore[attr-defined]
+        n = CHUNK * 4
+        plain: memoryview | None = None
+        while True:
+            p = self._parser
+            if p is None:  # the check gave up: the rest through a plain buffer
+                plain = plain if plain is not None else memoryview(bytearray(n))
+                k = readinto(plain) or 0
+                if not k:
+                    return
+                yield plain[:k]
+                continue
+            with p.get_buffer(n) as free, free[:n] as into:
+                k = readinto(into) or 0
+            if not k:
+                return
+            p.buffer_updated(k)
+            self._parse()
+            chunk = p.last_fed(k)
+            try:
+                yield chunk
+            finally:
+                chunk.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -861,7 +972,7 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
         base: Iterable[bytes] = _flat(sequential_chunks(inp)) if head.mapped_ram else _raw_chunks(inp, head.head)
         if vm_clock_ns is None and inp.seekable and inp.size:
             vm_clock_ns = find_vm_clock(inp.file, inp.size)
-        tap = _LoadvmCheck(base, schema, page_size)
+        tap = _LoadvmCheck(base, schema, page_size, None if head.mapped_ram else inp)
         stream: Iterable[bytes] = tap
         target = out
         if not os.path.exists(out):
