@@ -870,7 +870,7 @@ class _LoadvmCheck:
     def _direct(self, inp: Input) -> Iterator[memoryview]:
         """Each chunk read into the parser's buffer, parsed there, then handed out as a view of it (valid
         until the next chunk is asked for)."""
-        readinto = inp.file.readinto  # type: ignore[attr-defined]
+        readinto = inp.file.readinto
         n = CHUNK * 4
         plain: memoryview | None = None
         while True:
@@ -973,7 +973,7 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
         if vm_clock_ns is None and inp.seekable and inp.size:
             vm_clock_ns = find_vm_clock(inp.file, inp.size)
         tap = _LoadvmCheck(base, schema, page_size, None if head.mapped_ram else inp)
-        stream: Iterable[bytes] = tap
+        stream: Iterable[bytes | memoryview] = tap
         target = out
         if not os.path.exists(out):
             if size is None:
