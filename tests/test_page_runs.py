@@ -179,3 +179,55 @@ def _per_record(self: Any, block: str, kind: int, addr: int, count: int, view: m
     for i in range(count):
         q = pos + i * stride
         self.apply(RamPage(offset + i * stride, kind, addr + i * self.page_size, block, bytes(view[q:q + length])))
+
+
+def test_runs_in_a_crafted_multipass_stream(tmp_path: Path, unpacked) -> None:  # type: ignore[no-untyped-def]
+    """Runs that re-send pages of the current pass (a new pass starts inside what would be one run),
+    zero pages with a fill byte, gaps and a block switch: a real stream whose first RAM pages are replaced
+    by crafted records; fast and reference paths must agree record for record."""
+    import lzma
+
+    from qevm.format.events import RamBlock, RamControl
+    from qevm.format.records import ram_record_head
+
+    src = require_fixture("small-pc-7.2")
+    data = lzma.decompress(src.read_bytes()) if src.suffix == ".xz" else src.read_bytes()
+    plain = tmp_path / "orig.mig"
+    plain.write_bytes(data)
+    first = eos = None
+    blocks: dict[str, int] = {}
+    for ev in _events(_parser(plain, count_pages=False), plain, 4 << 20):
+        if type(ev) is RamPage and first is None:
+            first = ev
+        elif isinstance(ev, RamControl) and ev.flags == RamFlag.EOS and first is not None:
+            eos = ev
+            break
+        elif isinstance(ev, RamBlock):
+            blocks[ev.name] = ev.used_length
+    assert first is not None and eos is not None and len(blocks) >= 2
+    ps = 4096
+    main = max(blocks, key=lambda b: blocks[b])
+    assert blocks[main] >= 340 * ps
+    other = next(b for b in blocks if b != main and blocks[b] >= 8 * ps)
+    pc, zc = RamFlag.PAGE | RamFlag.CONTINUE, RamFlag.ZERO | RamFlag.CONTINUE
+    recs = [ram_record_head(0, RamFlag.PAGE, main) + bytes([1]) * ps]
+    recs += [ram_record_head(a * ps, pc, None) + bytes([a]) * ps for a in range(1, 40)]
+    recs += [ram_record_head(a * ps, pc, None) + bytes([a + 1]) * ps for a in range(20, 70)]  # pass 2 from 20
+    recs += [ram_record_head(a * ps, zc, None) + b"\0" for a in range(70, 90)]
+    recs += [ram_record_head(a * ps, zc, None) + (b"\x07" if a == 95 else b"\0") for a in range(90, 120)]
+    recs += [ram_record_head(a * ps, pc, None) + bytes(ps) for a in range(200, 260, 2)]  # gaps: no runs
+    recs += [ram_record_head(0, RamFlag.ZERO, other) + b"\0"]
+    recs += [ram_record_head(a * ps, zc, None) + b"\0" for a in range(1, 8)]
+    recs += [ram_record_head(a * ps, RamFlag.PAGE, main) + bytes(ps) for a in range(300, 301)]
+    recs += [ram_record_head(a * ps, pc, None) + bytes([9]) * ps for a in range(301, 340)]
+    crafted = tmp_path / "crafted.mig"
+    crafted.write_bytes(data[:first.offset] + b"".join(recs) + data[eos.offset:])
+    want, counts, passes = _reference(crafted)
+    assert passes >= 2
+    for chunk in (4 << 20, 20_000, 4105):
+        got, got_counts, got_passes, longest = _fast(crafted, chunk)
+        assert got == want, chunk
+        assert got_counts == {b: c for b, c in counts.items() if any(c)}
+        assert got_passes == passes
+        if chunk == 4 << 20:
+            assert longest >= 16  # the batch lane took runs

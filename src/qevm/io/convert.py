@@ -853,18 +853,9 @@ class _LoadvmCheck:
             yield from self._direct(self._inp)
             return
         for c in self._chunks:
-            p = self._parser
-            if p is not None:
-                p.feed(c)
-                try:
-                    while True:
-                        ev = p.next_event()
-                        if ev is NEED_DATA or ev is DONE:
-                            break
-                        assert isinstance(ev, Event)
-                        self._look(ev)
-                except DecodeError:
-                    self._parser = None  # QEMU will judge the rest; the copy goes on
+            if self._parser is not None:
+                self._parser.feed(c)
+                self._parse()
             yield c
 
     def _direct(self, inp: Input) -> Iterator[memoryview]:
