@@ -38,7 +38,6 @@ WHOLE_BYTES = 64
 _EMPTY = bytes(DIGEST)
 
 
-_PACK = struct.Struct("<q").pack_into
 _PACK_ONE = struct.Struct("<q").pack
 _PAGE = int(RamFlag.PAGE)
 
@@ -84,19 +83,42 @@ class PageTable:
             raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}")
         t[i:i + DIGEST] = digest
 
-    def sink(self, block: str, addr: int, kind: int, view: memoryview, pos: int) -> None:
-        """The parser's page hook: digest the record's page straight from the parser's buffer."""
+    def sink(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
+             stride: int, offset: int) -> None:
+        """The parser's run sink (``Parser.run_sink``): digest a run of page records straight from the
+        parser's buffer."""
         ps = self.page_size
         if kind == _PAGE:
-            _PACK(self.tables[block], addr // self.granule * DIGEST, hash(bytes(view[pos:pos + ps])) or 1)
+            t = self.tables.get(block)
+            if t is None or count == 1 or self.granule != ps:
+                for k in range(count):
+                    p = pos + k * stride
+                    self.put(block, addr + k * ps, _PACK_ONE(hash(bytes(view[p:p + ps])) or 1))
+                return
+            i = addr // ps * DIGEST
+            if i + count * DIGEST > len(t):
+                raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}", offset)
+            _pack_many(count)(t, i, *[hash(bytes(view[p:p + ps])) or 1
+                                      for p in range(pos, pos + count * stride, stride)])
         elif kind == RamFlag.ZERO:
-            self.put(block, addr, self.zero_digest(ps, view[pos]))
+            if count == 1:
+                self.put(block, addr, self.zero_digest(ps, view[pos]))
+                return
+            t = self.tables.get(block)
+            if t is None or self.granule != ps:
+                for k in range(count):
+                    self.put(block, addr + k * ps, self.zero_digest(ps, view[pos + k * stride]))
+                return
+            i = addr // ps * DIGEST
+            if i + count * DIGEST > len(t):
+                raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}", offset)
+            t[i:i + count * DIGEST] = self.zero_digest(ps) * count  # runs are of fill byte 0
         elif kind == RamFlag.COMPRESS_PAGE:
             n = int.from_bytes(view[pos:pos + 4], "big")
             try:
                 page = zlib.decompress(view[pos + 4:pos + 4 + n])
             except zlib.error as e:
-                raise DecodeError(f"compressed page does not inflate: {e}") from None
+                raise DecodeError(f"compressed page does not inflate: {e}", offset) from None
             self.put(block, addr, _digest(page))
         else:
             raise _NeedContent()
@@ -112,6 +134,16 @@ class PageTable:
             else:
                 slow(block, addr, kind, view, pos)
         return sink
+
+
+_PACKERS: dict[int, Any] = {}
+
+
+def _pack_many(n: int) -> Any:
+    f = _PACKERS.get(n)
+    if f is None:
+        f = _PACKERS[n] = struct.Struct(f"<{n}q").pack_into
+    return f
 
 
 class _NeedContent(Exception):
@@ -261,7 +293,7 @@ def read_side(source: str | Input, *, ram: bool = True, hooks: Hooks | None = No
             if on_event is not None:
                 on_event(ev)
 
-        parser.page_sink = table.sink
+        parser.run_sink = table.sink
         try:
             drive(parser, inp, handle)
         except _NeedContent:

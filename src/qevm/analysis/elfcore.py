@@ -389,11 +389,12 @@ def write_core(source: str | Input, out_path: str, *, overrides: dict[str, int] 
     ofd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
     try:
         schema, trailer_page = trailer_schema(inp)
-        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw="borrow",
+        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
                         file_offset=inp.file_offset)
         an = Analysis(schema=schema, page_size=lambda: parser.page_size or 4096)
         staging = _Staging(sfd)
         rf = RamFiles(staging.open_block, inp, lambda: parser.page_size or 4096)
+        rf.attach(parser)
 
         drive(parser, inp, rf.chain(an.handle), skip_regions=inp.seekable)
         for sink in rf.sinks.values():
@@ -456,6 +457,23 @@ class _SegmentSink(BlockSink):
         for _, _, sk in self.segs:
             sk.flush_views()
 
+    def _spans(self, addr: int, n: int) -> Iterator[tuple[BlockSink, int, int]]:
+        """(sink, first, end) for each range: pages first..end-1 of the n from addr lie in it."""
+        ps = self.page_size
+        for lo, hi, sk in self.segs:
+            first = max(0, -(-(lo - addr) // ps))
+            end = min(n, -(-(hi - addr) // ps))
+            if first < end:
+                yield sk, first, end
+
+    def put_run(self, addr: int, views: list[memoryview]) -> None:
+        for sk, first, end in self._spans(addr, len(views)):
+            sk.put_run(addr + first * self.page_size, views[first:end])
+
+    def zero_run(self, addr: int, n: int) -> None:
+        for sk, first, end in self._spans(addr, n):
+            sk.zero_run(addr + first * self.page_size, end - first)
+
     def put(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         ps = self.page_size
         for i in range(0, len(data), ps):
@@ -506,12 +524,13 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
         os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
         os.pwrite(ofd, head, 0)
         schema, trailer_page = trailer_schema(inp)
-        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw="borrow",
+        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
                         file_offset=inp.file_offset)
 
         def open_block(name: str, size: int, ps: int) -> BlockSink | None:
             return _SegmentSink(ofd, size, ps, segs[name]) if name in segs else None
         rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
+        rf.attach(parser)
         drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
         for sink in rf.sinks.values():
             if sink is not None:

@@ -32,8 +32,8 @@ from qevm.format.events import (
     RamBlock,
     RamFlag,
     RamPage,
-    RamTally,
 )
+from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import Parser
 from qevm.format.xbzrle import apply_delta
 from qevm.io.reader import Analysis, drive, trailer_schema
@@ -115,6 +115,30 @@ class BlockSink:
         self._views_end = addr + len(view)
         i = addr // self.page_size
         self.dirty[i >> 3] |= 1 << (i & 7)
+
+    def put_run(self, addr: int, views: list[memoryview]) -> None:
+        """Write pages at consecutive addresses from ``addr`` now (views into a buffer valid only during
+        the call), ``_IOV_MAX`` pages per ``pwritev``."""
+        if self._views or self._buf:
+            self.flush()
+        ps = self.page_size
+        n = len(views)
+        at = self.base + addr
+        for k in range(0, n, _IOV_MAX):
+            part = views[k:k + _IOV_MAX]
+            total = len(part) * ps
+            w = os.pwritev(self.fd, part, at)
+            if w != total:  # a short write: the rest one by one
+                _pwrite_all(self.fd, b"".join(part)[w:], at + w)
+            at += total
+        set_bits(self.dirty, addr // ps, n)
+
+    def zero_run(self, addr: int, n: int) -> None:
+        """``n`` zero pages (fill byte 0) from ``addr``: holes cost nothing, pages written before get zeros."""
+        i = addr // self.page_size
+        if any_bits(self.dirty, i, n):
+            for k in range(n):
+                self.zero(addr + k * self.page_size, 0)
 
     def flush_views(self) -> None:
         views = self._views
@@ -265,65 +289,39 @@ class RamFiles:
         self.mapped: dict[str, tuple[int, int, int, bytes]] = {}  # block -> (pages start, page size, used, bitmap)
         self._block: str | None = None  # the block CONTINUE records refer to (tally scanning)
 
-    def tally(self, ev: RamTally, page: int) -> None:
-        """Apply a run of RAM page records the parser checked and counted (``Parser(count_pages=True,
-        keep_raw="borrow")``): the fast twin of handing every ``RamPage`` to ``handle``.  Normal pages are
-        written straight from the parser's buffer (``pwritev``) before it is reused."""
-        raw = ev.raw
-        assert raw is not None
-        mv = memoryview(raw)
-        n = len(mv)
-        mask = page - 1
-        pos = 0
-        block = self._block
-        sinks = self.sinks
-        sink = sinks.get(block) if block is not None else None
-        touched: set[BlockSink] = set()
-        try:
-            while pos < n:
-                w = _B64(mv, pos)[0]
-                flags = w & mask
-                addr = w - flags
-                p = pos + 8
-                if not flags & _CONT:
-                    ln = mv[p]
-                    block = str(mv[p + 1:p + 1 + ln], "latin-1")
-                    p += 1 + ln
-                    sink = sinks.get(block)
-                    if sink is None and block not in sinks:
-                        raise DecodeError(f"page for RAM block {block!r}, which the stream never announced",
-                                          ev.offset + pos)
-                kind = flags & ~_CONT
-                if kind == _PAGE:
-                    if sink is not None:
-                        if sink._views_end == addr and len(sink._views) < _IOV_MAX:
-                            sink._views.append(mv[p:p + page])
-                            sink._views_end = addr + page
-                            i = addr // page
-                            sink.dirty[i >> 3] |= 1 << (i & 7)
-                        else:
-                            sink.put_view(addr, mv[p:p + page])
-                            touched.add(sink)
-                    p += page
-                elif kind == _ZERO:
-                    if sink is not None:
-                        sink.zero(addr, mv[p])
-                    p += 1
-                elif kind == _XBZRLE:
-                    dl = int.from_bytes(mv[p + 1:p + 3], "big")
-                    if sink is not None:
-                        sink.xbzrle(addr, mv[p + 3:p + 3 + dl], ev.offset + pos)
-                    p += 3 + dl
-                else:
-                    cl = int.from_bytes(mv[p:p + 4], "big")
-                    if sink is not None:
-                        sink.inflate(addr, mv[p + 4:p + 4 + cl], ev.offset + pos)
-                    p += 4 + cl
-                pos = p
-        finally:
-            self._block = block
-            for t in touched:
-                t.flush_views()  # the views borrow the parser's buffer
+    def attach(self, parser: Parser) -> None:
+        """Take every page record from ``parser``'s run sink (its counting lane, ``count_pages=True``): the
+        fast twin of handing every ``RamPage`` event to ``handle``."""
+        parser.run_sink = self.run
+
+    def run(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
+            stride: int, offset: int) -> None:
+        """A run of page records (``qevm.format.parser.RunSink``): data pages go out in one ``pwritev`` straight
+        from the parser's buffer, zero pages stay holes."""
+        sink = self.sinks.get(block)
+        if sink is None:
+            if block not in self.sinks:
+                raise DecodeError(f"page for RAM block {block!r}, which the stream never announced", offset)
+            return
+        ps = sink.page_size
+        if addr % ps or addr + count * ps > sink.size:
+            raise DecodeError(f"page at 0x{addr:x} lies outside RAM block {block!r} (0x{sink.size:x} bytes)", offset)
+        if kind == _PAGE:
+            sink.counts["normal"] += count
+            sink.put_run(addr, [view[p:p + ps] for p in range(pos, pos + count * stride, stride)] if count > 1
+                         else [view[pos:pos + ps]])
+        elif kind == _ZERO:
+            sink.counts["zero"] += count
+            if count == 1:
+                sink.zero(addr, view[pos])
+            else:
+                sink.zero_run(addr, count)
+        elif kind == _XBZRLE:
+            sink.counts["xbzrle"] += 1
+            sink.xbzrle(addr, view[pos + 3:pos + length], offset)
+        else:
+            sink.counts["compressed"] += 1
+            sink.inflate(addr, view[pos + 4:pos + length], offset)
 
     def chain(self, other: Callable[[Event], None]) -> Callable[[Event], None]:
         """A handler giving RAM pages to this object only (the hot path) and every other event to both
@@ -339,10 +337,6 @@ class RamFiles:
                 elif page.block not in sinks:
                     raise DecodeError(f"page for RAM block {page.block!r}, which the stream never announced",
                                       page.offset)
-                return
-            if type(ev) is RamTally:
-                other(ev)
-                self.tally(ev, self.page_size())
                 return
             other(ev)
             self.handle(ev)
@@ -488,7 +482,7 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
     try:
         schema, trailer_page = trailer_schema(inp)
         page_size = page_size or trailer_page
-        parser = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw="borrow",
+        parser = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw=False,
                         file_offset=inp.file_offset)
         an = Analysis(schema=schema, page_size=lambda: parser.page_size or 4096)
         names: list[str] = []
@@ -508,6 +502,7 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
         dfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
         try:
             rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
+            rf.attach(parser)
 
             drive(parser, inp, rf.chain(an.handle), skip_regions=inp.seekable)
             an.size = parser.offset

@@ -99,18 +99,18 @@ def _device_struct(an: Analysis, vmsd: str) -> Struct | None:
 
 
 def _config_bytes(st: Struct) -> bytes | None:
-    """A device's PCI configuration space as the stream carries it (the ``config`` buffer of its
-    PCIDevice part), whether the blob codec decoded it into fields or kept it raw."""
+    """The bytes of the first ``pci config`` field in a decoded device (raw or decoded by its blob codec)."""
     for f in st.fields:
-        v = f.value[0] if isinstance(f.value, list) and len(f.value) == 1 else f.value
-        if f.name.startswith("config") and f.size in (256, 4096):
+        vals = f.value if isinstance(f.value, list) else [f.value]
+        if f.type == "pci config" or (f.name.startswith("config") and f.size in (256, 4096)):
+            v = vals[0] if vals else None
             if isinstance(v, Struct):
                 return encode_struct(v)
-            if isinstance(v, bytes | bytearray | memoryview):
+            if isinstance(v, bytes | bytearray):
                 return bytes(v)
-        for inner in v if isinstance(v, list) else [v]:
-            if isinstance(inner, Struct):
-                found = _config_bytes(inner)
+        for v in vals:
+            if isinstance(v, Struct):
+                found = _config_bytes(v)
                 if found is not None:
                     return found
     return None

@@ -22,6 +22,7 @@ vmdesc entry for the section (``schema``) is needed to size it.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from enum import Enum, auto
@@ -60,9 +61,10 @@ from qevm.format.events import (
 )
 from qevm.format.grammar import Oddity, Place, RecordGrammar, Resolved, Sections
 from qevm.format.live import COMMAND_LENGTHS, LIVE_HANDLERS, LiveState, parse_live_record
+from qevm.format.pagebits import claim_bits
 from qevm.format.records import VERSION, XBZRLE_ENCODING, Command, RecordType
 
-__all__ = ["Parser", "Sentinel", "NEED_DATA", "DONE", "page_size_for_machine"]
+__all__ = ["Parser", "RunSink", "Sentinel", "NEED_DATA", "DONE", "page_size_for_machine"]
 
 
 class Sentinel:
@@ -105,6 +107,47 @@ _CONFIG_SUBSECTIONS = {
     "configuration/uuid": 16,
     "configuration/capabilities": -1,
 }
+
+
+#: ``Parser.run_sink``: called as sink(block, kind, addr, count, view, pos, length, stride, offset) for each run
+#: of ``count`` page records of one ``kind`` (RamFlag.PAGE / ZERO / XBZRLE / COMPRESS_PAGE value) in ``block``:
+#: record i is the page at ``addr + i * page_size``, its payload (as ``RamPage.payload``) is
+#: ``view[pos + i * stride : pos + i * stride + length]`` and the run starts at stream offset ``offset``.
+#: Runs of more than one record are PAGE or ZERO (fill byte 0) records at consecutive addresses, every page
+#: seen once in the current pass; XBZRLE and compressed pages come one at a time.  ``view`` borrows the
+#: parser's buffer: it is valid only during the call.
+RunSink = Callable[[str, int, int, int, memoryview, int, int, int, int], None]
+
+_MAX_RUN = 512  # records per batch-lane struct call
+_RUN_STRUCTS: dict[tuple[int, int, bool], struct.Struct] = {}
+
+
+def _run_length(buf: bytearray, pos: int, w: int, page: int, k: int, data: bool) -> int:
+    """How many of the ``k`` records from ``pos`` on continue the run that record word ``w`` starts
+    (same flags, consecutive addresses; zero pages with fill byte 0); all ``k`` must be in ``buf``."""
+    key = (page, k, data)
+    st = _RUN_STRUCTS.get(key)
+    if st is None:
+        st = _RUN_STRUCTS[key] = struct.Struct(">" + (f"Q{page}x" if data else "QB") * k)
+    got = st.unpack_from(buf, pos)
+    if data:
+        words = got
+    else:
+        words = got[0::2]
+        fills = got[1::2]
+        if fills.count(0) != k:
+            k = fills.index(next(x for x in fills if x))
+            words = words[:k]
+    if words == tuple(range(w, w + k * page, page)):
+        return k
+    lo, hi = 1, k  # words[:lo] is a run, words[:hi] is not
+    while hi - lo > 1:
+        m = (lo + hi) // 2
+        if words[:m] == tuple(range(w, w + m * page, page)):
+            lo = m
+        else:
+            hi = m
+    return lo
 
 
 def page_size_for_machine(machine: str) -> int:
@@ -178,9 +221,10 @@ class Parser:
         # the parser's buffer, valid only until the parser is fed again: zero-copy for writers)
         self.keep_raw = keep_raw
         self.passes = PassTracker()
-        # counting mode: called for every page record as sink(block, addr, kind, view, payload_pos), the
-        # view valid only during the call (per-page digests without per-page events: ``qevm diff``)
-        self.page_sink: Callable[[str, int, int, memoryview, int], None] | None = None
+        # counting mode: the shared fast path for every verb that handles page contents (extract, core,
+        # diff, convert): called once per run of page records, see ``RunSink``
+        self.run_sink: RunSink | None = None
+        self._want = 2  # batch lane: records to try next (grows while runs are long)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -204,6 +248,13 @@ class Parser:
         if n < 0 or self._end + n > len(self._buf):
             raise InvalidOperation("buffer_updated() beyond the buffer")
         self._end += n
+
+    def last_fed(self, n: int) -> memoryview:
+        """A view of the last ``n`` bytes given to the parser (``feed`` / ``buffer_updated``), valid until it is
+        fed again: a copier that reads into ``get_buffer`` writes its output from here, with no copy of its own."""
+        if not 0 <= n <= self._end:
+            raise InvalidOperation("last_fed() beyond what is buffered")
+        return memoryview(self._buf)[self._end - n:self._end]
 
     def _reserve(self, n: int) -> None:
         buf = self._buf
@@ -569,8 +620,9 @@ class Parser:
         limit = 1 << 62 if counting else 256
         page_cont = _PAGE | _CONT
         zero_cont = _ZERO | _CONT
-        sink = self.page_sink if counting else None
+        sink = self.run_sink if counting else None
         view = memoryview(buf) if sink is not None else None
+        page_stride = page + 8
         try:
             while made < limit:
                 if pos + 8 > end:
@@ -585,6 +637,38 @@ class Parser:
                     while True:
                         w = unpack(buf, pos)[0]
                         f = w & mask
+                        if passes and (f == page_cont or f == zero_cont):
+                            # Batch lane: up to ``want`` records with one C call (struct), taken as a run
+                            # when their words are consecutive addresses of one kind, the run is inside the
+                            # block and none of its pages was seen in this pass; else one record below.
+                            data = f == page_cont
+                            stride = page_stride if data else 9
+                            k = min(self._want, (end - pos) // stride)
+                            if k >= 2:
+                                k = 1 << (k.bit_length() - 1)
+                                r = _run_length(buf, pos, w, page, k, data)
+                                addr = w - f
+                                i = addr >> shift
+                                if r >= 2 and addr + r * page <= lim:
+                                    j = (i + r - 1) >> 3
+                                    if j >= seen_len:
+                                        seen.extend(bytes(max(j + 1 - seen_len, 4096)))
+                                        seen_len = len(seen)
+                                    if claim_bits(seen, i, r):
+                                        self._want = min(_MAX_RUN, 2 * k) if r == k else max(2, r)
+                                        if data:
+                                            n_page += r
+                                        else:
+                                            n_zero += r
+                                        if sink is not None:
+                                            assert view is not None and block is not None
+                                            sink(block, f & ~_CONT, addr, r, view, pos + 8, page if data else 1,
+                                                 stride, base + pos)
+                                        pos += r * stride
+                                        if pos + 8 > end:
+                                            break
+                                        continue
+                                self._want = 2
                         if f == page_cont:
                             nxt = pos + 8 + page
                             if nxt > end:
@@ -616,7 +700,8 @@ class Parser:
                         seen[j] |= bit
                         if sink is not None:
                             assert view is not None and block is not None
-                            sink(block, addr, f & ~_CONT, view, pos + 8)
+                            sink(block, f & ~_CONT, addr, 1, view, pos + 8, page if f == page_cont else 1,
+                                 0, base + pos)
                         pos = nxt
                         if pos + 8 > end:
                             break
@@ -691,7 +776,7 @@ class Parser:
                         seen[j] |= bit
                         if sink is not None:
                             assert view is not None and block is not None
-                            sink(block, addr, kind, view, p)
+                            sink(block, kind, addr, 1, view, p, ln, 0, base + pos)
                     else:
                         q.append(RamPage(base + pos, flags, addr, block, bytes(buf[p:p + ln])))
                     pos = p + ln

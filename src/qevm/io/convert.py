@@ -16,6 +16,7 @@ complete (the qcow2 image is changed in place, snapshot table last).  The input 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from qevm.format.events import (
     VmDescription,
 )
 from qevm.format.memory import RamImage
+from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
 from qevm.io.base import CHUNK, Input
@@ -424,11 +426,64 @@ def _bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, 
             a = b
 
 
+_HEADS: dict[tuple[int, int], struct.Struct] = {}
+
+
+def _heads(n: int, ps: int) -> struct.Struct:
+    """Packs the words of ``n`` consecutive page records (``ps``-byte payload slots skipped)."""
+    st = _HEADS.get((n, ps))
+    if st is None:
+        if len(_HEADS) > 64:
+            _HEADS.clear()
+        st = _HEADS[(n, ps)] = struct.Struct(">" + f"Q{ps}x" * n)
+    return st
+
+
+def _read_slots(f: Any, slots: list[memoryview], at: int) -> int:
+    """Fill ``slots`` with the bytes of ``f`` from offset ``at`` on; the bytes read (fewer only at the end
+    of the file).  A plain file is read with ``preadv`` (IOV_MAX slots a call), anything else with seek and
+    read."""
+    if not isinstance(f, (io.BufferedReader, io.FileIO)):
+        f.seek(at)
+        done = 0
+        for s in slots:
+            data = f.read(len(s))
+            s[:len(data)] = data
+            done += len(data)
+            if len(data) < len(s):
+                break
+        return done
+    fd = f.fileno()
+    done = 0
+    for k in range(0, len(slots), 1024):
+        part = slots[k:k + 1024]
+        need = sum(map(len, part))
+        got = os.preadv(fd, part, at + done)
+        while 0 < got < need:  # a short read: go on from where it stopped
+            rest: list[memoryview] = []
+            skip = got
+            for s in part:
+                if skip >= len(s):
+                    skip -= len(s)
+                else:
+                    rest.append(s[skip:])
+                    skip = 0
+            more = os.preadv(fd, rest, at + done + got)
+            if not more:
+                break
+            got += more
+        done += got
+        if got < need:
+            break
+    return done
+
+
 def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                   stats: ConvertResult | None) -> Iterator[list[bytes | memoryview]]:
     """PAGE records for the set bits of every block's bitmap, ZERO records for the others, as lists
-    of buffers (record heads and page views, no copies) for ``writev``."""
+    of buffers for ``writev``; a list is valid only until the next one is asked for (its buffer is reused)."""
     f = inp.file
+    scratch = bytearray()  # reused: each yielded list is valid until the next one is asked for
     run_max = max(1, (4 << 20) // ps)
     cont_page = int(RamFlag.PAGE | RamFlag.CONTINUE)
     cont_zero = int(RamFlag.ZERO | RamFlag.CONTINUE)
@@ -448,18 +503,27 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                 k0 = i + 1
                 first = False
             if present:
-                f.seek(base + i * ps)
-                data = f.read((j - i) * ps)
-                if len(data) < (j - i) * ps:
-                    raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page 0x{i * ps:x}",
-                                      base + i * ps + len(data), f"ram/{b.name}")
-                mv = memoryview(data)
-                if k0 > i:
-                    vec.append(mv[:ps])
-                heads = memoryview(struct.pack(f">{j - k0}Q", *range(k0 * ps | cont_page, j * ps, ps)))
-                for t in range(j - k0):
-                    vec.append(heads[8 * t:8 * t + 8])
-                    vec.append(mv[(k0 - i + t) * ps:(k0 - i + t + 1) * ps])
+                # the records laid out in one reused buffer: heads packed, then the pages read into their
+                # slots with one preadv (one contiguous write per run, no per-page buffers)
+                n = j - k0
+                stride = ps + 8
+                at = base + i * ps
+                if len(scratch) < (j - i) * stride:
+                    scratch = bytearray((j - i) * stride)
+                slots: list[memoryview] = []
+                if k0 > i:  # the named first record's page
+                    first_page = memoryview(scratch)[n * stride:n * stride + ps]
+                    vec.append(first_page)
+                    slots.append(first_page)
+                mv = memoryview(scratch)[:n * stride]
+                if n:
+                    _heads(n, ps).pack_into(mv, 0, *range(k0 * ps | cont_page, j * ps, ps))
+                    slots += [mv[p:p + ps] for p in range(8, n * stride, stride)]
+                    vec.append(mv)
+                got = _read_slots(f, slots, at)
+                if got < (j - i) * ps:
+                    raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page "
+                                      f"0x{(i + got // ps) * ps:x}", at + got, f"ram/{b.name}")
                 pages += j - i
             else:
                 vec.append(struct.pack(">" + "QB" * (j - k0),
@@ -473,6 +537,9 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
 
 # --------------------------------------------------------------------------------------------
 # sequential -> mapped-ram
+
+
+_PAGE = int(RamFlag.PAGE)
 
 
 class _MappedRam(RamImage):
@@ -549,6 +616,36 @@ class _MappedRam(RamImage):
             self.resolved += 1
         super().apply(ev)
 
+    def run(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
+            stride: int, offset: int) -> None:
+        """A run of page records from the parser's counting lane (``qevm.format.parser.RunSink``): the fast
+        twin of ``apply`` for each of its ``RamPage`` events.  Data pages go out in one ``pwritev`` straight
+        from the parser's buffer; zero pages over never-written pages cost nothing."""
+        ps = self.page_size
+        size = self._size.get(block)
+        if count > 1 and size is not None and addr % ps == 0 and addr + count * ps <= size:
+            i = addr // ps
+            bm = self._sent[block]
+            if kind == _PAGE:
+                views = [view[p:p + ps] for p in range(pos, pos + count * stride, stride)]
+                if self._zero not in views:  # a data page of zeros stays a hole: one at a time below
+                    self.flush()
+                    at = self._base[block] + addr
+                    for k in range(0, count, 1024):  # IOV_MAX
+                        part = views[k:k + 1024]
+                        want = len(part) * ps
+                        done = os.pwritev(self._fd, part, at)
+                        if done < want:
+                            os.pwrite(self._fd, b"".join(part)[done:], at + done)
+                        at += want
+                    set_bits(bm, i, count)
+                    return
+            elif not any_bits(bm, i, count):  # zero pages (fill 0) where nothing was written: holes
+                return
+        for k in range(count):
+            p = pos + k * stride
+            self.apply(RamPage(offset + k * stride, kind, addr + k * ps, block, bytes(view[p:p + length])))
+
     def bitmaps(self) -> dict[str, bytearray]:
         return self._sent
 
@@ -558,7 +655,7 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
     offset 0); returns the file size.  Pages sent more than once end with their last copy; XBZRLE
     and compressed pages are applied; zero pages stay holes."""
     schema, page_size = _schema_and_page(inp)
-    parser = Parser(schema=schema, page_size=page_size, count_pages=False, keep_raw=False,
+    parser = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw=False,
                     file_offset=inp.file_offset)
     pos = 0
     ram: _MappedRam | None = None
@@ -612,6 +709,7 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
             ps = parser.page_size or 4096
             if ram is None:
                 ram = _MappedRam(fd, ps)
+                parser.run_sink = ram.run  # every page record from now on (the fast twin of RamPage events)
             entry = RamBlock(ev.offset, ev.name, ev.used_length, None, ev.addr, None).encode()
             hdr_at = pos + len(entry)
             bitmap_at = hdr_at + 28
@@ -631,7 +729,11 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
                 return  # QEMU writes none with mapped-ram
             if ev.flags == RamFlag.HOOK:
                 raise UsageError("the stream was sent over RDMA (RAM_SAVE_FLAG_HOOK): its pages are not in it")
-        if isinstance(ev, (MappedRamBitmap, MappedRamData, RamTally)):
+        if type(ev) is RamTally:
+            if ram is None:
+                raise DecodeError("RAM page before the block list", ev.offset, "ram")
+            return  # its pages went to ram.run
+        if isinstance(ev, (MappedRamBitmap, MappedRamData)):
             raise DecodeError(f"unexpected {type(ev).__name__} in a plain stream", ev.offset)
         from qevm.format.events import CommandEvent
 
@@ -706,10 +808,14 @@ class _LoadvmCheck:
     postcopy) and picks up the VM clock from the ``timer`` section.  Raises ``UsageError`` at the
     first record loadvm cannot take."""
 
-    def __init__(self, chunks: Iterable[bytes], schema: Schema | None, page_size: int | None) -> None:
+    def __init__(self, chunks: Iterable[bytes], schema: Schema | None, page_size: int | None,
+                 inp: Input | None = None) -> None:
         self._chunks = chunks
         self._parser: Parser | None = Parser(schema=schema, page_size=page_size, count_pages=True, keep_raw=False)
         self.vm_clock: int | None = None
+        # a seekable plain input (``_raw_chunks`` of it as ``chunks``): read straight into the parser's buffer
+        # and hand out views of it, one copy fewer per byte
+        self._inp = inp if inp is not None and inp.seekable and hasattr(inp.file, "readinto") else None
 
     def _look(self, ev: Event) -> None:
         from qevm.format.events import CommandEvent, DeviceState
@@ -728,21 +834,56 @@ class _LoadvmCheck:
         elif isinstance(ev, DeviceState) and ev.section.idstr == "timer" and ev.section.instance_id == 0:
             self.vm_clock = vm_clock_of(ev.data)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def _parse(self) -> None:
+        p = self._parser
+        if p is None:
+            return
+        try:
+            while True:
+                ev = p.next_event()
+                if ev is NEED_DATA or ev is DONE:
+                    break
+                assert isinstance(ev, Event)
+                self._look(ev)
+        except DecodeError:
+            self._parser = None  # QEMU will judge the rest; the copy goes on
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        if self._inp is not None:
+            yield from self._direct(self._inp)
+            return
         for c in self._chunks:
-            p = self._parser
-            if p is not None:
-                p.feed(c)
-                try:
-                    while True:
-                        ev = p.next_event()
-                        if ev is NEED_DATA or ev is DONE:
-                            break
-                        assert isinstance(ev, Event)
-                        self._look(ev)
-                except DecodeError:
-                    self._parser = None  # QEMU will judge the rest; the copy goes on
+            if self._parser is not None:
+                self._parser.feed(c)
+                self._parse()
             yield c
+
+    def _direct(self, inp: Input) -> Iterator[memoryview]:
+        """Each chunk read into the parser's buffer, parsed there, then handed out as a view of it (valid
+        until the next chunk is asked for)."""
+        readinto = inp.file.readinto
+        n = CHUNK * 4
+        plain: memoryview | None = None
+        while True:
+            p = self._parser
+            if p is None:  # the check gave up: the rest through a plain buffer
+                plain = plain if plain is not None else memoryview(bytearray(n))
+                k = readinto(plain) or 0
+                if not k:
+                    return
+                yield plain[:k]
+                continue
+            with p.get_buffer(n) as free, free[:n] as into:
+                k = readinto(into) or 0
+            if not k:
+                return
+            p.buffer_updated(k)
+            self._parse()
+            chunk = p.last_fed(k)
+            try:
+                yield chunk
+            finally:
+                chunk.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -822,8 +963,8 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
         base: Iterable[bytes] = _flat(sequential_chunks(inp)) if head.mapped_ram else _raw_chunks(inp, head.head)
         if vm_clock_ns is None and inp.seekable and inp.size:
             vm_clock_ns = find_vm_clock(inp.file, inp.size)
-        tap = _LoadvmCheck(base, schema, page_size)
-        stream: Iterable[bytes] = tap
+        tap = _LoadvmCheck(base, schema, page_size, None if head.mapped_ram else inp)
+        stream: Iterable[bytes | memoryview] = tap
         target = out
         if not os.path.exists(out):
             if size is None:
