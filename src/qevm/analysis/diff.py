@@ -123,18 +123,6 @@ class PageTable:
         else:
             raise _NeedContent()
 
-    def fast_sink(self) -> Callable[[str, int, int, memoryview, int], None]:
-        """``sink`` with the page size and tables bound (once the page size is known): the full-page
-        case, nearly every record, costs one digest and one store."""
-        tables, granule, ps, pack, slow = self.tables, self.granule, self.page_size, _PACK, self.sink
-
-        def sink(block: str, addr: int, kind: int, view: memoryview, pos: int) -> None:
-            if kind == _PAGE:
-                pack(tables[block], addr // granule * DIGEST, hash(bytes(view[pos:pos + ps])) or 1)
-            else:
-                slow(block, addr, kind, view, pos)
-        return sink
-
 
 _PACKERS: dict[int, Any] = {}
 
@@ -283,12 +271,12 @@ def read_side(source: str | Input, *, ram: bool = True, hooks: Hooks | None = No
             t = type(ev)
             if t is RamPage:
                 assert isinstance(ev, RamPage)
-                table.sink(ev.block, ev.addr, ev.kind, memoryview(ev.payload), 0)
+                # the per-event path (``--pages``): the same sink, one record at a time
+                table.sink(ev.block, ev.kind, ev.addr, 1, memoryview(ev.payload), 0, len(ev.payload), 0, ev.offset)
             elif t is RamBlock:
                 assert isinstance(ev, RamBlock)
                 if not table.tables:  # one slot per target page (1 KiB on some Arm machines)
                     table.granule = table.page_size = parser.page_size or 4096
-                    parser.page_sink = table.fast_sink()
                 table.add_block(ev.name, ev.used_length)
             if on_event is not None:
                 on_event(ev)
