@@ -3,45 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
-from qevm.cli import (
-    compat,
-    convert,
-    core,
-    desc,
-    diff,
-    dump,
-    edit,
-    extract,
-    info,
-    record,
-    redact,
-    report,
-    rewrite,
-    scan,
-    send,
-    tap,
-    vm,
-)
 from qevm.errors import QevmError
 
-VERBS = (dump, desc, info, rewrite, edit, record, tap, send, vm, diff, compat, convert, report, extract, redact, core,
-         scan)
+#: the verbs, in the order ``qevm --help`` lists them: each is the module ``qevm.cli.NAME`` with
+#: ``add_parser(sub)``; only the verb being run is imported (the others cost startup time)
+VERBS = ("dump", "desc", "info", "rewrite", "edit", "record", "tap", "send", "vm", "diff", "compat", "convert",
+         "report", "extract", "redact", "core", "scan")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: every verb's, or with ``only`` just that verb's (the others are listed by
+    name so that a typo still gets argparse's "invalid choice" message)."""
     p = argparse.ArgumentParser(prog="qevm", description="Read and write QEMU VM-state (savevm / migration) streams.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for mod in VERBS:
-        mod.add_parser(sub)
+    for name in VERBS:
+        if only is None or name == only:
+            importlib.import_module(f"qevm.cli.{name}").add_parser(sub)
     return p
 
 
+def _verb_of(argv: Sequence[str]) -> str | None:
+    """The verb on the command line when it comes first (``qevm VERB ...``), else None."""
+    return argv[0] if argv and argv[0] in VERBS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(_verb_of(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not getattr(args, "takes_extra", False):  # a verb that passes `-- ARGS...` on (compat --qemu)
