@@ -369,7 +369,8 @@ def test_state_tables() -> None:
 
 
 def test_snapshot_table_format() -> None:
-    from qevm.engine.snapshots import SnapshotInfo, format_snapshot_table, size_to_str
+    from qevm.engine.snapshots import SnapshotInfo, format_snapshot_table
+    from qevm.units import format_size as size_to_str
 
     assert [size_to_str(v) for v in (0, 999, 1000, 666_624, 1536 * 1024, 256 << 20, 3 << 30)] == [
         "0 B", "999 B", "0.977 KiB", "651 KiB", "1.5 MiB", "256 MiB", "3 GiB"]

@@ -11,7 +11,6 @@ The output goes to a temporary name next to the target and is renamed when compl
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from qevm.io.sources import CHUNK, Input, open_input
 
 __all__ = ["RedactResult", "redact", "parse_range"]
 
-_B64 = struct.Struct(">Q").pack
+
 
 
 @dataclass
@@ -97,7 +96,7 @@ class _Redactor:
                 continue
             self.result.pages_removed += 1
             cont = flags & RamFlag.CONTINUE
-            out += _B64(addr | kind_bits | cont)
+            out += be64(addr | kind_bits | cont)
             if not cont:
                 out += raw[start + 8:p]  # the block name as it was
             out += tail

@@ -13,9 +13,7 @@ that gathers the RAM map, so each stream is still read once and RAM is never hel
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +22,7 @@ from qevm.analysis.document import info_document
 from qevm.codec.vmsd import NULL, Field, Opaque, Struct, encode_struct
 from qevm.errors import UsageError
 from qevm.format.events import Event, PassTracker, RamPage, RamTally
+from qevm.io.base import atomic_output
 from qevm.io.reader import Analysis, read_stream
 from qevm.io.sources import Input
 
@@ -325,15 +324,8 @@ def write_report(sources: list[str], out_path: str, *, pages: bool | None = None
         diff = diff_view(res)
     del sides
     page = render(docs, diff, version=_version()).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(page)
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(out_path) as out:
+        out.write(page)
     return {"bytes": len(page), "fields": sum(len(dv["rows"]) for d in docs for dv in d["devices"]),
             "changed": diff["fields_total"] if diff else None, "equal": diff["equal"] if diff else None}
 

@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import stat
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from qevm.analysis.compat import CompatResult, Side, compat, side_from_stream
 from qevm.analysis.document import info_document
 from qevm.errors import DecodeError, QevmError, UsageError
 from qevm.format.events import VmDescription
+from qevm.io.base import atomic_output
 from qevm.io.containers import QCOW2_MAGIC, Qcow2Image, Qcow2VmState, sniff
 from qevm.io.reader import Analysis, read_stream
 from qevm.io.sources import Input, open_input
@@ -497,28 +497,21 @@ def write_table(rows: list[dict[str, Any]], out: str) -> None:
         hint = missing_extra("pyarrow")
         if hint:
             raise UsageError(hint)
-    d = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if kind == "json":
-                f.write(json.dumps([{k: r[k] for k in _NAMES} for r in rows], indent=1).encode() + b"\n")
-            elif kind == "csv":
-                import io
+    with atomic_output(out) as f:
+        if kind == "json":
+            f.write(json.dumps([{k: r[k] for k in _NAMES} for r in rows], indent=1).encode() + b"\n")
+        elif kind == "csv":
+            import io
 
-                text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-                w = csv.writer(text)
-                w.writerow(_NAMES)
-                for r in rows:
-                    w.writerow(["" if r[k] is None else r[k] for k in _NAMES])
-                text.flush()
-                text.detach()
-            else:
-                _write_parquet(rows, f)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+            w = csv.writer(text)
+            w.writerow(_NAMES)
+            for r in rows:
+                w.writerow(["" if r[k] is None else r[k] for k in _NAMES])
+            text.flush()
+            text.detach()
+        else:
+            _write_parquet(rows, f)
 
 
 def _write_parquet(rows: list[dict[str, Any]], f: Any) -> None:

@@ -26,7 +26,7 @@ from qevm.engine.stream import SaveSession, StreamOut
 from qevm.errors import UsageError
 from qevm.units import format_size
 
-__all__ = ["SnapshotInfo", "SnapshotStore", "load_from_file", "size_to_str", "format_snapshot_table",
+__all__ = ["SnapshotInfo", "SnapshotStore", "load_from_file", "format_snapshot_table",
            "NO_SNAPSHOT_DEVICE"]
 
 INDEX = "snapshots.json"
@@ -47,7 +47,6 @@ class SnapshotInfo:
     icount: int = -1
 
 
-size_to_str = format_size  # QEMU's name for it (qevm.units)
 
 
 def format_snapshot_table(snaps: list[SnapshotInfo]) -> str:
@@ -62,7 +61,7 @@ def format_snapshot_table(snaps: list[SnapshotInfo]) -> str:
         clock = (f"{secs // 3600:04d}:{(secs // 60) % 60:02d}:{secs % 60:02d}."
                  f"{(sn.vm_clock_nsec // 1_000_000) % 1000:03d}")
         icount = str(sn.icount) if sn.icount != -1 else "--"
-        lines.append(f"{'--':<7} {sn.name:<16} {size_to_str(sn.vm_state_size):>8} {date:>19} {clock:>15} "
+        lines.append(f"{'--':<7} {sn.name:<16} {format_size(sn.vm_state_size):>8} {date:>19} {clock:>15} "
                      f"{icount:>10}")
     return "\n".join(lines) + "\n"
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Input", "CHUNK"]
+from qevm.errors import UsageError
+
+__all__ = ["Input", "CHUNK", "atomic_output"]
 
 #: how much the reader asks a file for at a time
 CHUNK = 1 << 20
@@ -33,3 +37,43 @@ class Input:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class atomic_output:  # noqa: N801 - used as a context manager like open()
+    """A file written under a temporary name next to ``path`` and renamed to ``path`` only when the
+    ``with`` block completes; removed on any error.  ``-`` is standard output (written directly)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tmp = ""
+        self.file: Any = None
+
+    def __enter__(self) -> Any:
+        if self.path == "-":
+            self.file = sys.stdout.buffer
+            return self.file
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise UsageError(f"output directory {directory} does not exist")
+        fd, self.tmp = tempfile.mkstemp(prefix=f".qevm-{os.path.basename(self.path)}.", suffix=".part", dir=directory)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # like open(): mkstemp's 0600 is for the temporary name only
+        self.file = os.fdopen(fd, "w+b")
+        return self.file
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        if self.path == "-":
+            self.file.flush()
+            return
+        try:
+            self.file.close()
+            if et is None:
+                os.replace(self.tmp, self.path)
+                self.tmp = ""
+        finally:
+            if self.tmp:
+                try:
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass

@@ -47,7 +47,7 @@ from qevm.format.memory import RamImage
 from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
-from qevm.io.base import CHUNK, Input
+from qevm.io.base import CHUNK, Input, atomic_output
 from qevm.io.compression import compressing
 from qevm.io.reader import drive, trailer_schema
 from qevm.io.sources import open_input
@@ -60,7 +60,6 @@ __all__ = [
     "convert",
     "sequential_chunks",
     "write_mapped_ram",
-    "atomic_output",
     "stream_info",
     "vm_clock_of",
     "find_vm_clock",
@@ -106,48 +105,6 @@ def guess_format(out: str) -> tuple[str | None, str | None]:
 
 # --------------------------------------------------------------------------------------------
 # output plumbing
-
-
-class atomic_output:  # noqa: N801 - used as a context manager like open()
-    """A file written under a temporary name next to ``path`` and renamed to ``path`` only when the
-    ``with`` block completes; removed on any error.  ``-`` is standard output (written directly)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.tmp = ""
-        self.file: Any = None
-
-    def __enter__(self) -> Any:
-        import sys
-
-        if self.path == "-":
-            self.file = sys.stdout.buffer
-            return self.file
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise UsageError(f"output directory {directory} does not exist")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=directory)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # like open(): mkstemp's 0600 is for the temporary name only
-        self.file = os.fdopen(fd, "w+b")
-        return self.file
-
-    def __exit__(self, et: object, ev: object, tb: object) -> None:
-        if self.path == "-":
-            self.file.flush()
-            return
-        try:
-            self.file.close()
-            if et is None:
-                os.replace(self.tmp, self.path)
-                self.tmp = ""
-        finally:
-            if self.tmp:
-                try:
-                    os.unlink(self.tmp)
-                except OSError:
-                    pass
 
 
 Chunk = bytes | list[bytes | memoryview]  # a piece of output: bytes, or buffers to write in order

@@ -10,7 +10,6 @@ and is renamed into place only when the whole stream was written.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -36,6 +35,7 @@ from qevm.format.events import (
 )
 from qevm.format.parser import Parser
 from qevm.format.records import ram_record_head
+from qevm.io.base import atomic_output
 from qevm.io.reader import drive, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
 
@@ -208,10 +208,6 @@ def rewrite(source: str | Input, out_path: str, *, edits: list[Edit] | None = No
     edits = edits or []
     page_edits = page_edits or []
     inp = open_input(source, snapshot) if isinstance(source, str) else source
-    directory = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"output directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
     try:
         if schema is None:
             found, trailer_page = trailer_schema(inp)
@@ -222,26 +218,20 @@ def rewrite(source: str | Input, out_path: str, *, edits: list[Edit] | None = No
                              "(not a pipe or compressed input), or --schema")
         parser = Parser(schema=schema, page_size=page_size, count_pages=not page_edits, keep_raw="borrow",
                         file_offset=inp.file_offset)
-        with os.fdopen(fd, "wb") as out:
+        with atomic_output(out_path) as out:
             rw = _Rewriter(out, schema, edits, page_edits, lambda: parser.page_size or 4096, inp)
             drive(parser, inp, rw.handle)
             out.truncate(out.tell())
             rw.result.size = out.tell()
-        for e in edits:
-            if not e.applied:
-                raise UsageError(f"{e.path}: no such section in the stream")
-        for pe in page_edits:
-            if pe.records == 0:
-                raise UsageError(f"--set-page {pe.block}:0x{pe.addr:x}: the stream has no RAM section to carry it")
-            rw.result.pages_set.append(f"{pe.block}:0x{pe.addr:x} ({pe.records} record(s))")
-        os.replace(tmp, out_path)
-        tmp = ""
+            for e in edits:
+                if not e.applied:
+                    raise UsageError(f"{e.path}: no such section in the stream")
+            for pe in page_edits:
+                if pe.records == 0:
+                    raise UsageError(f"--set-page {pe.block}:0x{pe.addr:x}: the stream has no RAM section to "
+                                     "carry it")
+                rw.result.pages_set.append(f"{pe.block}:0x{pe.addr:x} ({pe.records} record(s))")
         return rw.result
     finally:
-        if tmp:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         if isinstance(source, str):
             inp.close()

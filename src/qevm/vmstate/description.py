@@ -45,8 +45,6 @@ from typing import Any
 from qevm.codec.types import REGISTRY, TypeCodec
 from qevm.errors import DecodeError, EncodeError, QevmError, SchemaError
 
-SUBSECTION = 0x05
-NULLPTR_MARKER = 0x30
 #: the value a ``timer`` field carries when the timer is not pending (be64 -1)
 TIMER_NOT_ARMED = 0xFFFF_FFFF_FFFF_FFFF
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qevm.codec.vmsd import NULLPTR_MARKER, SUBSECTION
 from qevm.codec.wire import Cursor
 from qevm.errors import DecodeError, EncodeError
 from qevm.vmstate.description import (
     MISSING,
-    NULLPTR_MARKER,
-    SUBSECTION,
     State,
     VersionError,
     VMStateDescription,
