@@ -21,6 +21,7 @@ from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
 from qevm.engine.migration import SUPPORTED_CAPABILITIES, MigrationState
 from qevm.engine.parameters import APIS, PARAMETERS, apply_parameters
+from qevm.engine.postcopy import postcopy_caps_error
 from qevm.engine.qcow2store import Qcow2SnapshotStore
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
 from qevm.engine.states import MigrationStatus, RunState
@@ -174,7 +175,8 @@ class Engine:
             raise QMPError(str(e)) from None
         self.incoming = IncomingMigration(
             self.m, src, autostart=self.autostart, exit_on_error=exit_on_error, emit=self.emit,
-            events_on=lambda: self.mig.caps["events"], on_exit=self.request_exit)
+            events_on=lambda: self.mig.caps["events"], on_exit=self.request_exit,
+            postcopy_ram=lambda: self.mig.caps["postcopy-ram"])
         self.incoming_once = True
         self.incoming.start()
 
@@ -388,9 +390,13 @@ def _migrate_incoming(e: Engine, a: dict[str, Any]) -> Any:
 
 @command("migrate-start-postcopy")
 def _start_postcopy(e: Engine, a: dict[str, Any]) -> Any:
-    # postcopy-ram cannot be switched on here (refused by migrate-set-capabilities), so QEMU's answer
-    # for a migration without it is the only one
-    raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
+    caps = e.mig.caps
+    if not (caps.get("postcopy-ram") or caps.get("dirty-bitmaps")):
+        raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
+    if e.mig.status is S.NONE:
+        raise QMPError("Postcopy must be started after migration has been started")
+    e.mig.start_postcopy.set()  # no error once the migration ended: that would race with the command
+    return {}
 
 
 @command("query-migrate")
@@ -400,6 +406,8 @@ def _query_migrate(e: Engine, a: dict[str, Any]) -> Any:
 
 @command("migrate_cancel")
 def _migrate_cancel(e: Engine, a: dict[str, Any]) -> Any:
+    if e.mig.status is S.POSTCOPY_ACTIVE:
+        raise QMPError("Postcopy migration in progress, cannot cancel.")
     e.mig.cancel()
     return {}
 
@@ -443,6 +451,9 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
         if state and cap not in SUPPORTED_CAPABILITIES:
             raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
         changes[cap] = state
+    why = postcopy_caps_error({**e.mig.caps, **changes}, e.api)
+    if why is not None:
+        raise QMPError(why)
     e.mig.caps.update(changes)
     return {}
 

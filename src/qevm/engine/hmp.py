@@ -1,6 +1,7 @@
 """The human monitor commands the engine understands (``human-monitor-command``), printing what
 QEMU 10.0's HMP prints: ``savevm [tag]``, ``loadvm tag``, ``delvm tag``, ``info snapshots``,
 ``info migrate``, ``info status``, ``stop``, ``cont``/``c``, ``migrate [-d] uri``, ``migrate_cancel``,
+``migrate_start_postcopy``,
 ``migrate_set_parameter name value``, ``migrate_set_capability name on|off``, ``quit``/``q``.
 Lines end with ``\\n`` here; the QMP layer turns them into ``\\r\\n`` as QEMU's monitor does.
 """
@@ -87,6 +88,9 @@ def run_hmp(engine: Monitored, line: str) -> str:
         if cmd == "migrate_cancel":
             engine.execute("migrate_cancel", {})
             return ""
+        if cmd == "migrate_start_postcopy":
+            engine.execute("migrate-start-postcopy", {})
+            return ""
         if cmd == "migrate":
             rest = [w for w in args if not w.startswith("-")]
             if not rest:
@@ -150,10 +154,14 @@ def format_info_migrate(engine: Monitored) -> str:
                 f"pages-per-second: {ram['pages-per-second']}"]
         if ram["dirty-pages-rate"]:
             out.append(f"dirty pages rate: {ram['dirty-pages-rate']} pages")
+        if ram["postcopy-requests"]:
+            out.append(f"postcopy request count: {ram['postcopy-requests']}")
         if ram["precopy-bytes"]:
             out.append(f"precopy ram: {ram['precopy-bytes'] >> 10} kbytes")
         if ram["downtime-bytes"]:
             out.append(f"downtime ram: {ram['downtime-bytes'] >> 10} kbytes")
+        if ram["postcopy-bytes"]:
+            out.append(f"postcopy ram: {ram['postcopy-bytes'] >> 10} kbytes")
     x = info.get("xbzrle-cache")
     if x:
         out += [f"cache size: {x['cache-size']} bytes",

@@ -11,6 +11,10 @@ either
   return path; or
 * failed: "load of migration failed: ..." is logged, SHUT(1), and with ``exit_on_error`` (QEMU's
   default) the process is asked to exit with status 1, as QEMU does.
+
+With postcopy (``qevm.engine.postcopy.PostcopyIncoming``) the status becomes postcopy-active at
+POSTCOPY_LISTEN and the VM starts at POSTCOPY_RUN, before the last pages came; a failure from then
+on always ends the process with status 1.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from qevm.engine.load import StreamLoader
 from qevm.engine.machine import Machine
+from qevm.engine.postcopy import PostcopyIncoming
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
 from qevm.errors import QevmError
 from qevm.migration.channels import Channel, Incoming, TransportError
@@ -38,7 +43,7 @@ S = MigrationStatus
 class IncomingMigration:
     def __init__(self, machine: Machine, source: Incoming, *, autostart: bool, exit_on_error: bool,
                  emit: Callable[[str, dict[str, Any] | None], None], events_on: Callable[[], bool],
-                 on_exit: Callable[[int], None]) -> None:
+                 on_exit: Callable[[int], None], postcopy_ram: Callable[[], bool] = lambda: False) -> None:
         self.m = machine
         self.source = source
         self.autostart = autostart
@@ -46,6 +51,8 @@ class IncomingMigration:
         self.emit = emit
         self.events_on = events_on
         self.on_exit = on_exit
+        self.postcopy_ram = postcopy_ram
+        self.postcopy: PostcopyIncoming | None = None
         self.cell = StatusCell(self._on_status)
         self.error: str | None = None
         self.loader: StreamLoader | None = None
@@ -66,6 +73,8 @@ class IncomingMigration:
 
     def abort(self) -> None:
         self.source.abort()
+        if self.postcopy is not None:
+            self.postcopy.release()
 
     def info(self) -> dict[str, Any]:
         st = self.status
@@ -85,10 +94,11 @@ class IncomingMigration:
         m = self.m
         resp = DestinationResponder()
         ch: Channel | None = None
+        send_lock = threading.Lock()  # postcopy: the vCPU's page requests share the return path
 
         def answer(data: bytes) -> None:
             if data and ch is not None:
-                with contextlib.suppress(TransportError):  # the source went away: the load decides
+                with send_lock, contextlib.suppress(TransportError):  # the source went away: the load decides
                     ch.sendall(data)
 
         try:
@@ -96,6 +106,9 @@ class IncomingMigration:
             resp.channel_has_return_path = ch.has_return_path
             self.cell.transition(S.SETUP, S.ACTIVE)
             ld = self.loader = StreamLoader(m)
+            pc = self.postcopy = PostcopyIncoming(m, enabled=self.postcopy_ram, send=answer,
+                                                  on_listen=self._postcopy_listen, on_run=self._postcopy_run)
+            ld.pc = pc
             while not ld.finished:
                 if src.aborted:
                     raise TransportError("incoming migration aborted")
@@ -111,6 +124,8 @@ class IncomingMigration:
                 if n == 0:
                     break
             ld.check_complete()
+            if pc.listening:
+                pc.finish()
             answer(resp.finish(True))
             src.close()
             self._finish()
@@ -120,14 +135,32 @@ class IncomingMigration:
             src.close()
             log.error("load of migration failed: %s", self.error)
             st = self.status
-            if st in (S.SETUP, S.ACTIVE):
+            if st in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE):
                 self.cell.transition(st, S.FAILED)
-            if self.exit_on_error:
+            if self.postcopy is not None:
+                self.postcopy.fail()
+            if self.exit_on_error or st is S.POSTCOPY_ACTIVE:  # postcopy: QEMU's listen thread exits
                 self.on_exit(1)
 
+    def _postcopy_listen(self) -> None:
+        """POSTCOPY_LISTEN: from now on pages may be requested (QEMU's listen thread starts)."""
+        self.cell.transition(S.ACTIVE, S.POSTCOPY_ACTIVE)
+
+    def _postcopy_run(self) -> None:
+        """POSTCOPY_RUN: the device state is loaded; the VM runs while pages are still missing
+        (QEMU's loadvm_postcopy_handle_run_bh: started with autostart, paused otherwise)."""
+        if self.autostart:
+            self.m.vm_start()
+        else:
+            self.m.set_runstate(RunState.PAUSED)
+
     def _finish(self) -> None:
-        """QEMU's process_incoming_migration_bh: choose the run state, then status completed."""
+        """QEMU's process_incoming_migration_bh: choose the run state, then status completed.  After
+        postcopy the VM was already started at POSTCOPY_RUN."""
         m = self.m
+        if self.status is S.POSTCOPY_ACTIVE:
+            self.cell.transition(S.POSTCOPY_ACTIVE, S.COMPLETED)
+            return
         gs = m.globalstate.state if m.globalstate.received else None
         if gs is None or gs is RunState.RUNNING:
             if self.autostart:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
 from qevm.errors import DecodeError, QevmError
@@ -48,6 +49,22 @@ _NOT_CONT = ~int(RamFlag.CONTINUE)
 _COMMANDS = (Command.OPEN_RETURN_PATH, Command.PING, Command.SWITCHOVER_START)
 
 
+class PostcopyHooks(Protocol):
+    """The destination's postcopy state (``qevm.engine.postcopy.PostcopyIncoming``) as the loader
+    drives it: the postcopy commands, and around each page whether it is there already and that
+    it was placed."""
+
+    received: bytearray | None
+
+    def command(self, ev: CommandEvent) -> None: ...
+    def present(self, p: int) -> bool: ...
+    def page_loaded(self, p: int) -> None: ...
+
+
+_POSTCOPY_COMMANDS = (Command.POSTCOPY_ADVISE, Command.POSTCOPY_RAM_DISCARD, Command.POSTCOPY_LISTEN,
+                      Command.POSTCOPY_RUN, Command.PACKAGED)
+
+
 @dataclass
 class LoadStats:
     pages: int = 0
@@ -71,6 +88,7 @@ class StreamLoader(PushParser):
         self.seen_config = False
         self.seen_eof = False
         self._finished = False
+        self.pc: PostcopyHooks | None = None  # set by the incoming side
 
     @property
     def finished(self) -> bool:
@@ -114,7 +132,14 @@ class StreamLoader(PushParser):
     # -- events ------------------------------------------------------------------------------------------
     def handle(self, ev: Event) -> None:
         if isinstance(ev, RamPage):
-            self._page(ev)
+            pc = self.pc
+            if pc is None or pc.received is None:
+                self._page(ev)
+                return
+            p = ev.addr // self.ps
+            if not pc.present(p):  # in postcopy a late copy never overwrites what the guest wrote since
+                self._page(ev)
+                pc.page_loaded(p)
             return
         if isinstance(ev, DeviceState):
             self._device(ev)
@@ -134,7 +159,14 @@ class StreamLoader(PushParser):
                 raise LoadError(f"Length mismatch: {ev.name}: 0x{ev.used_length:x} in != 0x{self.m.ram_size:x}: "
                                 "Invalid argument")
         elif isinstance(ev, CommandEvent):
-            if ev.cmd not in _COMMANDS:
+            if ev.cmd in _POSTCOPY_COMMANDS and self.pc is not None:
+                try:
+                    self.pc.command(ev)
+                except LoadError:
+                    raise
+                except QevmError as e:
+                    raise LoadError(str(e)) from e
+            elif ev.cmd not in _COMMANDS:
                 raise LoadError(f"qevm's engine does not support the {ev.name} command (postcopy, COLO)")
         elif isinstance(ev, EndOfFile):
             self.seen_eof = True

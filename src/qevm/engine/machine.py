@@ -293,6 +293,10 @@ class Machine:
                                    self.debug_migration)
         self._pace_clock = 0
         self._pace_debt = 0.0
+        #: postcopy destination: pages present (1) or still at the source (0), and what the CPU
+        #: calls before it touches a missing page (``qevm.engine.postcopy.PostcopyIncoming.fault``)
+        self.received: bytearray | None = None
+        self.fault: Callable[[int], None] | None = None
         self._quit = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -395,12 +399,15 @@ class Machine:
         slots = ps // 64
         hot = max(1, npages // 16)
         pack = _OP.pack_into
+        received = self.received
         for i in range(start, start + n):
             z = ((seed ^ i) + 0x9E3779B97F4A7C15) & _M64
             z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
             z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
             h = z ^ (z >> 31)
             page = h % (hot if h >> 62 != 3 else npages)
+            if received is not None and not received[page] and self.fault is not None:
+                self.fault(page)  # postcopy: the page is still at the source; wait for it
             pack(ram, page * ps + ((h >> 32) % slots) * 64, i, h, seed, page, i ^ h, ~i & _M64, h >> 1,
                  (seed + i) & _M64)
             dirty[page] = 1

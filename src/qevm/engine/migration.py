@@ -29,6 +29,7 @@ from qevm.codec.wire import be32
 from qevm.engine.compress import CompressCounters, CompressPool
 from qevm.engine.machine import Machine
 from qevm.engine.parameters import DEFAULT_PARAMETERS, default_parameters
+from qevm.engine.postcopy import PostcopySource
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
 from qevm.engine.stream import Cancelled, RamSaver, SaveSession, StreamOut
 from qevm.errors import QevmError
@@ -63,7 +64,7 @@ CAPABILITIES_72 = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "co
 CAPABILITIES_OF = {"10.0": CAPABILITIES, "7.2": CAPABILITIES_72}
 #: the ones this engine implements (setting another one on is refused, rather than ignored)
 SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate",
-                                    "compress"})
+                                    "compress", "postcopy-ram"})
 #: how long the source waits for the destination's SHUT on the return path
 RP_SHUT_TIMEOUT = 30.0
 
@@ -102,6 +103,8 @@ class MigrationState:
         self.out: StreamOut | None = None
         self.pool: CompressPool | None = None
         self.iterations = 0
+        self.postcopy: PostcopySource | None = None
+        self.start_postcopy = threading.Event()  # migrate-start-postcopy
 
     # -- status ----------------------------------------------------------------------------------------
     @property
@@ -118,7 +121,7 @@ class MigrationState:
 
     @property
     def running(self) -> bool:
-        return self.status in (S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING)
+        return self.status in (S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING, S.POSTCOPY_ACTIVE)
 
     # -- commands ----------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -147,13 +150,19 @@ class MigrationState:
         self.thread.start()
 
     def cancel(self) -> None:
-        """migrate_cancel: active/setup/device -> cancelling; the thread finishes the job."""
+        """migrate_cancel: active/setup/device -> cancelling; the thread finishes the job.  In
+        postcopy-active (refused by the QMP command, as QEMU) only the engine's own shutdown calls
+        it: the thread is stopped and ends in failed."""
         for old in (S.SETUP, S.ACTIVE, S.DEVICE):
             if self.cell.status is old and self.cell.transition(old, S.CANCELLING):
                 self._abort.set()
                 if self.channel is not None:
                     self.channel.abort()
                 return
+        if self.cell.status is S.POSTCOPY_ACTIVE:
+            self._abort.set()
+            if self.channel is not None:
+                self.channel.abort()
 
     def wait(self, timeout: float | None = None) -> None:
         if self.thread is not None:
@@ -193,20 +202,26 @@ class MigrationState:
         stopped_here = False
         was_running = m.running
         rp: ReturnPathReader | None = None
+        pc = self.postcopy = PostcopySource(self) if self.caps["postcopy-ram"] else None
         try:
             sess.header()
-            if self.caps["return-path"]:
+            if self.caps["return-path"] or pc is not None:
                 if not ch.has_return_path:
                     raise QevmError("Unable to open return-path for postcopy")
-                rp = ReturnPathReader(ch, allowed=PRECOPY_MESSAGES, name="return-path")
+                rp = pc.open(ch) if pc is not None else ReturnPathReader(ch, allowed=PRECOPY_MESSAGES,
+                                                                        name="return-path")
                 out.write(CommandEvent(0, Command.OPEN_RETURN_PATH, b"").encode())
                 out.write(CommandEvent(0, Command.PING, be32(1)).encode())
+            if pc is not None:
+                out.write(pc.advise(m.page_size))
             sess.setup()
             out.flush()
             self.setup_time = int((time.monotonic() - self.start_time) * 1000)
             if not self.cell.transition(S.SETUP, S.ACTIVE):
                 raise Cancelled()
-            self._iterate(sess, out, limiter)
+            if self._iterate(sess, out, limiter) and pc is not None:
+                self._complete_postcopy(pc, sess, out, limiter, ch, rp)
+                return
             # -- stop and copy
             with m.lock:
                 if self.status is not S.ACTIVE:
@@ -248,11 +263,18 @@ class MigrationState:
             status = self.status
             if status is S.CANCELLING:
                 self.cell.transition(S.CANCELLING, S.CANCELLED)
-            elif status in (S.SETUP, S.ACTIVE, S.DEVICE):
+            elif status in (S.SETUP, S.ACTIVE, S.DEVICE, S.POSTCOPY_ACTIVE):
                 self.error = str(e) if not isinstance(e, Cancelled) else "cancelled"
                 log.error("migration failed: %s", self.error)
                 self.cell.transition(status, S.FAILED)
-            if stopped_here:
+            if pc is not None and pc.stopped:
+                stopped_here, was_running = True, pc.was_running
+            if pc is not None and pc.active:
+                # the destination runs the guest: the source must never start again (QEMU would
+                # pause the migration for a recovery; the VM stays stopped either way)
+                if m.runstate is RunState.FINISH_MIGRATE:
+                    m.set_runstate(RunState.POSTMIGRATE)
+            elif stopped_here:
                 if was_running:
                     m.vm_start()
                 elif m.runstate is RunState.FINISH_MIGRATE:
@@ -277,7 +299,27 @@ class MigrationState:
         if status:
             raise QevmError(f"the destination failed to load the stream (SHUT {status} on the return path)")
 
-    def _iterate(self, sess: SaveSession, out: StreamOut, limiter: RateLimiter) -> None:
+    def _complete_postcopy(self, pc: PostcopySource, sess: SaveSession, out: StreamOut, limiter: RateLimiter,
+                           ch: Channel, rp: ReturnPathReader | None) -> None:
+        """After migrate-start-postcopy: switch over, send the rest (``PostcopySource.run``), then
+        wait for SHUT as every return-path migration does; completed, the VM stays postmigrate."""
+        pc.run(sess, out, limiter, ch)
+        if rp is not None:
+            self._wait_shut(rp)
+        ch.close()
+        self.total_time = int((time.monotonic() - self.start_time) * 1000)
+        transfer_ms = max(1, self.total_time - self.setup_time)
+        self.mbps = out.total * 8.0 / transfer_ms / 1000.0
+        self.pages_per_second = int(sess.ram.c.pages_sent * 1000 / transfer_ms)
+        if not self.cell.transition(S.POSTCOPY_ACTIVE, S.COMPLETED):
+            raise Cancelled()
+        self.m.set_runstate(RunState.POSTMIGRATE)
+        log.info("postcopy migration completed: %d bytes in %d ms, downtime %d ms, %d page requests", out.total,
+                 self.total_time, self.downtime, pc.requests)
+
+    def _iterate(self, sess: SaveSession, out: StreamOut, limiter: RateLimiter) -> bool:
+        """Precopy passes; True when they stopped for migrate-start-postcopy, False when what is
+        left fits the downtime (stop and copy)."""
         ram: RamSaver = sess.ram
         win_t = time.monotonic()
         win_bytes = out.total
@@ -293,11 +335,13 @@ class MigrationState:
                 ram.sync()
                 pending = ram.pending()
             if pending and pending >= self.threshold:
+                if self.start_postcopy.is_set() and self.postcopy is not None:
+                    return True
                 sess.iterate(time.monotonic() + MAX_WAIT)
                 self.iterations += 1
                 out.flush()
             else:
-                return
+                return False
             now = time.monotonic()
             if now - win_t >= BUFFER_DELAY:
                 sent = out.total - win_bytes
@@ -315,14 +359,17 @@ class MigrationState:
         if st is S.NONE:
             return {}
         info: dict[str, Any] = {"status": st.value}
-        if st in (S.ACTIVE, S.CANCELLING, S.DEVICE, S.COMPLETED):
+        if st in (S.ACTIVE, S.CANCELLING, S.DEVICE, S.COMPLETED, S.POSTCOPY_ACTIVE):
             info["setup-time"] = self.setup_time
             if st is S.COMPLETED:
                 info["total-time"] = self.total_time
                 info["downtime"] = self.downtime
             else:
                 info["total-time"] = int((time.monotonic() - self.start_time) * 1000)
-                info["expected-downtime"] = self.expected_downtime
+                if st is S.POSTCOPY_ACTIVE:
+                    info["downtime"] = self.downtime
+                else:
+                    info["expected-downtime"] = self.expected_downtime
             info["ram"] = self._ram_info(st)
             if self.caps["xbzrle"]:
                 info["xbzrle-cache"] = self._xbzrle_info()
@@ -338,6 +385,7 @@ class MigrationState:
         c = sess.ram.c if sess is not None else None
         ps = self.m.page_size
         transferred = out.total if out is not None else 0
+        pc = self.postcopy
         ram: dict[str, Any] = {
             "transferred": transferred,
             "remaining": 0 if st is S.COMPLETED or sess is None else sess.ram.pending(),
@@ -348,13 +396,13 @@ class MigrationState:
             "dirty-pages-rate": 0 if st is S.COMPLETED or not c else c.dirty_pages_rate,
             "mbps": self.mbps,
             "dirty-sync-count": c.dirty_sync_count if c else 0,
-            "postcopy-requests": 0,
+            "postcopy-requests": pc.requests if pc is not None else 0,
             "page-size": ps,
             "multifd-bytes": 0,
             "pages-per-second": self.pages_per_second,
-            "precopy-bytes": self.precopy_bytes if st is S.COMPLETED else transferred,
+            "precopy-bytes": self.precopy_bytes if st is S.COMPLETED or (pc is not None and pc.active) else transferred,
             "downtime-bytes": self.downtime_bytes,
-            "postcopy-bytes": 0,
+            "postcopy-bytes": pc.postcopy_bytes if pc is not None else 0,
             "dirty-sync-missed-zero-copy": 0,
         }
         return ram

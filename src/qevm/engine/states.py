@@ -1,17 +1,19 @@
 """The two lifecycles of the engine, as tables: QEMU's migration status and its run state.
 
-``MigrationStatus`` is QAPI's ``MigrationStatus`` (qapi/migration.json) restricted to what a precopy
+``MigrationStatus`` is QAPI's ``MigrationStatus`` (qapi/migration.json) restricted to what a precopy or postcopy
 engine goes through; ``MIGRATION_TRANSITIONS`` lists the moves QEMU 10.0's migration code makes
 (migration/migration.c: ``migrate_set_state(old, new)`` is a compare-and-swap, a move that is not in
 the table is a bug and raises ``IllegalTransition``).  ``RunState`` / ``RUNSTATE_TRANSITIONS`` is the
 subset of system/runstate.c's ``runstate_transitions_def`` that this machine can reach.
 
     none --> setup --> active --> device --> completed
-               |         |          |
+               |         |          |   +--> postcopy-active --> completed | failed
                +---------+----------+--> failed
                +---------+----------+--> cancelling --> cancelled
 
-The destination uses the same enum: setup (listening), active (loading), completed or failed.
+The destination uses the same enum: setup (listening), active (loading), postcopy-active (from
+POSTCOPY_LISTEN on), completed or failed.  A postcopy migration cannot be cancelled (QEMU refuses
+``migrate_cancel`` then), so postcopy-active has no move to cancelling.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class MigrationStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     DEVICE = "device"
+    POSTCOPY_ACTIVE = "postcopy-active"
 
 
 S = MigrationStatus
@@ -47,15 +50,18 @@ MIGRATION_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     # COMPLETED straight from SETUP: savevm (qemu_savevm_state has no active stage)
     S.SETUP: frozenset({S.ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
     # COMPLETED from ACTIVE: the destination (it has no device stage) and savevm
-    S.ACTIVE: frozenset({S.DEVICE, S.COMPLETED, S.FAILED, S.CANCELLING}),
-    S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
+    # POSTCOPY_ACTIVE from ACTIVE: the destination at POSTCOPY_LISTEN
+    S.ACTIVE: frozenset({S.DEVICE, S.COMPLETED, S.FAILED, S.CANCELLING, S.POSTCOPY_ACTIVE}),
+    # POSTCOPY_ACTIVE from DEVICE: the source once the postcopy package was sent
+    S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING, S.POSTCOPY_ACTIVE}),
+    S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED}),
     S.CANCELLING: frozenset({S.CANCELLED, S.FAILED}),
     S.CANCELLED: frozenset(),
     S.COMPLETED: frozenset(),
     S.FAILED: frozenset(),
 }
 #: QEMU's migration_is_running(): a new ``migrate`` is refused in these
-RUNNING_STATUSES = frozenset({S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING})
+RUNNING_STATUSES = frozenset({S.SETUP, S.ACTIVE, S.DEVICE, S.CANCELLING, S.POSTCOPY_ACTIVE})
 #: a new migration may start (after ``reset``) from these
 TERMINAL_STATUSES = frozenset({S.NONE, S.COMPLETED, S.FAILED, S.CANCELLED})
 

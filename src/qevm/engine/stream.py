@@ -31,6 +31,7 @@ from qevm.errors import QevmError
 from qevm.format.events import (
     Configuration,
     DeviceState,
+    EndOfFile,
     FileHeader,
     Footer,
     RamBlock,
@@ -213,14 +214,21 @@ class RamSaver:
         size = self.m.ram_size
         out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode() + _EOS_RECORD)
 
-    def iterate(self, out: StreamOut, deadline: float | None) -> int:
+    def iterate(self, out: StreamOut, deadline: float | None,
+                urgent: Callable[[StreamOut], int | None] | None = None) -> int:
         """Send dirty pages, scanning on from where the last call stopped, until none are left or
-        ``deadline`` (monotonic) has passed; then EOS.  Returns the pages visited."""
+        ``deadline`` (monotonic) has passed; then EOS.  Returns the pages visited.  ``urgent`` runs
+        before each page (postcopy: it sends the requested pages with ``send_page`` and returns the
+        page after the last one, where the scan goes on, or None)."""
         self._out = out
         bm = self.bitmap
         pos = self.pos
         visited = 0
         while True:
+            if urgent is not None:
+                q = urgent(out)
+                if q is not None:
+                    pos = q
             p = bm.find(1, pos)
             if p < 0:
                 self._round_done()
@@ -241,6 +249,16 @@ class RamSaver:
             self.compress.flush(out.write)
         out.write(_EOS_RECORD)
         return visited
+
+    def send_page(self, out: StreamOut, p: int) -> bool:
+        """Send page ``p`` now if it is still dirty (a postcopy page request); False when it was
+        sent already (by the scan, or for an earlier request)."""
+        if not self.bitmap[p]:
+            return False
+        self.bitmap[p] = 0
+        self.dirty_count -= 1
+        self._save_page(out, p)
+        return True
 
     def _round_done(self) -> None:
         if self.xbzrle:
@@ -344,15 +362,19 @@ class SaveSession:
         self.write_devices()
         self.out.flush()
 
-    def write_devices(self) -> None:
+    def write_devices(self, out: StreamOut | None = None, *, in_postcopy: bool = False) -> None:
         """The FULL device sections, EOF and the vmdesc trailer: the machine registry's own
-        (``SaveStateRegistry.events``, the ``ram`` entry has no FULL section)."""
-        out = self.out
+        (``SaveStateRegistry.events``, the ``ram`` entry has no FULL section).  ``in_postcopy``:
+        the sections alone, into ``out`` (the postcopy package: the stream goes on after it, QEMU
+        writes neither EOF nor vmdesc there)."""
+        out = out or self.out
         evs = self.m.registry.events(machine=MACHINE_TYPE, page_size=self.m.page_size, header=False,
                                      describe_configuration=True, offset=out.total + len(out.buf))
         if self.m.debug_migration is not None:
             embed_vmdesc(evs)
         for ev in evs:
+            if in_postcopy and isinstance(ev, (EndOfFile, VmDescription)):
+                continue
             out.write(ev.encode())
 
 
