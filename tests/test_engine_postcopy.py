@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -157,3 +158,201 @@ def test_postcopy_through_tap(work: Path) -> None:
 
     run(main())
 
+
+
+def test_destination_killed_in_postcopy(work: Path) -> None:
+    """The destination dies in postcopy: the source fails, and its VM stays stopped (the guest lives
+    on the destination side now; QEMU would pause for a recovery, never run the source again)."""
+
+    async def main() -> None:
+        src = VM(work, "src", ram=RAM, dirty_rate=30000)
+        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram=RAM, dirty_rate=30000)
+        async with vms(src, dst):
+            await postcopy_pair(src, dst, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
+            port = incoming_port(await dst.cmd("query-migrate"))
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            await switch_to_postcopy(src, 0.5)
+            assert (await src.cmd("query-migrate"))["status"] == "postcopy-active"
+            await asyncio.sleep(0.5)
+            src.mark()
+            dst.proc.send_signal(signal.SIGKILL)
+            info = await src.wait_migration(timeout=30)
+            assert info["status"] == "failed" and info.get("error-desc"), info
+            assert await src.status() == "postmigrate"
+            assert not src.event_names("RESUME")
+            n = len(src.lines())
+            await asyncio.sleep(0.4)
+            assert len(src.lines()) == n, "the source must not run again"
+            assert "Migration status: failed (" in await src.hmp("info migrate")
+
+    run(main())
+
+
+def test_source_killed_in_postcopy(work: Path) -> None:
+    """The source dies in postcopy: the destination's load fails and the process exits with status 1,
+    as QEMU's postcopy listen thread does (its guest cannot go on without the missing pages)."""
+
+    async def main() -> None:
+        src = VM(work, "src", ram=RAM, dirty_rate=30000)
+        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram=RAM, dirty_rate=30000)
+        async with vms(src, dst):
+            await postcopy_pair(src, dst, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
+            port = incoming_port(await dst.cmd("query-migrate"))
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            await switch_to_postcopy(src, 0.5)
+            deadline = time.monotonic() + 10
+            while (await dst.cmd("query-migrate"))["status"] != "postcopy-active":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            src.proc.send_signal(signal.SIGKILL)
+            assert dst.proc.wait(20) == 1
+            err = dst.stderr.read_text()
+            assert "load of migration failed" in err and "Traceback" not in err, err
+
+    run(main())
+
+
+def test_postcopy_refusals(work: Path) -> None:
+    """QEMU 10.0's answers: capability conflicts (probed on the real binary), migrate-start-postcopy
+    without the capability, a destination without postcopy-ram, a transport with no return path."""
+
+    async def main() -> None:
+        src = VM(work, "src", ram="8M", dirty_rate=100)
+        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram="8M")
+        async with vms(src, dst):
+            with pytest.raises(ExecuteError, match="Enable postcopy with migrate_set_capability before the start"):
+                await src.cmd("migrate-start-postcopy")
+            for caps, why in (({"postcopy-preempt"}, "Postcopy preempt requires postcopy-ram"),
+                              ({"postcopy-ram", "x-ignore-shared"}, "Postcopy is not compatible with ignore-shared"),
+                              ({"postcopy-ram", "multifd"}, "Postcopy is not yet compatible with multifd"),
+                              ({"postcopy-ram", "mapped-ram"}, "Mapped-ram migration is incompatible with postcopy")):
+                with pytest.raises(ExecuteError, match=why):
+                    await src.cmd("migrate-set-capabilities", {"capabilities": [
+                        {"capability": c, "state": True} for c in sorted(caps)]})
+            await src.enable_events("postcopy-ram", "xbzrle")  # xbzrle goes with postcopy (not used after the switch)
+            await src.cmd("migrate", {"uri": "exec:cat > /dev/null"})
+            info = await src.wait_migration()
+            assert info["status"] == "failed" and "return-path" in info["error-desc"], info
+            # the destination did not turn postcopy-ram on: it refuses the 16-byte ADVISE and exits
+            port = incoming_port(await dst.cmd("query-migrate"))
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            info = await src.wait_migration()
+            assert info["status"] == "failed", info
+            assert dst.proc.wait(20) == 1
+            assert "RAM postcopy is disabled but have 16 byte advise" in dst.stderr.read_text()
+            assert await src.status() == "running"
+
+    run(main())
+
+
+def test_postcopy_never_started_is_precopy(work: Path) -> None:
+    """postcopy-ram on, no migrate-start-postcopy: a precopy migration with ADVISE in its stream,
+    ending with the usual stop and copy (and the vmdesc)."""
+
+    async def main() -> None:
+        src = VM(work, "src", ram="8M", dirty_rate=500)
+        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", "-S", ram="8M")
+        async with vms(src, dst):
+            await postcopy_pair(src, dst, precopy_bw=1 << 30, postcopy_bw=0)
+            port = incoming_port(await dst.cmd("query-migrate"))
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            info = await src.wait_migration()
+            assert info["status"] == "completed" and info["ram"]["postcopy-bytes"] == 0
+            assert info["ram"]["precopy-bytes"] + info["ram"]["downtime-bytes"] == info["ram"]["transferred"]
+            assert (await dst.wait_migration())["status"] == "completed"
+            assert [d["status"] for _, d in dst.event_names("MIGRATION")] == ["active", "completed"]
+            a = await src.cmd("x-qevm-query-machine", {"digest": True})
+            b = await dst.cmd("x-qevm-query-machine", {"digest": True})
+            assert a["ram-sha256"] == b["ram-sha256"]
+            # asking after the end is no error (QEMU: it would race with the command)
+            await src.cmd("migrate-start-postcopy")
+
+    run(main())
+
+
+# -- in-process ---------------------------------------------------------------------------------------------------
+
+def test_discard_commands_decode() -> None:
+    """Every run of dirty pages becomes one byte range; 12 ranges per command; the reader's decoder
+    (qevm dump's view) reads them back."""
+    from qevm.engine.postcopy import MAX_DISCARDS_PER_COMMAND, discard_commands
+    from qevm.format.live import decode_command
+    from qevm.format.records import Command
+
+    bm = bytearray(200)
+    runs = [(0, 1), (5, 3)] + [(20 + 7 * i, 2) for i in range(20)] + [(199, 1)]
+    for a, n in runs:
+        bm[a:a + n] = b"\x01" * n
+    recs = discard_commands(bm, 4096, "demo.ram")
+    assert len(recs) == -(-len(runs) // MAX_DISCARDS_PER_COMMAND)
+    got = []
+    for r in recs:
+        assert r[0] == 0x08 and int.from_bytes(r[1:3], "big") == Command.POSTCOPY_RAM_DISCARD
+        data = r[5:]
+        assert int.from_bytes(r[3:5], "big") == len(data)
+        info = decode_command(Command.POSTCOPY_RAM_DISCARD, data)
+        assert info["version"] == 0 and info["block"] == "demo.ram"
+        got += info["ranges"]
+    assert got == [[a * 4096, n * 4096] for a, n in runs]
+    assert discard_commands(bytearray(10), 4096) == []
+
+
+def test_incoming_postcopy_state_machine() -> None:
+    """The destination's checks, in QEMU's words: command order, ADVISE lengths and page sizes,
+    DISCARD layout; pages loaded before LISTEN count as received, discarded ones do not."""
+    from qevm.codec.wire import be64
+    from qevm.engine.machine import Machine
+    from qevm.engine.postcopy import PostcopyIncoming, discard_commands
+    from qevm.errors import QevmError
+    from qevm.format.events import CommandEvent
+    from qevm.format.records import Command
+
+    def pc(enabled: bool = True) -> tuple[PostcopyIncoming, list[str]]:
+        calls: list[str] = []
+        return PostcopyIncoming(Machine(64 * 4096), enabled=lambda: enabled, send=lambda b: None,
+                                on_listen=lambda: calls.append("listen"), on_run=lambda: calls.append("run")), calls
+
+    def cmd(c: Command, data: bytes = b"") -> CommandEvent:
+        return CommandEvent(0, c, data)
+
+    advise = cmd(Command.POSTCOPY_ADVISE, be64(4096) + be64(4096))
+    p, calls = pc()
+    with pytest.raises(QevmError, match=r"CMD_POSTCOPY_LISTEN in wrong postcopy state \(0\)"):
+        p.command(cmd(Command.POSTCOPY_LISTEN))
+    p, calls = pc()
+    with pytest.raises(QevmError, match="RAM postcopy is enabled but have 0 byte advise"):
+        p.command(cmd(Command.POSTCOPY_ADVISE))
+    p, calls = pc(False)
+    with pytest.raises(QevmError, match="RAM postcopy is disabled but have 16 byte advise"):
+        p.command(advise)
+    p, calls = pc()
+    with pytest.raises(QevmError, match=r"Postcopy needs matching RAM page sizes \(s=10000 d=1000\)"):
+        p.command(cmd(Command.POSTCOPY_ADVISE, be64(65536) + be64(4096)))
+    p, calls = pc()
+    p.command(advise)
+    with pytest.raises(QevmError, match=r"CMD_POSTCOPY_ADVISE in wrong postcopy state \(1\)"):
+        p.command(advise)
+    with pytest.raises(QevmError, match=r"CMD_POSTCOPY_RUN in wrong postcopy state \(1\)"):
+        p.command(cmd(Command.POSTCOPY_RUN))
+    for i in range(64):
+        p.page_loaded(i)
+    dirty = bytearray(64)
+    dirty[3:9] = b"\x01" * 6
+    (rec,) = discard_commands(dirty, 4096, "demo.ram")
+    p.command(cmd(Command.POSTCOPY_RAM_DISCARD, rec[5:]))
+    with pytest.raises(QevmError, match=r"CMD_POSTCOPY_RAM_DISCARD invalid version \(1\)"):
+        p.command(cmd(Command.POSTCOPY_RAM_DISCARD, b"\x01" + rec[6:]))
+    with pytest.raises(QevmError, match="ram_discard_range: Failed to find block 'xemo.ram'"):
+        p.command(cmd(Command.POSTCOPY_RAM_DISCARD, rec[5:7] + b"x" + rec[8:]))
+    p.command(cmd(Command.POSTCOPY_LISTEN))
+    assert calls == ["listen"] and p.m.fault is not None and p.m.received is p.received
+    assert [i for i in range(64) if not p.present(i)] == list(range(3, 9))
+    p.command(cmd(Command.POSTCOPY_RUN))
+    assert calls == ["listen", "run"]
+    with pytest.raises(QevmError, match=r"6 page\(s\) never received"):
+        p.finish()
+    for i in range(3, 9):
+        p.page_loaded(i)
+    p.finish()
+    assert p.m.fault is None and p.m.received is None

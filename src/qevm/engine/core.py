@@ -448,12 +448,13 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
             raise QMPError(f"Parameter 'capability' does not accept value '{cap}'")
         if not isinstance(state, bool):
             raise QMPError("Invalid parameter type for 'state', expected: boolean")
-        if state and cap not in SUPPORTED_CAPABILITIES:
-            raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
         changes[cap] = state
-    why = postcopy_caps_error({**e.mig.caps, **changes}, e.api)
+    why = postcopy_caps_error({**e.mig.caps, **changes}, e.api)  # QEMU's own refusals come first
     if why is not None:
         raise QMPError(why)
+    for cap, state in changes.items():
+        if state and cap not in SUPPORTED_CAPABILITIES:
+            raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
     e.mig.caps.update(changes)
     return {}
 
