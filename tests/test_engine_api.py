@@ -539,7 +539,7 @@ def test_unimplemented_features_refused_clearly(work: Path) -> None:
 
     async def go() -> None:
         async with vms(VM(work, "a"), VM(work, "b", "--migration-api", "7.2")) as (a, b):
-            for cap in ("postcopy-ram", "multifd", "dirty-bitmaps", "mapped-ram", "auto-converge"):
+            for cap in ("multifd", "dirty-bitmaps", "mapped-ram", "auto-converge"):
                 r = await _raw(a, "migrate-set-capabilities", {"capabilities": [{"capability": cap, "state": True}]})
                 assert r == {"class": "GenericError",
                              "desc": f"Migration capability '{cap}' is not supported by qevm's engine"}
