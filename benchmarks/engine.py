@@ -16,6 +16,13 @@ the source (workload operations per second of virtual time while the migration r
 Part 3 (compression) migrates with QEMU 7.2's API and the compress capability, 1 and 2 compression
 threads, max-bandwidth unlimited so that the workers are the limit.
 
+Part 4 (postcopy) migrates a 256 MiB and a 1 GiB guest at two dirty rates with postcopy-ram on both
+ends and QEMU's defaults (max-bandwidth 128 MiB/s for the precopy phase, max-postcopy-bandwidth 0:
+unlimited), calls migrate-start-postcopy one second after ``migrate``, and reports the source's
+total-time, the time from ``migrate`` to postcopy-active (switchover, polled every 10 ms), the downtime
+(VM stopped to package sent), the page requests the destination's faults sent (postcopy-requests),
+the bytes of each phase, and the wall time until the destination completed.
+
 Part 1 (dirty rates) uses QEMU's defaults: max-bandwidth 128 MiB/s, downtime-limit 300 ms, plus one
 run with XBZRLE at the higher rate.  Part 2 (bandwidth) migrates at a low dirty rate (1000 pages/s)
 with max-bandwidth set, and reports the rate over the whole run (transferred / total-time) and over the
@@ -138,6 +145,52 @@ async def migrate_once(ram: str, dirty_rate: int, params: dict[str, Any], xbzrle
             await dst.close()
 
 
+async def postcopy_once(ram: str, dirty_rate: int, switch_after: float = 1.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="qe-bench-") as d:
+        work = Path(d)
+        src = Proc(work, "src", "--ram", ram, "--dirty-rate", str(dirty_rate), "--fill", "1.0")
+        dst = Proc(work, "dst", "--ram", ram, "--incoming", "tcp:127.0.0.1:0")
+        try:
+            await src.connect()
+            await dst.connect()
+            port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
+            for p in (src, dst):
+                await p.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram",
+                                                                             "state": True}]})
+            await src.cmd("migrate-set-parameters", {"max-bandwidth": 128 * MIB, "downtime-limit": 300,
+                                                     "max-postcopy-bandwidth": 0})
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            await asyncio.sleep(switch_after)
+            await src.cmd("migrate-start-postcopy")
+            t_switch = None
+            while True:
+                info = await src.cmd("query-migrate")
+                if t_switch is None and info["status"] in ("postcopy-active", "completed"):
+                    t_switch = time.monotonic() - t0
+                if info["status"] in ("completed", "failed", "cancelled"):
+                    break
+                await asyncio.sleep(0.01)
+            if info["status"] != "completed":
+                raise RuntimeError(f"migration {info['status']}: {info}")
+            while (await dst.cmd("query-migrate"))["status"] != "completed":
+                await asyncio.sleep(0.01)
+            t_dst = time.monotonic() - t0
+            r = info["ram"]
+            return {
+                "ram": ram, "dirty_rate": dirty_rate, "switch_after_s": switch_after,
+                "total_time_ms": info["total-time"], "downtime_ms": info["downtime"],
+                "switchover_s": round(t_switch or 0.0, 3), "postcopy_requests": r["postcopy-requests"],
+                "precopy_bytes": r["precopy-bytes"], "downtime_bytes": r["downtime-bytes"],
+                "postcopy_bytes": r["postcopy-bytes"], "transferred_bytes": r["transferred"],
+                "wall_until_destination_completed_s": round(t_dst, 3),
+            }
+        finally:
+            await src.close()
+            await dst.close()
+
+
 def bandwidth_figures(r: dict[str, Any], limit: int) -> dict[str, Any]:
     total_s = r["total_time_ms"] / 1000
     pre_s = (r["total_time_ms"] - r["downtime_ms"] - r["setup_time_ms"]) / 1000
@@ -164,6 +217,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         r = await migrate_once(args.ram, 1000, {"max-bandwidth": bw * MIB, "downtime-limit": 300})
         r.update(bandwidth_figures(r, bw * MIB))
         out["bandwidth"].append(r)
+    out["postcopy"] = []
+    for ram in [x for x in args.postcopy_ram.split(",") if x]:
+        for rate in rates:
+            log(f"{ram} at {rate} pages/s, postcopy one second after migrate")
+            out["postcopy"].append(await postcopy_once(ram, rate))
     out["compression"] = []
     for threads in [int(x) for x in args.compress_threads.split(",") if x]:
         log(f"{args.ram} at 1000 pages/s, compression with {threads} thread(s), max-bandwidth unlimited")
@@ -189,6 +247,14 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['max_bandwidth'] / MIB:.0f} MiB/s | {r['overall_Bps'] / MIB:.2f} MiB/s "
                      f"({r['overall_vs_limit_pct']:+.1f}%) | {r['precopy_Bps'] / MIB:.2f} MiB/s "
                      f"({r['precopy_vs_limit_pct']:+.1f}%) | {r['total_time_ms']} ms | {r['downtime_ms']} ms |")
+    if doc.get("postcopy"):
+        lines += ["", "Postcopy (migrate-start-postcopy 1 s after migrate; precopy at 128 MiB/s, postcopy unlimited):",
+                  "", "| RAM | dirty rate | total-time | to switchover | downtime | pages requested | precopy | "
+                  "postcopy | dest completed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in doc["postcopy"]:
+            lines.append(f"| {r['ram']} | {r['dirty_rate']} | {r['total_time_ms']} ms | {r['switchover_s']:.2f} s | "
+                         f"{r['downtime_ms']} ms | {r['postcopy_requests']} | {r['precopy_bytes'] / MIB:.1f} MiB | "
+                         f"{r['postcopy_bytes'] / MIB:.1f} MiB | {r['wall_until_destination_completed_s']:.2f} s |")
     if doc.get("compression"):
         lines += ["", "Compression threads (QEMU 7.2's API, zlib level 1, every page random data, "
                   "1000 pages/s, max-bandwidth unlimited):", "",
@@ -210,6 +276,8 @@ def main() -> int:
     p.add_argument("--no-xbzrle", action="store_true", help="skip the XBZRLE run")
     p.add_argument("--compress-threads", default="1,2",
                    help="compression runs, one per thread count (default 1,2; empty: none)")
+    p.add_argument("--postcopy-ram", default="256M,1G",
+                   help="postcopy runs: RAM sizes, each at every --rates value (default 256M,1G; empty: none)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
     doc = asyncio.run(main_async(args))
