@@ -104,11 +104,13 @@ def test_postcopy_tcp(work: Path) -> None:
 
 def test_postcopy_through_tap(work: Path) -> None:
     """engine -> qevm tap -> engine in postcopy: the tap forwards the stream and the page requests,
-    its recording parses with qevm dump, the destination's RAM is the workload's."""
+    its recording parses with qevm dump (no vmdesc follows a postcopy EOF: the debug-migration device's
+    copy, sent in the package, names the fields), the destination's RAM is the workload's."""
 
     async def main() -> None:
-        src = VM(work, "src", ram=RAM, dirty_rate=30000)
-        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram=RAM, dirty_rate=30000)
+        src = VM(work, "src", "--device", "debug-migration", ram=RAM, dirty_rate=30000)
+        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", "--device", "debug-migration", ram=RAM,
+                 dirty_rate=30000)
         rec = work / "tapped.mig"
         sock = work / "tap.sock"
         tap: subprocess.Popen[bytes] | None = None
@@ -152,7 +154,10 @@ def test_postcopy_through_tap(work: Path) -> None:
         r = qevm_cli("dump", str(rec))
         assert r.returncode == 0, r.stderr.decode()
         dump = json.loads(r.stdout)
-        assert [x["name"] for x in dump["sections"]] == ["ram", "timer", "cpu", "serial", "globalstate"]
+        assert [x["name"] for x in dump["sections"]] == ["ram", "timer", "cpu", "serial", "globalstate",
+                                                         "debug-migration"]
+        cpu = dump["sections"][2]["fields"]
+        assert cpu["dirty_rate"] == 30000 and cpu["ops"] > 0
         pages = dump["sections"][0]["ram"]["pages"]
         assert pages["normal"] + pages["zero"] >= 32 * MIB // 4096
 

@@ -262,8 +262,13 @@ class PostcopySource:
         if mig._abort.is_set():
             raise Cancelled()
         r = self.reader
-        if r is not None and r.eof.is_set() and r.shut_status is None:
-            raise r.error or QevmError("the return path closed: the destination is gone")
+        if r is not None and r.eof.is_set():  # no SHUT(0) can come before the source's EOF
+            if r.error is not None:
+                raise r.error
+            if r.shut_status:
+                raise QevmError(f"the destination failed to load the stream (SHUT {r.shut_status} on the "
+                                "return path)")
+            raise QevmError("the return path closed: the destination is gone")
 
     def _urgent(self, out: StreamOut) -> int | None:
         """Serve the queued page requests before the next page of the scan."""
