@@ -31,9 +31,9 @@ def replay_digest(ram: int, ops: int, seed: int = 1) -> str:
     return m.ram_digest()
 
 
-async def postcopy_pair(src: VM, dst: VM, *, precopy_bw: int, postcopy_bw: int) -> None:
+async def postcopy_pair(src: VM, dst: VM, *, precopy_bw: int, postcopy_bw: int, caps: tuple[str, ...] = ()) -> None:
     for vm in (src, dst):
-        await vm.enable_events("postcopy-ram")
+        await vm.enable_events("postcopy-ram", *caps)
     await src.cmd("migrate-set-parameters", {"max-bandwidth": precopy_bw, "max-postcopy-bandwidth": postcopy_bw,
                                              "downtime-limit": 50})
 
@@ -43,6 +43,20 @@ async def switch_to_postcopy(src: VM, after: float) -> None:
     await asyncio.sleep(after)
     await src.cmd("migrate-start-postcopy")
     await src.wait_migration(want=("postcopy-active", "completed", "failed"))
+
+
+async def into_postcopy(src: VM, dst: VM, *, after: float, precopy_bw: int, postcopy_bw: int,
+                        caps: tuple[str, ...] = ()) -> None:
+    """Migrate over tcp, switch to postcopy ``after`` seconds; returns with both ends postcopy-active."""
+    await postcopy_pair(src, dst, precopy_bw=precopy_bw, postcopy_bw=postcopy_bw, caps=caps)
+    port = incoming_port(await dst.cmd("query-migrate"))
+    await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    await switch_to_postcopy(src, after)
+    assert (await src.cmd("query-migrate"))["status"] == "postcopy-active"
+    deadline = time.monotonic() + 10
+    while (await dst.cmd("query-migrate"))["status"] != "postcopy-active":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
 
 
 async def check_ram(src: VM, dst: VM) -> None:
@@ -164,6 +178,28 @@ def test_postcopy_through_tap(work: Path) -> None:
     run(main())
 
 
+def test_postcopy_72_api_compress_xbzrle(work: Path) -> None:
+    """QEMU 7.2's API takes postcopy with compression threads (and XBZRLE): precopy pages go
+    compressed or as deltas, the postcopy phase plain (a requested page never waits in a worker)."""
+
+    async def main() -> None:
+        api = ("--migration-api", "7.2")
+        src = VM(work, "src", *api, ram=RAM, dirty_rate=30000)
+        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", *api, ram=RAM, dirty_rate=30000)
+        async with vms(src, dst):
+            await src.enable_events("xbzrle")
+            await into_postcopy(src, dst, after=2.0, precopy_bw=40 * MIB, postcopy_bw=4 * MIB, caps=("compress",))
+            info = await src.wait_migration(timeout=90)
+            assert info["status"] == "completed", (info, dst.stderr.read_text()[-3000:])
+            assert info["compression"]["pages"] > 0 and info["ram"]["postcopy-requests"] > 0, info
+            assert info["xbzrle-cache"]["pages"] > 0 and info["ram"]["dirty-sync-count"] >= 3, info
+            assert (await dst.wait_migration())["status"] == "completed"
+            await asyncio.sleep(0.4)
+            assert_continues(src.lines(), dst.lines())
+            await check_ram(src, dst)
+
+    run(main())
+
 
 def test_destination_killed_in_postcopy(work: Path) -> None:
     """The destination dies in postcopy: the source fails, and its VM stays stopped (the guest lives
@@ -173,11 +209,7 @@ def test_destination_killed_in_postcopy(work: Path) -> None:
         src = VM(work, "src", ram=RAM, dirty_rate=30000)
         dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram=RAM, dirty_rate=30000)
         async with vms(src, dst):
-            await postcopy_pair(src, dst, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
-            port = incoming_port(await dst.cmd("query-migrate"))
-            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-            await switch_to_postcopy(src, 0.5)
-            assert (await src.cmd("query-migrate"))["status"] == "postcopy-active"
+            await into_postcopy(src, dst, after=0.5, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
             await asyncio.sleep(0.5)
             src.mark()
             dst.proc.send_signal(signal.SIGKILL)
@@ -201,14 +233,7 @@ def test_source_killed_in_postcopy(work: Path) -> None:
         src = VM(work, "src", ram=RAM, dirty_rate=30000)
         dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram=RAM, dirty_rate=30000)
         async with vms(src, dst):
-            await postcopy_pair(src, dst, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
-            port = incoming_port(await dst.cmd("query-migrate"))
-            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-            await switch_to_postcopy(src, 0.5)
-            deadline = time.monotonic() + 10
-            while (await dst.cmd("query-migrate"))["status"] != "postcopy-active":
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await into_postcopy(src, dst, after=0.5, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
             await asyncio.sleep(0.5)
             src.proc.send_signal(signal.SIGKILL)
             assert dst.proc.wait(20) == 1

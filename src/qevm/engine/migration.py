@@ -224,12 +224,7 @@ class MigrationState:
                 return
             # -- stop and copy
             with m.lock:
-                if self.status is not S.ACTIVE:
-                    raise Cancelled()
-                was_running = m.running
-                m.globalstate.store(RunState.RUNNING if was_running else m.runstate)
-                stop_t = time.monotonic()
-                m.vm_stop(RunState.FINISH_MIGRATE)
+                was_running, stop_t = self.stop_for_switchover()
                 stopped_here = True
                 if not self.cell.transition(S.ACTIVE, S.DEVICE):
                     raise Cancelled()
@@ -285,6 +280,19 @@ class MigrationState:
             if pool is not None:
                 pool.close()
             self.channel = None
+
+    def stop_for_switchover(self) -> tuple[bool, float]:
+        """With the machine lock held and the status active (else ``Cancelled``): store the global
+        state, stop the VM (finish-migrate).  Returns whether it was running and when it stopped;
+        the caller moves the status to device."""
+        m = self.m
+        if self.status is not S.ACTIVE:
+            raise Cancelled()
+        was_running = m.running
+        m.globalstate.store(RunState.RUNNING if was_running else m.runstate)
+        stop_t = time.monotonic()
+        m.vm_stop(RunState.FINISH_MIGRATE)
+        return was_running, stop_t
 
     def _wait_shut(self, rp: ReturnPathReader) -> None:
         """The source's rule with a return path: completed only on the destination's SHUT(0)."""

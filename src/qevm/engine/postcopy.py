@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from qevm.codec.wire import be32, be64
 from qevm.engine.machine import RAM_BLOCK, Machine
-from qevm.engine.states import MigrationStatus, RunState, StatusCell
+from qevm.engine.states import MigrationStatus, StatusCell
 from qevm.engine.stream import Cancelled, SaveSession, StreamOut
 from qevm.errors import DecodeError, QevmError
 from qevm.format.events import CommandEvent
@@ -67,6 +67,7 @@ class Outgoing(Protocol):
 
     @property
     def status(self) -> MigrationStatus: ...
+    def stop_for_switchover(self) -> tuple[bool, float]: ...
 
 __all__ = ["PostcopySource", "PostcopyIncoming", "PageRequestReader", "postcopy_caps_error", "discard_commands",
            "POSTCOPY_MESSAGES", "MAX_DISCARDS_PER_COMMAND", "POSTCOPY_COMMANDS"]
@@ -202,19 +203,16 @@ class PostcopySource:
         ram = sess.ram
         ps = m.page_size
         with m.lock:
-            if mig.status is not S.ACTIVE:
-                raise Cancelled()
-            was_running = m.running
-            m.globalstate.store(RunState.RUNNING if was_running else m.runstate)
-            stop_t = time.monotonic()
-            m.vm_stop(RunState.FINISH_MIGRATE)
+            was_running, stop_t = mig.stop_for_switchover()
             self.stopped, self.was_running = True, was_running
             if not mig.cell.transition(S.ACTIVE, S.DEVICE):
                 raise Cancelled()
             before = out.total + len(out.buf)
             out.limited = False
             ram.sync()
-            ram.xbzrle_active = False  # QEMU sends no XBZRLE page in postcopy
+            # QEMU sends no XBZRLE page in postcopy; and every discarded page must go, even one the
+            # cache says is unchanged
+            ram.xbzrle = ram.xbzrle_active = False
             for rec in discard_commands(ram.bitmap, ps):
                 out.write(rec)
             out.write(_command(Command.PING, be32(2)))
