@@ -38,10 +38,13 @@ async def postcopy_pair(src: VM, dst: VM, *, precopy_bw: int, postcopy_bw: int, 
                                              "downtime-limit": 50})
 
 
-async def switch_to_postcopy(src: VM, after: float) -> None:
+async def switch_to_postcopy(src: VM, after: float, *, hmp: bool = False) -> None:
     await src.wait_migration(want=("active",))
     await asyncio.sleep(after)
-    await src.cmd("migrate-start-postcopy")
+    if hmp:
+        assert await src.hmp("migrate_start_postcopy") == ""
+    else:
+        await src.cmd("migrate-start-postcopy")
     await src.wait_migration(want=("postcopy-active", "completed", "failed"))
 
 
@@ -123,7 +126,7 @@ def test_postcopy_through_tap(work: Path) -> None:
 
     async def main() -> None:
         src = VM(work, "src", "--device", "debug-migration", ram=RAM, dirty_rate=30000)
-        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", "--device", "debug-migration", ram=RAM,
+        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", "--device", "debug-migration", "-S", ram=RAM,
                  dirty_rate=30000)
         rec = work / "tapped.mig"
         sock = work / "tap.sock"
@@ -140,7 +143,17 @@ def test_postcopy_through_tap(work: Path) -> None:
                     assert tap.poll() is None and time.monotonic() < deadline, tap.communicate()[1].decode()
                     await asyncio.sleep(0.05)
                 await src.cmd("migrate", {"uri": f"unix:{sock}"})
-                await switch_to_postcopy(src, 1.0)
+                await switch_to_postcopy(src, 1.0, hmp=True)
+                # -S: after POSTCOPY_RUN the destination stays paused until cont, pages still arriving
+                deadline = time.monotonic() + 10
+                while (await dst.cmd("query-migrate"))["status"] != "postcopy-active":
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                while await dst.status() != "paused":
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)
+                await dst.cmd("cont")
                 info = await src.wait_migration(timeout=90)
                 assert info["status"] == "completed", info
                 assert (await dst.wait_migration())["status"] == "completed"
@@ -201,9 +214,12 @@ def test_postcopy_72_api_compress_xbzrle(work: Path) -> None:
     run(main())
 
 
-def test_destination_killed_in_postcopy(work: Path) -> None:
+@pytest.mark.parametrize("victim", ["dst", "src"])
+def test_one_end_killed_in_postcopy(work: Path, victim: str) -> None:
     """The destination dies in postcopy: the source fails, and its VM stays stopped (the guest lives
-    on the destination side now; QEMU would pause for a recovery, never run the source again)."""
+    on the destination side now; QEMU would pause for a recovery, never run the source again).
+    The source dies: the destination's load fails and the process exits with status 1, as QEMU's
+    postcopy listen thread does (its guest cannot go on without the missing pages)."""
 
     async def main() -> None:
         src = VM(work, "src", ram=RAM, dirty_rate=30000)
@@ -212,6 +228,12 @@ def test_destination_killed_in_postcopy(work: Path) -> None:
             await into_postcopy(src, dst, after=0.5, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
             await asyncio.sleep(0.5)
             src.mark()
+            if victim == "src":
+                src.proc.send_signal(signal.SIGKILL)
+                assert dst.proc.wait(20) == 1
+                err = dst.stderr.read_text()
+                assert "load of migration failed" in err and "Traceback" not in err, err
+                return
             dst.proc.send_signal(signal.SIGKILL)
             info = await src.wait_migration(timeout=30)
             assert info["status"] == "failed" and info.get("error-desc"), info
@@ -221,24 +243,6 @@ def test_destination_killed_in_postcopy(work: Path) -> None:
             await asyncio.sleep(0.4)
             assert len(src.lines()) == n, "the source must not run again"
             assert "Migration status: failed (" in await src.hmp("info migrate")
-
-    run(main())
-
-
-def test_source_killed_in_postcopy(work: Path) -> None:
-    """The source dies in postcopy: the destination's load fails and the process exits with status 1,
-    as QEMU's postcopy listen thread does (its guest cannot go on without the missing pages)."""
-
-    async def main() -> None:
-        src = VM(work, "src", ram=RAM, dirty_rate=30000)
-        dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram=RAM, dirty_rate=30000)
-        async with vms(src, dst):
-            await into_postcopy(src, dst, after=0.5, precopy_bw=8 * MIB, postcopy_bw=1 * MIB)
-            await asyncio.sleep(0.5)
-            src.proc.send_signal(signal.SIGKILL)
-            assert dst.proc.wait(20) == 1
-            err = dst.stderr.read_text()
-            assert "load of migration failed" in err and "Traceback" not in err, err
 
     run(main())
 

@@ -15,6 +15,11 @@ thread, what migration/migration.c does:
 ``cancel()`` moves the status to cancelling and wakes the thread, which ends in cancelled; a channel
 error (the destination died) ends in failed.  In both cases a VM stopped for the device stage is
 started again, as QEMU does.
+
+With ``postcopy-ram`` the return path is always opened and POSTCOPY_ADVISE sent; after
+``migrate-start-postcopy`` the iterations end early and ``qevm.engine.postcopy.PostcopySource`` does
+the switchover and the postcopy phase (status postcopy-active; the VM is never restarted once the
+package went out).
 """
 
 from __future__ import annotations
