@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require_fixture
 from test_engine import ENV, MIB, VM, ExecuteError, assert_continues, incoming_port, qevm_cli, run, vms, work
 
 __all__ = ["work"]  # the fixture, shared with test_engine
@@ -29,6 +30,31 @@ def replay_digest(ram: int, ops: int, seed: int = 1) -> str:
     m.boot()
     m.run_ops(ops)
     return m.ram_digest()
+
+
+def skeleton(path: Path) -> list[str]:
+    """A stream's structure outside the RAM pages: commands (nesting, PING values, ADVISE length),
+    section kinds, EOF, vmdesc; device sections as one FULL run, repeats collapsed."""
+    from qevm.format.events import CommandEvent, EndOfFile, SectionHeader, VmDescription
+    from qevm.io.reader import iter_events
+
+    out: list[str] = []
+    for ev in iter_events(str(path)):
+        if isinstance(ev, CommandEvent):
+            t = "  " * ev.depth + ev.name
+            if ev.name == "PING":
+                t += f"({int.from_bytes(ev.data, 'big')})"
+            elif ev.name == "POSTCOPY_ADVISE":
+                t += f"[{len(ev.data)}]"
+        elif isinstance(ev, SectionHeader):
+            t = f"{ev.kind.name} {ev.section.idstr if ev.section.idstr == 'ram' else 'device'}"
+        elif isinstance(ev, (EndOfFile, VmDescription)):
+            t = type(ev).__name__
+        else:
+            continue
+        if not out or out[-1] != t:
+            out.append(t)
+    return out
 
 
 async def postcopy_pair(src: VM, dst: VM, *, precopy_bw: int, postcopy_bw: int, caps: tuple[str, ...] = ()) -> None:
@@ -178,6 +204,11 @@ def test_postcopy_through_tap(work: Path) -> None:
             if tap is not None and tap.poll() is None:
                 tap.kill()
                 tap.communicate()
+        # the same structure as QEMU 7.2's own postcopy stream (tests/fixtures: postcopy-7.2)
+        assert skeleton(rec) == skeleton(require_fixture("postcopy-7.2")) == [
+            "OPEN_RETURN_PATH", "PING(1)", "POSTCOPY_ADVISE[16]", "START ram", "PART ram", "POSTCOPY_RAM_DISCARD",
+            "PING(2)", "PACKAGED", "  POSTCOPY_LISTEN", "FULL device", "  PING(3)", "  POSTCOPY_RUN", "PING(4)",
+            "PART ram", "END ram", "EndOfFile"]
         r = qevm_cli("dump", str(rec))
         assert r.returncode == 0, r.stderr.decode()
         dump = json.loads(r.stdout)
