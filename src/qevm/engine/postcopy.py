@@ -44,7 +44,7 @@ from qevm.engine.machine import RAM_BLOCK, Machine
 from qevm.engine.states import MigrationStatus, StatusCell
 from qevm.engine.stream import Cancelled, SaveSession, StreamOut
 from qevm.errors import DecodeError, QevmError
-from qevm.format.events import CommandEvent
+from qevm.format.events import CommandEvent, EndOfFile
 from qevm.format.live import decode_command
 from qevm.format.records import Command, SectionKind
 from qevm.format.returnpath import RpMessage, RpType, req_pages
@@ -142,7 +142,6 @@ class PageRequestReader(ReturnPathReader):
     def __init__(self, chan: Channel, machine: Machine) -> None:
         self.queue: deque[tuple[int, int]] = deque()
         self.requests = 0
-        self.wake = threading.Event()
         self._size = machine.ram_size
         self._ps = machine.page_size
         super().__init__(chan, allowed=POSTCOPY_MESSAGES, name="return-path")
@@ -163,7 +162,6 @@ class PageRequestReader(ReturnPathReader):
             raise DecodeError(f"MIG_RP_MSG_REQ_PAGES request overrun, start=0x{start:x} len=0x{length:x} "
                               f"blocklen=0x{self._size:x}", m.offset)
         self.queue.append((start, length))
-        self.wake.set()
 
 
 class PostcopySource:
@@ -178,7 +176,6 @@ class PostcopySource:
         self.active = False  # the package was sent: the destination owns the guest
         self.postcopy_bytes = 0
         self.requested_pages = 0  # pages sent because they were asked for
-        self.switchover_ms = 0  # from the start of the migration to postcopy-active
         self._bytes_at_start = 0
         self._sess: SaveSession | None = None
 
@@ -238,8 +235,8 @@ class PostcopySource:
             out.limited = True
             self._bytes_at_start = out.total
             mig.cell.transition(S.DEVICE, S.POSTCOPY_ACTIVE)
-        log.info("postcopy: switched over with %d dirty pages, downtime %d ms", ram.dirty_count, mig.downtime)
-        self.switchover_ms = int((end_t - mig.start_time) * 1000)
+        log.info("postcopy: switched over after %d ms with %d dirty pages, downtime %d ms",
+                 int((end_t - mig.start_time) * 1000), ram.dirty_count, mig.downtime)
         while ram.dirty_count:
             self._check()
             if mig.params["max-postcopy-bandwidth"] != rate:
@@ -250,9 +247,10 @@ class PostcopySource:
             self.postcopy_bytes = out.total - self._bytes_at_start
         self._check()
         sess._ram_chunk(SectionKind.END, lambda: ram.iterate(out, None, self._urgent))
-        out.write(b"\x00")  # EOF (QEMU_VM_EOF); no vmdesc follows a postcopy stream
+        out.write(EndOfFile(0).encode())  # no vmdesc follows a postcopy stream
         out.flush()
         self.postcopy_bytes = out.total - self._bytes_at_start
+        log.info("postcopy: %d page requests, %d pages sent on request", self.requests, self.requested_pages)
         ch.shutdown_write()
 
     def _check(self) -> None:
