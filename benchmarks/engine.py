@@ -21,6 +21,7 @@ ends and QEMU's defaults (max-bandwidth 128 MiB/s for the precopy phase, max-pos
 unlimited), calls migrate-start-postcopy one second after ``migrate``, and reports the source's
 total-time, the time from ``migrate`` to postcopy-active (switchover, polled every 10 ms), the downtime
 (VM stopped to package sent), the page requests the destination's faults sent (postcopy-requests),
+the time its vCPU waited for them (the destination's postcopy-blocktime),
 the bytes of each phase, and the wall time until the destination completed.
 
 Part 1 (dirty rates) uses QEMU's defaults: max-bandwidth 128 MiB/s, downtime-limit 300 ms, plus one
@@ -155,8 +156,8 @@ async def postcopy_once(ram: str, dirty_rate: int, switch_after: float = 1.0) ->
             await dst.connect()
             port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
             for p in (src, dst):
-                await p.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram",
-                                                                             "state": True}]})
+                await p.cmd("migrate-set-capabilities", {"capabilities": [
+                    {"capability": c, "state": True} for c in ("postcopy-ram", "postcopy-blocktime")]})
             await src.cmd("migrate-set-parameters", {"max-bandwidth": 128 * MIB, "downtime-limit": 300,
                                                      "max-postcopy-bandwidth": 0})
             await asyncio.sleep(1.0)
@@ -174,7 +175,7 @@ async def postcopy_once(ram: str, dirty_rate: int, switch_after: float = 1.0) ->
                 await asyncio.sleep(0.01)
             if info["status"] != "completed":
                 raise RuntimeError(f"migration {info['status']}: {info}")
-            while (await dst.cmd("query-migrate"))["status"] != "completed":
+            while (dinfo := await dst.cmd("query-migrate"))["status"] != "completed":
                 await asyncio.sleep(0.01)
             t_dst = time.monotonic() - t0
             r = info["ram"]
@@ -182,6 +183,7 @@ async def postcopy_once(ram: str, dirty_rate: int, switch_after: float = 1.0) ->
                 "ram": ram, "dirty_rate": dirty_rate, "switch_after_s": switch_after,
                 "total_time_ms": info["total-time"], "downtime_ms": info["downtime"],
                 "switchover_s": round(t_switch or 0.0, 3), "postcopy_requests": r["postcopy-requests"],
+                "vcpu_blocktime_ms": dinfo["postcopy-blocktime"],
                 "precopy_bytes": r["precopy-bytes"], "downtime_bytes": r["downtime-bytes"],
                 "postcopy_bytes": r["postcopy-bytes"], "transferred_bytes": r["transferred"],
                 "wall_until_destination_completed_s": round(t_dst, 3),
@@ -249,11 +251,12 @@ def table(doc: dict[str, Any]) -> str:
                      f"({r['precopy_vs_limit_pct']:+.1f}%) | {r['total_time_ms']} ms | {r['downtime_ms']} ms |")
     if doc.get("postcopy"):
         lines += ["", "Postcopy (migrate-start-postcopy 1 s after migrate; precopy at 128 MiB/s, postcopy unlimited):",
-                  "", "| RAM | dirty rate | total-time | to switchover | downtime | pages requested | precopy | "
-                  "postcopy | dest completed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| RAM | dirty rate | total-time | to switchover | downtime | pages requested | vCPU blocked | "
+                  "precopy | postcopy | dest completed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in doc["postcopy"]:
             lines.append(f"| {r['ram']} | {r['dirty_rate']} | {r['total_time_ms']} ms | {r['switchover_s']:.2f} s | "
-                         f"{r['downtime_ms']} ms | {r['postcopy_requests']} | {r['precopy_bytes'] / MIB:.1f} MiB | "
+                         f"{r['downtime_ms']} ms | {r['postcopy_requests']} | {r['vcpu_blocktime_ms']} ms | "
+                         f"{r['precopy_bytes'] / MIB:.1f} MiB | "
                          f"{r['postcopy_bytes'] / MIB:.1f} MiB | {r['wall_until_destination_completed_s']:.2f} s |")
     if doc.get("compression"):
         lines += ["", "Compression threads (QEMU 7.2's API, zlib level 1, every page random data, "

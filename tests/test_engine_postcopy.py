@@ -104,7 +104,7 @@ def test_postcopy_tcp(work: Path) -> None:
         src = VM(work, "src", ram=RAM, dirty_rate=30000)
         dst = VM(work, "dst", "--incoming", "tcp:127.0.0.1:0", ram=RAM, dirty_rate=30000)
         async with vms(src, dst):
-            await postcopy_pair(src, dst, precopy_bw=6 * MIB, postcopy_bw=6 * MIB)
+            await postcopy_pair(src, dst, precopy_bw=6 * MIB, postcopy_bw=6 * MIB, caps=("postcopy-blocktime",))
             port = incoming_port(await dst.cmd("query-migrate"))
             with pytest.raises(ExecuteError, match="Postcopy must be started after migration has been started"):
                 await src.cmd("migrate-start-postcopy")
@@ -132,7 +132,11 @@ def test_postcopy_tcp(work: Path) -> None:
             assert await src.status() == "postmigrate"
             assert [d["status"] for _, d in src.event_names("MIGRATION")] == [
                 "setup", "active", "device", "postcopy-active", "completed"]
-            assert (await dst.wait_migration())["status"] == "completed"
+            dinfo = await dst.wait_migration()
+            assert dinfo["status"] == "completed"
+            # the time the vCPU spent waiting for requested pages (one vCPU: the same for all and for it)
+            assert 0 < dinfo["postcopy-blocktime"] < info["total-time"], dinfo
+            assert dinfo["postcopy-vcpu-blocktime"] == [dinfo["postcopy-blocktime"]]
             assert [d["status"] for _, d in dst.event_names("MIGRATION")] == ["active", "postcopy-active",
                                                                               "completed"]
             text = await src.hmp("info migrate")
@@ -381,7 +385,7 @@ def test_incoming_postcopy_state_machine() -> None:
 
     def pc(enabled: bool = True) -> tuple[PostcopyIncoming, list[str]]:
         calls: list[str] = []
-        return PostcopyIncoming(Machine(64 * 4096), enabled=lambda: enabled, send=lambda b: None,
+        return PostcopyIncoming(Machine(64 * 4096), caps=lambda: {"postcopy-ram": enabled}, send=lambda b: None,
                                 on_listen=lambda: calls.append("listen"), on_run=lambda: calls.append("run")), calls
 
     def cmd(c: Command, data: bytes = b"") -> CommandEvent:

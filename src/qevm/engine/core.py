@@ -176,7 +176,7 @@ class Engine:
         self.incoming = IncomingMigration(
             self.m, src, autostart=self.autostart, exit_on_error=exit_on_error, emit=self.emit,
             events_on=lambda: self.mig.caps["events"], on_exit=self.request_exit,
-            postcopy_ram=lambda: self.mig.caps["postcopy-ram"])
+            caps=lambda: self.mig.caps)
         self.incoming_once = True
         self.incoming.start()
 

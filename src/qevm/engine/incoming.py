@@ -43,7 +43,7 @@ S = MigrationStatus
 class IncomingMigration:
     def __init__(self, machine: Machine, source: Incoming, *, autostart: bool, exit_on_error: bool,
                  emit: Callable[[str, dict[str, Any] | None], None], events_on: Callable[[], bool],
-                 on_exit: Callable[[int], None], postcopy_ram: Callable[[], bool] = lambda: False) -> None:
+                 on_exit: Callable[[int], None], caps: Callable[[], dict[str, bool]] = dict) -> None:
         self.m = machine
         self.source = source
         self.autostart = autostart
@@ -51,7 +51,7 @@ class IncomingMigration:
         self.emit = emit
         self.events_on = events_on
         self.on_exit = on_exit
-        self.postcopy_ram = postcopy_ram
+        self.caps = caps
         self.postcopy: PostcopyIncoming | None = None
         self.cell = StatusCell(self._on_status)
         self.error: str | None = None
@@ -87,6 +87,11 @@ class IncomingMigration:
                 info["socket-address"] = addr
         if st is S.FAILED and self.error:
             info["error-desc"] = self.error
+        pc = self.postcopy
+        if st is S.COMPLETED and pc is not None and pc.blocktime_on:
+            # QEMU's fill_destination_postcopy_migration_info (ms; all vCPUs blocked, then each one)
+            info["postcopy-blocktime"] = pc.blocktime_ms
+            info["postcopy-vcpu-blocktime"] = [pc.blocktime_ms]
         return info
 
     def _run(self) -> None:
@@ -106,7 +111,7 @@ class IncomingMigration:
             resp.channel_has_return_path = ch.has_return_path
             self.cell.transition(S.SETUP, S.ACTIVE)
             ld = self.loader = StreamLoader(m)
-            pc = self.postcopy = PostcopyIncoming(m, enabled=self.postcopy_ram, send=answer,
+            pc = self.postcopy = PostcopyIncoming(m, caps=self.caps, send=answer,
                                                   on_listen=self._postcopy_listen, on_run=self._postcopy_run)
             ld.pc = pc
             while not ld.finished:

@@ -297,10 +297,10 @@ class PostcopyIncoming:
     return path (thread-safe); ``enabled`` says whether postcopy-ram is on here; ``on_listen`` and
     ``on_run`` are the incoming side's status move and VM start."""
 
-    def __init__(self, machine: Machine, *, enabled: Callable[[], bool], send: Callable[[bytes], None],
+    def __init__(self, machine: Machine, *, caps: Callable[[], dict[str, bool]], send: Callable[[bytes], None],
                  on_listen: Callable[[], None], on_run: Callable[[], None]) -> None:
         self.m = machine
-        self.enabled = enabled
+        self.caps = caps
         self.send = send
         self.on_listen = on_listen
         self.on_run = on_run
@@ -309,6 +309,8 @@ class PostcopyIncoming:
         self.cond = threading.Condition()
         self.requested: set[int] = set()
         self.requests = 0
+        self.blocktime_on = False  # postcopy-blocktime was on at ADVISE (QEMU decides there too)
+        self._blocked_ns = 0
         self.failed = False
         self.released = threading.Event()
         self._last_block: str | None = None
@@ -348,7 +350,8 @@ class PostcopyIncoming:
         if self.state != 0:
             raise self._wrong("CMD_POSTCOPY_ADVISE")
         self.state = 1
-        enabled = self.enabled()
+        caps = self.caps()
+        enabled = bool(caps.get("postcopy-ram"))
         if len(data) == 0:
             if enabled:
                 raise QevmError("RAM postcopy is enabled but have 0 byte advise")
@@ -364,6 +367,7 @@ class PostcopyIncoming:
         if tps != ps:
             raise QevmError(f"Postcopy needs matching target page sizes (s={tps} d={ps})")
         self.received = bytearray(self.m.npages)
+        self.blocktime_on = bool(caps.get("postcopy-blocktime"))
 
     def _discard(self, data: bytes) -> None:
         if self.state not in (1, 2):
@@ -433,9 +437,16 @@ class PostcopyIncoming:
                     self.send(msg.encode())
                 except (OSError, QevmError) as e:
                     log.error("postcopy: page request failed: %s", e)
+            t0 = time.monotonic_ns()
             while not rx[p] and not self.released.is_set():
                 self.cond.wait(0.5)
                 # failed: the guest cannot go on, the vCPU stays here until the process ends
+            self._blocked_ns += time.monotonic_ns() - t0
+
+    @property
+    def blocktime_ms(self) -> int:
+        """How long the (one) vCPU waited for pages, in ms: QEMU's postcopy-blocktime."""
+        return self._blocked_ns // 1_000_000
 
     def fail(self) -> None:
         with self.cond:
