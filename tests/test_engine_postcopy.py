@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_fixture
+from conftest import FIXTURES, require_fixture
 from test_engine import ENV, MIB, VM, ExecuteError, assert_continues, incoming_port, qevm_cli, run, vms, work
 
 __all__ = ["work"]  # the fixture, shared with test_engine
@@ -207,11 +208,13 @@ def test_postcopy_through_tap(work: Path) -> None:
             if tap is not None and tap.poll() is None:
                 tap.kill()
                 tap.communicate()
-        # the same structure as QEMU 7.2's own postcopy stream (tests/fixtures: postcopy-7.2)
-        assert skeleton(rec) == skeleton(require_fixture("postcopy-7.2")) == [
-            "OPEN_RETURN_PATH", "PING(1)", "POSTCOPY_ADVISE[16]", "START ram", "PART ram", "POSTCOPY_RAM_DISCARD",
-            "PING(2)", "PACKAGED", "  POSTCOPY_LISTEN", "FULL device", "  PING(3)", "  POSTCOPY_RUN", "PING(4)",
-            "PART ram", "END ram", "EndOfFile"]
+        # the same structure as QEMU 7.2's own postcopy stream (the postcopy-7.2 fixture; under CI it must exist)
+        expected = ["OPEN_RETURN_PATH", "PING(1)", "POSTCOPY_ADVISE[16]", "START ram", "PART ram",
+                    "POSTCOPY_RAM_DISCARD", "PING(2)", "PACKAGED", "  POSTCOPY_LISTEN", "FULL device", "  PING(3)",
+                    "  POSTCOPY_RUN", "PING(4)", "PART ram", "END ram", "EndOfFile"]
+        assert skeleton(rec) == expected
+        if (FIXTURES / "postcopy-7.2.mig").exists() or os.environ.get("CI"):
+            assert skeleton(require_fixture("postcopy-7.2")) == expected
         r = qevm_cli("dump", str(rec))
         assert r.returncode == 0, r.stderr.decode()
         dump = json.loads(r.stdout)
