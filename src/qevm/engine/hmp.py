@@ -91,7 +91,13 @@ def run_hmp(engine: Monitored, line: str) -> str:
             rest = [w for w in args if not w.startswith("-")]
             if not rest:
                 return _usage("migrate")
-            engine.execute("migrate", {"uri": rest[0]})
+            flags = {w for w in args if w.startswith("-")}
+            margs: dict[str, Any] = {"uri": rest[0]}
+            if "-b" in flags:
+                margs["blk"] = True
+            if "-i" in flags:
+                margs["inc"] = True
+            engine.execute("migrate", margs)
             return ""
         if cmd == "migrate_set_parameter":
             if len(args) < 2:

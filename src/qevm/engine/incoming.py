@@ -38,7 +38,7 @@ S = MigrationStatus
 class IncomingMigration:
     def __init__(self, machine: Machine, source: Incoming, *, autostart: bool, exit_on_error: bool,
                  emit: Callable[[str, dict[str, Any] | None], None], events_on: Callable[[], bool],
-                 on_exit: Callable[[int], None]) -> None:
+                 on_exit: Callable[[int], None], params: dict[str, Any] | None = None) -> None:
         self.m = machine
         self.source = source
         self.autostart = autostart
@@ -46,6 +46,7 @@ class IncomingMigration:
         self.emit = emit
         self.events_on = events_on
         self.on_exit = on_exit
+        self.params = params if params is not None else {}
         self.cell = StatusCell(self._on_status)
         self.error: str | None = None
         self.loader: StreamLoader | None = None
@@ -95,7 +96,7 @@ class IncomingMigration:
             ch = src.accept()
             resp.channel_has_return_path = ch.has_return_path
             self.cell.transition(S.SETUP, S.ACTIVE)
-            ld = self.loader = StreamLoader(m)
+            ld = self.loader = StreamLoader(m, self.params.get("block-bitmap-mapping"))
             while not ld.finished:
                 if src.aborted:
                     raise TransportError("incoming migration aborted")

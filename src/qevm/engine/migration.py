@@ -26,11 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 from qevm.codec.wire import be32
+from qevm.engine.blockmig import BlockSaver, DirtyBitmapSaver
 from qevm.engine.compress import CompressCounters, CompressPool
 from qevm.engine.machine import Machine
 from qevm.engine.parameters import DEFAULT_PARAMETERS, default_parameters
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
-from qevm.engine.stream import Cancelled, RamSaver, SaveSession, StreamOut
+from qevm.engine.stream import Cancelled, LiveSaver, RamSaver, SaveSession, StreamOut
 from qevm.errors import QevmError
 from qevm.format.events import CommandEvent
 from qevm.format.records import Command
@@ -63,7 +64,7 @@ CAPABILITIES_72 = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "co
 CAPABILITIES_OF = {"10.0": CAPABILITIES, "7.2": CAPABILITIES_72}
 #: the ones this engine implements (setting another one on is refused, rather than ignored)
 SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate",
-                                    "compress"})
+                                    "compress", "block", "dirty-bitmaps"})
 #: how long the source waits for the destination's SHUT on the return path
 RP_SHUT_TIMEOUT = 30.0
 
@@ -102,6 +103,9 @@ class MigrationState:
         self.out: StreamOut | None = None
         self.pool: CompressPool | None = None
         self.iterations = 0
+        self.block: BlockSaver | None = None
+        #: migrate blk=true set the block capability for this migration only (must_remove_block_options)
+        self.remove_block_options = getattr(self, "remove_block_options", False)
 
     # -- status ----------------------------------------------------------------------------------------
     @property
@@ -187,8 +191,16 @@ class MigrationState:
             pool = CompressPool(int(self.params["compress-threads"]), int(self.params["compress-level"]),
                                 bool(self.params["compress-wait-thread"]), m.page_size)
         self.pool = pool
+        lives: list[LiveSaver] = []
+        if self.caps.get("block"):
+            self.block = BlockSaver(m, zero_blocks=self.caps["zero-blocks"])
+            lives.append(self.block)
+        if self.caps["dirty-bitmaps"]:
+            dbm = DirtyBitmapSaver(m, self.params.get("block-bitmap-mapping"))
+            if dbm.active:
+                lives.append(dbm)
         sess = SaveSession(m, out, xbzrle=self.caps["xbzrle"], cache_size=int(self.params["xbzrle-cache-size"]),
-                           on_sync=self._pass, compress=pool)
+                           on_sync=self._pass, compress=pool, lives=lives)
         self.session = sess
         stopped_here = False
         was_running = m.running
@@ -262,6 +274,12 @@ class MigrationState:
                 rp.stop()
             if pool is not None:
                 pool.close()
+            for lv in lives:
+                lv.close()
+            if self.remove_block_options:  # QEMU's migrate_fd_cleanup after migrate -b / -i
+                self.remove_block_options = False
+                self.caps["block"] = False
+                self.params["block-incremental"] = False
             self.channel = None
 
     def _wait_shut(self, rp: ReturnPathReader) -> None:
@@ -288,10 +306,10 @@ class MigrationState:
             if rate != self._rate_param:
                 self._rate_param = rate
                 limiter.set_rate(rate)
-            pending = ram.pending()
+            pending = ram.pending() + sess.live_pending()
             if pending < self.threshold or pending == 0:
                 ram.sync()
-                pending = ram.pending()
+                pending = ram.pending() + sess.live_pending()
             if pending and pending >= self.threshold:
                 sess.iterate(time.monotonic() + MAX_WAIT)
                 self.iterations += 1
@@ -324,6 +342,8 @@ class MigrationState:
                 info["total-time"] = int((time.monotonic() - self.start_time) * 1000)
                 info["expected-downtime"] = self.expected_downtime
             info["ram"] = self._ram_info(st)
+            if self.block is not None and st is not S.COMPLETED:
+                info["disk"] = self.block.info()
             if self.caps["xbzrle"]:
                 info["xbzrle-cache"] = self._xbzrle_info()
             if self.caps.get("compress"):
