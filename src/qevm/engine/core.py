@@ -280,7 +280,8 @@ class Engine:
         if self.store is None:
             return
         self._can_snapshot()
-        self.store.delete(name)
+        with self.m.lock:  # no guest disk write meanwhile: both take the image's locks
+            self.store.delete(name)
 
     def info_snapshots(self) -> str:
         if self.store is None or (isinstance(self.store, Qcow2SnapshotStore) and not self.store.qcow2):

@@ -160,6 +160,10 @@ def format_info_migrate(engine: Monitored) -> str:
             out.append(f"precopy ram: {ram['precopy-bytes'] >> 10} kbytes")
         if ram["downtime-bytes"]:
             out.append(f"downtime ram: {ram['downtime-bytes'] >> 10} kbytes")
+    disk = info.get("disk")
+    if disk:  # QEMU 7.2's block migration
+        out += [f"transferred disk: {disk['transferred'] >> 10} kbytes",
+                f"remaining disk: {disk['remaining'] >> 10} kbytes", f"total disk: {disk['total'] >> 10} kbytes"]
     x = info.get("xbzrle-cache")
     if x:
         out += [f"cache size: {x['cache-size']} bytes",

@@ -59,7 +59,7 @@ from typing import Any
 
 from qevm.engine.blockdev import SECTOR, Disk
 from qevm.engine.states import RUNSTATE_TRANSITIONS, IllegalTransition, RunState
-from qevm.errors import UsageError
+from qevm.errors import QevmError, UsageError
 from qevm.format.selfdesc import (
     DEBUG_MIGRATION_IDSTR,
     DEBUG_MIGRATION_VERSION,
@@ -435,7 +435,10 @@ class Machine:
         h = splitmix64(~seed & _M64 ^ k)
         sector = h % disk.sectors
         data = _OP.pack(k, h, seed, sector, k ^ h, ~k & _M64, h >> 1, (seed + k) & _M64) * (SECTOR // _OP.size)
-        disk.write(sector * SECTOR, data[:min(SECTOR, disk.size - sector * SECTOR)])
+        try:
+            disk.write(sector * SECTOR, data[:min(SECTOR, disk.size - sector * SECTOR)])
+        except (QevmError, OSError) as e:  # an I/O error: reported, the guest goes on (QEMU's werror=report)
+            log.warning("disk write failed: %s", e)
 
     def _serial_write(self, data: bytes) -> None:
         """The CPU writes bytes to the UART's THR; the UART sends them to its chardev at once, so the
