@@ -38,6 +38,7 @@ from qevm.io.containers import (
     _SNAP_ENTRY,
     Qcow2Image,
     Qcow2Snapshot,
+    _pread,
 )
 
 __all__ = ["add_snapshot", "delete_snapshot", "list_image_snapshots", "create_image", "ImageLock", "GuestWriter"]
@@ -578,15 +579,8 @@ class GuestWriter:
         os.fsync(self.f.fileno())
 
     def read(self, offset: int, length: int) -> bytes:
-        view = Qcow2Image(self.f, self.path).disk()
-        view.seek(offset)
-        out = bytearray()
-        while len(out) < length:
-            b = view.read(length - len(out))
-            if not b:
-                break
-            out += b
-        return bytes(out) + bytes(length - len(out))
+        out = _pread(Qcow2Image(self.f, self.path).disk(), offset, length)
+        return out + bytes(length - len(out))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
