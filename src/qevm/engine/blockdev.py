@@ -174,6 +174,16 @@ class Disk:
         for bm in self.trackers:
             bm.mark(offset, len(data))
 
+    def allocation(self, offset: int, max_len: int) -> tuple[bool, int]:
+        """bdrv_is_allocated of the top layer: whether ``offset`` is allocated and for how many
+        bytes (up to ``max_len``) that holds.  A raw image allocates everything; a qcow2 image
+        what its L2 tables map to data (zero clusters count as unallocated here: no backing
+        file is ever opened, so both read as zeros)."""
+        max_len = min(max_len, self.size - offset)
+        if self.format != "qcow2":
+            return True, max_len
+        return self._writer().allocation(offset, max_len)
+
     def flush(self) -> None:
         if self._qcow2 is not None:
             self._qcow2.flush()

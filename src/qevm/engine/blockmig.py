@@ -10,7 +10,9 @@ starts a 1 MiB-granularity dirty tracker on the disk and writes EOS; each iterat
 bulk copy front to back, with a PROGRESS record whenever the percentage changes, then the chunks the
 guest dirtied since they were sent; completion (VM stopped) sends every chunk still dirty, PROGRESS
 100 and EOS.  The destination writes each chunk into its own ``--drive`` (the last chunk of a disk
-whose size is not a multiple of 1 MiB carries padding that is not written).
+whose size is not a multiple of 1 MiB carries padding that is not written).  With
+``block-incremental`` (``migrate -i``: a shared base) the bulk phase moves over what the image
+does not allocate (a qcow2's unallocated and zero clusters; a raw image allocates everything).
 
 ``dirty-bitmap`` (capability ``dirty-bitmaps``): setup sends a START record per named bitmap (device
 or node alias, bitmap alias, granularity, enabled/persistent flags) and EOS; while the VM runs
@@ -49,6 +51,7 @@ BLOCK_IDSTR = "block"
 DIRTY_BITMAP_IDSTR = "dirty-bitmap"
 LIVE_VERSION = 1  # both register_savevm_live(..., 0, 1, ...)
 CHUNK_SECTORS = BLOCK_CHUNK // SECTOR
+_MAX_IS_ALLOCATED_SEARCH = 65536 * SECTOR
 #: serialized bitmap bytes per BITS record (block-dirty-bitmap.c CHUNK_SIZE)
 BITMAP_CHUNK = 1 << 10
 _BITS_ALIGN = 32  # send_bitmap_bits pads buffers to 4 * sizeof(long)
@@ -73,10 +76,11 @@ class BlockSaver:
     before_ram = True  # blk_mig_init registers "block" before "ram"
     iterates = True
 
-    def __init__(self, machine: Machine, *, zero_blocks: bool = False) -> None:
+    def __init__(self, machine: Machine, *, zero_blocks: bool = False, shared_base: bool = False) -> None:
         self.m = machine
         self.disk: Disk | None = machine.disk
         self.zero_blocks = zero_blocks
+        self.shared_base = shared_base  # block-incremental: skip what the top layer does not allocate
         self.total = self.disk.sectors if self.disk is not None else 0
         self.cur = 0  # next bulk sector
         self.completed = 0  # sectors the bulk phase has sent
@@ -151,10 +155,13 @@ class BlockSaver:
             return disk.read(sector * SECTOR, nr * SECTOR)
 
     def _bulk_one(self, write: Write) -> None:
-        if self.disk is None:
+        if self.disk is not None and self.shared_base:
+            self._skip_unallocated(self.disk)
+        if self.disk is None or self.cur >= self.total:
             self.bulk_done = True
+            self.completed = self.cur = self.total
         else:
-            sector = self.cur
+            sector = self.cur // CHUNK_SECTORS * CHUNK_SECTORS  # whole chunks, even partly unallocated
             data = self._read_chunk(sector)
             self.cur = min(self.total, sector + CHUNK_SECTORS)
             self.completed = self.cur
@@ -162,7 +169,17 @@ class BlockSaver:
             self._progress(write, sector)
             self._send(write, sector, data)
             return
-        self._progress(write, 0)
+        self._progress(write, self.completed)
+
+    def _skip_unallocated(self, disk: Disk) -> None:
+        """mig_save_device_bulk with a shared base: move over runs the image does not allocate
+        (looked up 32 MiB at most at a time, as QEMU)."""
+        while self.cur < self.total:
+            with self.m.lock:
+                allocated, run = disk.allocation(self.cur * SECTOR, _MAX_IS_ALLOCATED_SEARCH)
+            if allocated or run < SECTOR:
+                return
+            self.cur += run // SECTOR
 
     def _progress(self, write: Write, done_sectors: int) -> None:
         progress = done_sectors * 100 // self.total if self.total else 100

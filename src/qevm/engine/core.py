@@ -82,7 +82,7 @@ def check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
 
 #: parameter values the engine stores and reports but cannot act on: ``migrate`` refuses them
 UNSUPPORTED_VALUES: dict[str, Callable[[Any], bool]] = {
-    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool, "block-incremental": bool,
+    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool,
 }
 
 
@@ -364,14 +364,12 @@ def _migrate(e: Engine, a: dict[str, Any]) -> Any:
     for k in ("blk", "inc"):
         if k in a and e.api != "7.2":
             raise QMPError(f"Parameter '{k}' is unexpected")  # QEMU 9.1 removed block migration
-    if a.get("inc"):
-        raise QMPError("qevm's engine does not implement incremental block migration (migrate -i, "
-                       "block-incremental); use migrate -b")
-    if a.get("blk") and not e.mig.running:
-        # QEMU 7.2's migrate_prepare: blk turns the block capability on for this migration only
+    if (a.get("blk") or a.get("inc")) and not e.mig.running:
+        # QEMU 7.2's migrate_prepare: blk / inc turn block migration on for this migration only
         if e.mig.caps["block"] or e.mig.params.get("block-incremental"):
             raise QMPError("Command options are incompatible with current migration capabilities")
         e.mig.caps["block"] = True
+        e.mig.params["block-incremental"] = bool(a.get("inc"))
         e.mig.remove_block_options = True
     if a.get("resume"):
         raise QMPError("Cannot resume if there is no paused migration")
@@ -387,6 +385,7 @@ def _migrate(e: Engine, a: dict[str, Any]) -> Any:
         if e.mig.remove_block_options and not e.mig.running:
             e.mig.remove_block_options = False
             e.mig.caps["block"] = False
+            e.mig.params["block-incremental"] = False
         raise
     return {}
 

@@ -193,7 +193,8 @@ class MigrationState:
         self.pool = pool
         lives: list[LiveSaver] = []
         if self.caps.get("block"):
-            self.block = BlockSaver(m, zero_blocks=self.caps["zero-blocks"])
+            self.block = BlockSaver(m, zero_blocks=self.caps["zero-blocks"],
+                                    shared_base=bool(self.params.get("block-incremental")))
             lives.append(self.block)
         if self.caps["dirty-bitmaps"]:
             dbm = DirtyBitmapSaver(m, self.params.get("block-bitmap-mapping"))

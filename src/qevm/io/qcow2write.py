@@ -36,6 +36,7 @@ from qevm.io.containers import (
     _QCOW2_MAX_SNAPSHOTS,
     _QCOW2_MAX_SNAPSHOTS_BYTES,
     _SNAP_ENTRY,
+    _ZERO,
     Qcow2Image,
     Qcow2Snapshot,
     _pread,
@@ -581,6 +582,19 @@ class GuestWriter:
     def read(self, offset: int, length: int) -> bytes:
         out = _pread(Qcow2Image(self.f, self.path).disk(), offset, length)
         return out + bytes(length - len(out))
+
+    def allocation(self, offset: int, max_len: int) -> tuple[bool, int]:
+        """Whether guest ``offset`` is mapped to data (plain or compressed) and for how many bytes
+        (at most ``max_len``) that stays so; zero and unallocated clusters are not data."""
+        view = Qcow2Image(self.f, self.path).disk()
+        kind, _, run = view._extent(offset)
+        first = kind != _ZERO
+        while run < max_len:
+            k, _, r = view._extent(offset + run)
+            if (k != _ZERO) != first:
+                break
+            run += r
+        return first, min(run, max_len)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
