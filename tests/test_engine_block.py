@@ -293,6 +293,7 @@ def test_qemu_72_block_stream_reencodes_and_loads(work: Path) -> None:
     from qevm.engine.blockdev import Disk
     from qevm.engine.blockmig import LiveLoader
     from qevm.engine.machine import Machine
+    from qevm.errors import QevmError
     from qevm.format.live import BLOCK_CHUNK, BlockFlag, encode_block_record
 
     recs = _live_records("block-7.2")
@@ -320,6 +321,8 @@ def test_qemu_72_block_stream_reencodes_and_loads(work: Path) -> None:
     want[7 * MIB:7 * MIB + 4096] = b"\x01" * 4096
     assert img.read_bytes() == bytes(want)
     assert ld.blocks == 8 and ld.progress == 100
+    with pytest.raises(QevmError, match="Error unknown block device drive0"):  # no --drive here
+        LiveLoader(Machine(1 * MIB)).record(next(r for r in recs if r.kind == "block"))
 
 
 def test_qemu_72_dirty_bitmap_stream_reencodes_and_loads(work: Path) -> None:

@@ -86,6 +86,8 @@ class MigrationState:
         self.channel: Channel | None = None
         self.uri = ""
         self._abort = threading.Event()
+        #: migrate blk/inc set block migration on for this migration only (must_remove_block_options)
+        self.remove_block_options = False
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -104,8 +106,6 @@ class MigrationState:
         self.pool: CompressPool | None = None
         self.iterations = 0
         self.block: BlockSaver | None = None
-        #: migrate blk=true set the block capability for this migration only (must_remove_block_options)
-        self.remove_block_options = getattr(self, "remove_block_options", False)
 
     # -- status ----------------------------------------------------------------------------------------
     @property
