@@ -197,11 +197,60 @@ def test_incremental_block_migration_skips_unallocated(work: Path) -> None:
     assert block["name"] == "block" and block["records"]["block"] == 2
 
 
+def _qemu72_load(work: Path, stream: Path, disk: Path,
+                 queries: list[tuple[str, dict[str, Any]]]) -> tuple[list[Any], bytes]:
+    """Load ``stream`` into QEMU 7.2 (pc-i440fx-7.2, an IDE disk on ``drive0``, -S), run ``queries``;
+    returns query-migrate then their answers, and QEMU's stdout."""
+    require_binary("qemu-system-x86_64")
+    from qemu.qmp import QMPClient
+
+    sock = work / "q72.qmp"
+    proc = subprocess.Popen(["qemu-system-x86_64", "-M", "pc-i440fx-7.2", "-accel", "tcg", "-m", "16", "-nodefaults",
+                             "-display", "none", "-S", "-drive", f"file={disk},format=raw,if=none,id=drive0",
+                             "-device", "ide-hd,drive=drive0", "-incoming", f"exec:cat {stream}",
+                             "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    async def main() -> list[Any]:
+        c = QMPClient("qemu72")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await c.connect(str(sock))
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        while True:
+            info: dict[str, Any] = await c.execute("query-migrate")  # type: ignore[assignment]
+            if info.get("status") in ("completed", "failed") or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        out: list[Any] = [info]
+        for name, args in queries:
+            out.append(await c.execute(name, args))
+        with contextlib.suppress(Exception):  # QEMU may close before the reply is read (EOFError)
+            await c.execute("quit")
+        with contextlib.suppress(Exception):
+            await c.disconnect()
+        return out
+
+    try:
+        got = run(main())
+        stdout, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert got[0]["status"] == "completed", (got[0], err)
+    return got, stdout
+
+
 def test_qemu_72_loads_an_engine_block_stream(work: Path) -> None:
     """The strongest check of the format: QEMU 7.2 (``-incoming``, an IDE disk on ``drive0`` of the
     same size) loads a stream whose block section the engine's saver wrote (bulk, a dirty pass,
     completion), and its image then equals the engine's."""
-    require_binary("qemu-system-x86_64")
     from qevm.engine.blockdev import Disk
     from qevm.engine.blockmig import BlockSaver
     from qevm.engine.machine import Machine
@@ -233,46 +282,8 @@ def test_qemu_72_loads_an_engine_block_stream(work: Path) -> None:
     assert saver.blocks_sent > 8, "the dirty pass sent blocks again"
     assert [s["name"] for s in _dump(mig)["sections"]] == ["block"]
 
-    sock = work / "q.qmp"
-    proc = subprocess.Popen(["qemu-system-x86_64", "-M", "pc-i440fx-7.2", "-accel", "tcg", "-m", "16", "-nodefaults",
-                             "-display", "none", "-S", "-drive", f"file={dst_img},format=raw,if=none,id=drive0",
-                             "-device", "ide-hd,drive=drive0", "-incoming", f"exec:cat {mig}",
-                             "-qmp", f"unix:{sock},server=on,wait=off"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    async def main() -> dict[str, Any]:
-        from qemu.qmp import QMPClient
-
-        c = QMPClient("qemu72")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                await c.connect(str(sock))
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        while True:
-            info: dict[str, Any] = await c.execute("query-migrate")  # type: ignore[assignment]
-            if info.get("status") in ("completed", "failed") or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        with contextlib.suppress(Exception):  # QEMU may close before the reply is read (EOFError)
-            await c.execute("quit")
-        with contextlib.suppress(Exception):
-            await c.disconnect()
-        return info
-
-    try:
-        info = run(main())
-        out_, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert info["status"] == "completed", (info, err)
-    assert b"Completed 100 %" in out_
+    _, stdout = _qemu72_load(work, mig, dst_img, [])
+    assert b"Completed 100 %" in stdout
     _identical(src_img, dst_img)
 
 
@@ -366,6 +377,51 @@ def test_qemu_72_dirty_bitmap_stream_reencodes_and_loads(work: Path) -> None:
         "bitmap2": {"name": "bitmap2", "recording": False, "persistent": False, "busy": False, "granularity": k64,
                     "count": k64},
     }
+
+
+def test_qemu_72_loads_an_engine_dirty_bitmap_stream(work: Path) -> None:
+    """QEMU 7.2 loads the engine's dirty-bitmap section (START, BITS in chunks, COMPLETE) into its
+    ``drive0``: the same bitmaps, granularities and counts in its ``query-block``, and its own
+    ``x-debug-block-dirty-bitmap-sha256`` gives the engine's digests."""
+    from qevm.engine.blockdev import DirtyBitmap, Disk
+    from qevm.engine.blockmig import DirtyBitmapSaver
+    from qevm.engine.machine import Machine
+    from qevm.format.events import Configuration, EndOfFile, FileHeader, Footer, Section, SectionHeader
+    from qevm.format.records import SectionKind
+
+    img = work / "d.raw"
+    img.write_bytes(bytes(64 * MIB))
+    m = Machine(1 * MIB, seed=5, disk_every=1)
+    m.disk = Disk(str(img))
+    for name, g, on in (("fine", 4096, True), ("coarse", 1 << 20, True), ("gran64k", 65536, True),
+                        ("idle", 65536, False)):
+        m.disk.bitmaps.append(DirtyBitmap(name, g, m.disk.size, enabled=on))
+    m.run_ops(3000)
+    saver = DirtyBitmapSaver(m)
+    sec = Section(4, "dirty-bitmap", 0, 1, "dirty-bitmap")
+    out = bytearray()
+    w = out.extend
+    w(FileHeader(0).encode() + Configuration(0, "pc-i440fx-7.2", []).encode())
+    for kind, body in ((SectionKind.START, lambda: saver.setup(w)), (SectionKind.END, lambda: saver.complete(w))):
+        w(SectionHeader(0, kind, sec).encode())
+        body()
+        w(Footer(0, 4).encode())
+    w(EndOfFile(0).encode())
+    want = {b.name: (b.granularity, b.count, b.sha256()) for b in m.disk.bitmaps}
+    m.close()
+    mig = work / "dbm.mig"
+    mig.write_bytes(out)
+    assert [s["name"] for s in _dump(mig)["sections"]] == ["dirty-bitmap"]
+    qemu_disk = work / "q.raw"
+    qemu_disk.write_bytes(bytes(64 * MIB))
+    names = sorted(want)
+    got, _ = _qemu72_load(work, mig, qemu_disk, [("query-block", {}), *[
+        ("x-debug-block-dirty-bitmap-sha256", {"node": "drive0", "name": n}) for n in names]])
+    blk = next(b for b in got[1] if b["device"] == "drive0")
+    have = {b["name"]: (b["granularity"], b["count"]) for b in blk["inserted"]["dirty-bitmaps"]}
+    assert have == {n: v[:2] for n, v in want.items()}
+    assert want["fine"][1] > 0 and want["idle"][1] == 0
+    assert [r["sha256"] for r in got[2:]] == [want[n][2] for n in names]
 
 
 # -- dirty bitmaps ------------------------------------------------------------------------------------------
