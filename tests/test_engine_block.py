@@ -53,6 +53,15 @@ def _dump(path: Path) -> dict[str, Any]:
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
+async def _bitmaps(vm: VM) -> list[dict[str, Any]]:
+    blk = await vm.cmd("query-block")
+    return blk[0]["inserted"]["dirty-bitmaps"]  # type: ignore[no-any-return]
+
+
+async def _sha(vm: VM, node: str, name: str) -> str:
+    return (await vm.cmd("x-debug-block-dirty-bitmap-sha256", {"node": node, "name": name}))["sha256"]  # type: ignore
+
+
 # -- the disk: qcow2 guest writes ----------------------------------------------------------------------------
 
 def test_qcow2_guest_writes_copy_on_write(work: Path) -> None:
@@ -106,6 +115,10 @@ def test_block_migration_raw_over_tcp(work: Path) -> None:
             await src.enable_events()
             port = incoming_port(await dst.cmd("query-migrate"))
             await src.cmd("migrate-set-parameters", {"max-bandwidth": 32 * MIB, "downtime-limit": 100})
+            # a bitmap goes along; on the destination its successor records block migration's writes
+            await src.cmd("block-dirty-bitmap-add", {"node": "drive0", "name": "b0", "granularity": 65536})
+            await src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "dirty-bitmaps",
+                                                                         "state": True}]})
             await asyncio.sleep(0.5)
             await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}", "blk": True})
             caps = {c["capability"]: c["state"] for c in await src.cmd("query-migrate-capabilities")}
@@ -124,6 +137,9 @@ def test_block_migration_raw_over_tcp(work: Path) -> None:
             assert a["ram-sha256"] == b["ram-sha256"] and a["ops"] == b["ops"]
             assert a["ops"] > 300 * 4, "the guest wrote its disk during the migration"
             _identical(src_img, dst_img)
+            (b0,) = await _bitmaps(dst)
+            assert b0["name"] == "b0" and b0["count"] == DISK and b0["recording"] is True
+            assert 0 < (await _bitmaps(src))[0]["count"] < DISK
             await dst.cmd("cont")
             await asyncio.sleep(0.6)
             assert_continues(src.lines(), dst.lines())
@@ -425,15 +441,6 @@ def test_qemu_72_loads_an_engine_dirty_bitmap_stream(work: Path) -> None:
 
 
 # -- dirty bitmaps ------------------------------------------------------------------------------------------
-
-async def _bitmaps(vm: VM) -> list[dict[str, Any]]:
-    blk = await vm.cmd("query-block")
-    return blk[0]["inserted"]["dirty-bitmaps"]  # type: ignore[no-any-return]
-
-
-async def _sha(vm: VM, node: str, name: str) -> str:
-    return (await vm.cmd("x-debug-block-dirty-bitmap-sha256", {"node": node, "name": name}))["sha256"]  # type: ignore
-
 
 def test_dirty_bitmap_migration(work: Path) -> None:
     """Named bitmaps of the drive (QMP ``block-dirty-bitmap-add``) recording the guest's disk writes

@@ -168,11 +168,16 @@ class Disk:
                 k = os.pwrite(self.fd, mv, off)
                 mv = mv[k:]
                 off += k
+        self.mark_dirty(offset, len(data))
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """A write happened (or counts as one, like QEMU's write of zeroes): every enabled bitmap
+        and every tracker records it."""
         for bm in self.bitmaps:
             if bm.enabled:
-                bm.mark(offset, len(data))
+                bm.mark(offset, length)
         for bm in self.trackers:
-            bm.mark(offset, len(data))
+            bm.mark(offset, length)
 
     def allocation(self, offset: int, max_len: int) -> tuple[bool, int]:
         """bdrv_is_allocated of the top layer: whether ``offset`` is allocated and for how many

@@ -18,6 +18,9 @@ does not allocate (a qcow2's unallocated and zero clusters; a raw image allocate
 or node alias, bitmap alias, granularity, enabled/persistent flags) and EOS; while the VM runs
 nothing (QEMU only iterates it when stopped, in postcopy); completion sends the bits in chunks of
 1 KiB of serialized bitmap (BITS, or BITS|ZEROES without a buffer), a COMPLETE per bitmap, EOS.
+On the destination a bitmap is disabled while it loads; an enabled one gets a successor that records
+the writes made meanwhile (block migration's, zeroes included) and is merged into it at COMPLETE,
+as QEMU reclaims it.
 Names are only written when they change from the previous record.  ``block-bitmap-mapping`` maps
 node names and bitmap names to aliases on the source and back on the destination, with the
 ``persistent`` transform.
@@ -318,7 +321,8 @@ class LiveLoader:
         self.m = machine
         self.mapping = mapping
         self.cancelled = False  # dirty-bitmap: QEMU drops the bitmaps but goes on loading
-        self.loading: dict[str, tuple[DirtyBitmap, bool]] = {}  # bitmap name -> (bitmap, enabled)
+        #: bitmap name -> (bitmap, its successor: the writes made while it loads, when it is enabled)
+        self.loading: dict[str, tuple[DirtyBitmap, DirtyBitmap | None]] = {}
         self.bitmap: DirtyBitmap | None = None
         self.blocks = 0
         self.progress = -1
@@ -361,6 +365,8 @@ class LiveLoader:
                 if piece is None or not any(piece):
                     if any(disk.read(offset + p, k)):
                         disk.write(offset + p, bytes(k))
+                    else:
+                        disk.mark_dirty(offset + p, k)
                 else:
                     disk.write(offset + p, piece)
 
@@ -402,9 +408,12 @@ class LiveLoader:
             persistent = transform.get("persistent", bool(flags & DirtyBitmapStartFlag.PERSISTENT))
             bm = DirtyBitmap(name, int(info["granularity"]), disk.size, persistent=persistent, enabled=False)
             bm.busy = True
+            successor = None
             with self.m.lock:
                 disk.bitmaps.append(bm)
-            self.loading[name] = (bm, bool(flags & DirtyBitmapStartFlag.ENABLED))
+                if flags & DirtyBitmapStartFlag.ENABLED:  # bdrv_dirty_bitmap_create_successor
+                    successor = disk.add_tracker(bm.granularity)
+            self.loading[name] = (bm, successor)
             return
         entry = self.loading.get(name)
         if entry is None:
@@ -425,8 +434,13 @@ class LiveLoader:
                 return
             bm.deserialize(first, nbytes, rec.raw[len(rec.raw) - size:])
         elif kind == "complete":
-            bm.busy = False
-            bm.enabled = entry[1]
+            successor = entry[1]
+            with self.m.lock:
+                bm.busy = False
+                if successor is not None:  # bdrv_reclaim_dirty_bitmap: merge, then record again
+                    disk.drop_tracker(successor)
+                    bm.bits = bytearray(x | y for x, y in zip(bm.bits, successor.bits, strict=True))
+                    bm.enabled = True
             del self.loading[name]
 
     def _cancel(self, why: str) -> None:
@@ -436,7 +450,9 @@ class LiveLoader:
         disk = self.m.disk
         if disk is not None:
             with self.m.lock:
-                for bm, _ in self.loading.values():
+                for bm, successor in self.loading.values():
                     if bm in disk.bitmaps:
                         disk.bitmaps.remove(bm)
+                    if successor is not None:
+                        disk.drop_tracker(successor)
         self.loading.clear()
