@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--migration-api", choices=("10.0", "7.2"), default="10.0",
                    help="whose QMP migration interface to offer: QEMU 10.0's (default) or QEMU 7.2's, which "
                         "has the compress capability and compression-thread parameters")
+    p.add_argument("--disk-every", type=int, default=0, metavar="N",
+                   help="with --drive: every N-th workload operation also writes one 512-byte sector of the disk "
+                        "(default 0: the guest never writes its disk)")
     p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     p.add_argument("--fill", type=float, default=1.0,
                    help="fraction of RAM the firmware fills with data at boot (default 1.0)")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     machine = Machine(parse_size(args.ram, "--ram"), dirty_rate=args.dirty_rate, serial_path=args.serial,
-                      seed=args.seed, fill=args.fill, devices=tuple(args.device))
+                      seed=args.seed, fill=args.fill, devices=tuple(args.device),
+                      disk_every=args.disk_every)
     engine = Engine(machine, snapshot_dir=args.snapshot_dir, autostart=not args.stopped, incoming=args.incoming,
                     drive=args.drive, api=args.migration_api)
     server = QMPServer(engine, args.qmp)

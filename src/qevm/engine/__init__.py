@@ -12,6 +12,8 @@
 ``incoming``  the destination side
 ``snapshots`` savevm / loadvm / delvm into a directory of stream files
 ``qcow2store`` savevm / loadvm / delvm into a qcow2 drive's internal snapshots (``--drive``)
+``blockdev``  the disk (``--drive``, raw or qcow2) and its dirty bitmaps
+``blockmig``  block migration (QEMU 7.2's ``block`` section) and dirty-bitmap migration
 ``parameters`` QEMU 10.0's (and 7.2's) migration parameters: types, defaults, checks, texts
 ``compress``  QEMU 7.2's compression threads (a zlib worker pool, COMPRESS_PAGE records)
 ``errors``    ``QMPError``

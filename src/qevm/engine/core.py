@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qevm.engine.blockdev import SECTOR, DirtyBitmap, Disk
 from qevm.engine.errors import QMPError
 from qevm.engine.hmp import run_hmp
 from qevm.engine.incoming import IncomingMigration
@@ -82,7 +83,7 @@ def check_args(args: dict[str, Any], spec: dict[str, Arg]) -> None:
 
 #: parameter values the engine stores and reports but cannot act on: ``migrate`` refuses them
 UNSUPPORTED_VALUES: dict[str, Callable[[Any], bool]] = {
-    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool, "block-incremental": bool,
+    "tls-creds": bool, "mode": lambda v: v != "normal", "direct-io": bool,
 }
 
 
@@ -105,6 +106,8 @@ class Engine:
             raise UsageError("give --snapshot-dir or --drive, not both (snapshots go into the drive's image)")
         self.store: SnapshotStore | Qcow2SnapshotStore | None = (
             SnapshotStore(snapshot_dir) if snapshot_dir else Qcow2SnapshotStore(drive) if drive else None)
+        if drive:
+            machine.disk = Disk(drive)
         self.autostart = autostart
         self.incoming: IncomingMigration | None = None
         self.incoming_once = False
@@ -176,7 +179,7 @@ class Engine:
         self.incoming = IncomingMigration(
             self.m, src, autostart=self.autostart, exit_on_error=exit_on_error, emit=self.emit,
             events_on=lambda: self.mig.caps["events"], on_exit=self.request_exit,
-            caps=lambda: self.mig.caps)
+            caps=lambda: self.mig.caps, params=self.mig.params)
         self.incoming_once = True
         self.incoming.start()
 
@@ -279,7 +282,8 @@ class Engine:
         if self.store is None:
             return
         self._can_snapshot()
-        self.store.delete(name)
+        with self.m.lock:  # no guest disk write meanwhile: both take the image's locks
+            self.store.delete(name)
 
     def info_snapshots(self) -> str:
         if self.store is None or (isinstance(self.store, Qcow2SnapshotStore) and not self.store.qcow2):
@@ -303,7 +307,7 @@ Handler = Callable[[Engine, dict[str, Any]], Any]
 COMMANDS: dict[str, tuple[Handler, dict[str, Arg]]] = {}
 
 
-def command(name: str, **spec: Arg) -> Callable[[Handler], Handler]:
+def command(name: str, /, **spec: Arg) -> Callable[[Handler], Handler]:
     def deco(fn: Handler) -> Handler:
         COMMANDS[name] = (fn, dict(spec))
         return fn
@@ -362,8 +366,13 @@ def _migrate(e: Engine, a: dict[str, Any]) -> Any:
     for k in ("blk", "inc"):
         if k in a and e.api != "7.2":
             raise QMPError(f"Parameter '{k}' is unexpected")  # QEMU 9.1 removed block migration
-    if a.get("blk") or a.get("inc"):
-        raise QMPError("block migration (migrate -b / -i) is not supported by qevm's engine")
+    if (a.get("blk") or a.get("inc")) and not e.mig.running:
+        # QEMU 7.2's migrate_prepare: blk / inc turn block migration on for this migration only
+        if e.mig.caps["block"] or e.mig.params.get("block-incremental"):
+            raise QMPError("Command options are incompatible with current migration capabilities")
+        e.mig.caps["block"] = True
+        e.mig.params["block-incremental"] = bool(a.get("inc"))
+        e.mig.remove_block_options = True
     if a.get("resume"):
         raise QMPError("Cannot resume if there is no paused migration")
     if "uri" in a and "channels" in a:
@@ -372,7 +381,14 @@ def _migrate(e: Engine, a: dict[str, Any]) -> Any:
         raise QMPError("qevm's engine takes a 'uri', not 'channels'")
     if "uri" not in a:
         raise QMPError("need either 'uri' or 'channels' argument")
-    e.migrate(a["uri"])
+    try:
+        e.migrate(a["uri"])
+    except QMPError:
+        if e.mig.remove_block_options and not e.mig.running:
+            e.mig.remove_block_options = False
+            e.mig.caps["block"] = False
+            e.mig.params["block-incremental"] = False
+        raise
     return {}
 
 
@@ -488,3 +504,69 @@ def _query_machine(e: Engine, a: dict[str, Any]) -> Any:
         if a.get("digest"):
             out["ram-sha256"] = m.ram_digest()
     return out
+
+
+# -- the drive and its dirty bitmaps (QEMU's block QMP commands, the members used here) ----------------------
+
+def _node(e: Engine, node: str) -> Disk:
+    d = e.m.disk
+    if d is None or node not in (d.name, d.node_name):
+        raise QMPError(f"Cannot find device={node} nor node_name={node}", "DeviceNotFound")
+    return d
+
+
+def _bitmap(e: Engine, node: str, name: str) -> tuple[Disk, DirtyBitmap]:
+    d = _node(e, node)
+    bm = d.find_bitmap(name)
+    if bm is None:
+        raise QMPError(f"Dirty bitmap '{name}' not found")
+    return d, bm
+
+
+@command("query-block")
+def _query_block(e: Engine, a: dict[str, Any]) -> Any:
+    d = e.m.disk
+    if d is None:
+        return []
+    with e.m.lock:
+        return [d.info()]
+
+
+@command("block-dirty-bitmap-add", node=Arg("str", True), name=Arg("str", True), granularity=Arg("int"),
+         persistent=Arg("bool"), disabled=Arg("bool"))
+def _bitmap_add(e: Engine, a: dict[str, Any]) -> Any:
+    name = a["name"]
+    if not name:
+        raise QMPError("Bitmap name cannot be empty")
+    d = _node(e, a["node"])
+    g = a.get("granularity", d.default_granularity())
+    if g < SECTOR or g & (g - 1) or g > 1 << 31:
+        raise QMPError("Granularity must be power of 2, and at least 512")
+    if len(name.encode()) > 1023:
+        raise QMPError("Bitmap name too long")
+    if d.find_bitmap(name) is not None:
+        raise QMPError(f"Bitmap already exists: {name}")
+    persistent = a.get("persistent", False)
+    if persistent and d.format != "qcow2":
+        raise QMPError(f"Cannot store persistent bitmaps in '{d.node_name}': the {d.format} format has no bitmap "
+                       "support")
+    with e.m.lock:
+        d.bitmaps.append(DirtyBitmap(name, g, d.size, persistent=persistent, enabled=not a.get("disabled", False)))
+    return {}
+
+
+@command("block-dirty-bitmap-remove", node=Arg("str", True), name=Arg("str", True))
+def _bitmap_remove(e: Engine, a: dict[str, Any]) -> Any:
+    d, bm = _bitmap(e, a["node"], a["name"])
+    if bm.busy:
+        raise QMPError(f"Bitmap '{bm.name}' is currently in use by another operation and cannot be used")
+    with e.m.lock:
+        d.bitmaps.remove(bm)
+    return {}
+
+
+@command("x-debug-block-dirty-bitmap-sha256", node=Arg("str", True), name=Arg("str", True))
+def _bitmap_sha256(e: Engine, a: dict[str, Any]) -> Any:
+    _, bm = _bitmap(e, a["node"], a["name"])
+    with e.m.lock:
+        return {"sha256": bm.sha256()}

@@ -95,7 +95,13 @@ def run_hmp(engine: Monitored, line: str) -> str:
             rest = [w for w in args if not w.startswith("-")]
             if not rest:
                 return _usage("migrate")
-            engine.execute("migrate", {"uri": rest[0]})
+            flags = {w for w in args if w.startswith("-")}
+            margs: dict[str, Any] = {"uri": rest[0]}
+            if "-b" in flags:
+                margs["blk"] = True
+            if "-i" in flags:
+                margs["inc"] = True
+            engine.execute("migrate", margs)
             return ""
         if cmd == "migrate_set_parameter":
             if len(args) < 2:
@@ -162,6 +168,10 @@ def format_info_migrate(engine: Monitored) -> str:
             out.append(f"downtime ram: {ram['downtime-bytes'] >> 10} kbytes")
         if ram["postcopy-bytes"]:
             out.append(f"postcopy ram: {ram['postcopy-bytes'] >> 10} kbytes")
+    disk = info.get("disk")
+    if disk:  # QEMU 7.2's block migration
+        out += [f"transferred disk: {disk['transferred'] >> 10} kbytes",
+                f"remaining disk: {disk['remaining'] >> 10} kbytes", f"total disk: {disk['total'] >> 10} kbytes"]
     x = info.get("xbzrle-cache")
     if x:
         out += [f"cache size: {x['cache-size']} bytes",

@@ -43,7 +43,8 @@ S = MigrationStatus
 class IncomingMigration:
     def __init__(self, machine: Machine, source: Incoming, *, autostart: bool, exit_on_error: bool,
                  emit: Callable[[str, dict[str, Any] | None], None], events_on: Callable[[], bool],
-                 on_exit: Callable[[int], None], caps: Callable[[], dict[str, bool]] = dict) -> None:
+                 on_exit: Callable[[int], None], caps: Callable[[], dict[str, bool]] = dict,
+                 params: dict[str, Any] | None = None) -> None:
         self.m = machine
         self.source = source
         self.autostart = autostart
@@ -53,6 +54,7 @@ class IncomingMigration:
         self.on_exit = on_exit
         self.caps = caps
         self.postcopy: PostcopyIncoming | None = None
+        self.params = params if params is not None else {}
         self.cell = StatusCell(self._on_status)
         self.error: str | None = None
         self.loader: StreamLoader | None = None
@@ -110,7 +112,7 @@ class IncomingMigration:
             ch = src.accept()
             resp.channel_has_return_path = ch.has_return_path
             self.cell.transition(S.SETUP, S.ACTIVE)
-            ld = self.loader = StreamLoader(m)
+            ld = self.loader = StreamLoader(m, self.params.get("block-bitmap-mapping"))
             pc = self.postcopy = PostcopyIncoming(m, caps=self.caps, send=answer,
                                                   on_listen=self._postcopy_listen, on_run=self._postcopy_run)
             ld.pc = pc

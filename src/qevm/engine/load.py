@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from qevm.engine.blockmig import BLOCK_IDSTR, DIRTY_BITMAP_IDSTR, LIVE_VERSION, LiveLoader
 from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
 from qevm.errors import DecodeError, QevmError
 from qevm.format.events import (
@@ -26,6 +27,7 @@ from qevm.format.events import (
     EndOfFile,
     Event,
     FileHeader,
+    LiveRecord,
     RamBlock,
     RamPage,
     SectionHeader,
@@ -79,9 +81,10 @@ class StreamLoader(PushParser):
     ``buffer_updated`` returns the commands that need an answer on the return path
     (OPEN_RETURN_PATH, PING); 0 bytes means the input ended."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, bitmap_mapping: list[dict[str, Any]] | None = None) -> None:
         super().__init__(page_size=machine.page_size)
         self.m = machine
+        self.lives = LiveLoader(machine, bitmap_mapping)
         self.ps = machine.page_size
         self.zero = bytes(self.ps)
         self.stats = LoadStats()
@@ -144,6 +147,12 @@ class StreamLoader(PushParser):
         if isinstance(ev, DeviceState):
             self._device(ev)
             return
+        if isinstance(ev, LiveRecord):
+            try:
+                self.lives.record(ev)
+            except QevmError as e:
+                raise LoadError(f"{ev.handler}: {e}") from e
+            return
         if isinstance(ev, FileHeader):
             return
         if not self.seen_config and not isinstance(ev, Configuration):
@@ -189,6 +198,10 @@ class StreamLoader(PushParser):
         if sec.idstr == "ram":
             if sec.version != 4:
                 raise LoadError(f"savevm: unsupported version {sec.version} for 'ram' v4")
+            return
+        if sec.idstr in (BLOCK_IDSTR, DIRTY_BITMAP_IDSTR) and ev.kind == SectionKind.START:
+            if sec.version > LIVE_VERSION:
+                raise LoadError(f"savevm: unsupported version {sec.version} for '{sec.idstr}' v{LIVE_VERSION}")
             return
         se = self.m.registry.find(sec.idstr, sec.instance_id)
         if se is None or se is self.m.ram_entry:

@@ -17,6 +17,13 @@ sid   idstr          description
 
 With ``devices=("debug-migration",)`` (``qevm vm --device debug-migration``) a sixth entry, sid 5
 ``debug-migration`` (v1), carries the stream's vmdesc inside the stream (``qevm.format.selfdesc``).
+The live handlers ``block`` and ``dirty-bitmap`` (v1, no FULL section, ``qevm.engine.blockmig``)
+come last; they only appear in a stream when block / dirty-bitmap migration is on.
+
+**The disk.**  With a ``Disk`` attached (``--drive FILE``) and ``disk_every`` N > 0, every N-th
+workload operation (operation numbers N, 2N, ...) also writes one 512-byte sector of the disk: sector
+``splitmix64(~seed ^ k) % sectors`` for the k-th such write, 512 bytes derived from ``k`` and the
+seed; so the disk's content, like RAM's, is a function of (seed, ops).
 
 **The workload.**  Operation number ``n`` writes 64 bytes into one page at a 64-byte slot chosen by
 ``h >> 32``, where ``h = splitmix64(seed ^ n)``: three operations in four go to a hot set (the first
@@ -50,8 +57,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qevm.engine.blockdev import SECTOR, Disk
 from qevm.engine.states import RUNSTATE_TRANSITIONS, IllegalTransition, RunState
-from qevm.errors import UsageError
+from qevm.errors import QevmError, UsageError
 from qevm.format.selfdesc import (
     DEBUG_MIGRATION_IDSTR,
     DEBUG_MIGRATION_VERSION,
@@ -255,7 +263,8 @@ class Machine:
     page_size = 4096
 
     def __init__(self, ram_size: int, *, dirty_rate: int = 0, serial_path: str | None = None, seed: int = 1,
-                 fill: float = 1.0, emit: EventSink | None = None, devices: tuple[str, ...] = ()) -> None:
+                 fill: float = 1.0, emit: EventSink | None = None, devices: tuple[str, ...] = (),
+                 disk_every: int = 0) -> None:
         if ram_size <= 0 or ram_size % self.page_size:
             raise UsageError(f"RAM size {ram_size} is not a positive multiple of {self.page_size}")
         if not 0.0 <= fill <= 1.0:
@@ -291,6 +300,13 @@ class Machine:
             self.registry.register(LegacyHandler(DEBUG_MIGRATION_IDSTR, DEBUG_MIGRATION_VERSION,
                                                  save_state=DebugMigration.save, load_state=DebugMigration.load),
                                    self.debug_migration)
+        # live handlers registered last, so the sections above keep their ids
+        self.registry.register(LegacyHandler("block", 1))
+        self.registry.register(LegacyHandler("dirty-bitmap", 1))
+        self.disk: Disk | None = None
+        if disk_every < 0:
+            raise UsageError(f"disk write period {disk_every} is negative")
+        self.disk_every = disk_every
         self._pace_clock = 0
         self._pace_debt = 0.0
         #: postcopy destination: pages present (1) or still at the source (0), and what the CPU
@@ -325,6 +341,8 @@ class Machine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
+        if self.disk is not None:
+            self.disk.close()
         if self._serial_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._serial_fd)
@@ -412,6 +430,22 @@ class Machine:
                  (seed + i) & _M64)
             dirty[page] = 1
         self.cpu.ops = start + n
+        if self.disk is not None and self.disk_every:
+            for k in range(start // self.disk_every + 1, (start + n) // self.disk_every + 1):
+                self._disk_op(k)
+
+    def _disk_op(self, k: int) -> None:
+        """The k-th disk write of the workload (see the module docstring)."""
+        disk = self.disk
+        assert disk is not None
+        seed = self.cpu.seed
+        h = splitmix64(~seed & _M64 ^ k)
+        sector = h % disk.sectors
+        data = _OP.pack(k, h, seed, sector, k ^ h, ~k & _M64, h >> 1, (seed + k) & _M64) * (SECTOR // _OP.size)
+        try:
+            disk.write(sector * SECTOR, data[:min(SECTOR, disk.size - sector * SECTOR)])
+        except (QevmError, OSError) as e:  # an I/O error: reported, the guest goes on (QEMU's werror=report)
+            log.warning("disk write failed: %s", e)
 
     def _serial_write(self, data: bytes) -> None:
         """The CPU writes bytes to the UART's THR; the UART sends them to its chardev at once, so the

@@ -31,12 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 from qevm.codec.wire import be32
+from qevm.engine.blockmig import BlockSaver, DirtyBitmapSaver
 from qevm.engine.compress import CompressCounters, CompressPool
 from qevm.engine.machine import Machine
 from qevm.engine.parameters import DEFAULT_PARAMETERS, default_parameters
 from qevm.engine.postcopy import PostcopySource
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
-from qevm.engine.stream import Cancelled, RamSaver, SaveSession, StreamOut
+from qevm.engine.stream import Cancelled, LiveSaver, RamSaver, SaveSession, StreamOut
 from qevm.errors import QevmError
 from qevm.format.events import CommandEvent
 from qevm.format.records import Command
@@ -69,7 +70,8 @@ CAPABILITIES_72 = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "co
 CAPABILITIES_OF = {"10.0": CAPABILITIES, "7.2": CAPABILITIES_72}
 #: the ones this engine implements (setting another one on is refused, rather than ignored)
 SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate",
-                                    "compress", "postcopy-ram", "postcopy-blocktime"})
+                                    "compress", "postcopy-ram", "postcopy-blocktime", "block",
+                                    "dirty-bitmaps"})
 #: how long the source waits for the destination's SHUT on the return path
 RP_SHUT_TIMEOUT = 30.0
 
@@ -91,6 +93,8 @@ class MigrationState:
         self.channel: Channel | None = None
         self.uri = ""
         self._abort = threading.Event()
+        #: migrate blk/inc set block migration on for this migration only (must_remove_block_options)
+        self.remove_block_options = False
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -110,6 +114,7 @@ class MigrationState:
         self.iterations = 0
         self.postcopy: PostcopySource | None = None
         self.start_postcopy = threading.Event()  # migrate-start-postcopy
+        self.block: BlockSaver | None = None
 
     # -- status ----------------------------------------------------------------------------------------
     @property
@@ -201,8 +206,17 @@ class MigrationState:
             pool = CompressPool(int(self.params["compress-threads"]), int(self.params["compress-level"]),
                                 bool(self.params["compress-wait-thread"]), m.page_size)
         self.pool = pool
+        lives: list[LiveSaver] = []
+        if self.caps.get("block"):
+            self.block = BlockSaver(m, zero_blocks=self.caps["zero-blocks"],
+                                    shared_base=bool(self.params.get("block-incremental")))
+            lives.append(self.block)
+        if self.caps["dirty-bitmaps"]:
+            dbm = DirtyBitmapSaver(m, self.params.get("block-bitmap-mapping"))
+            if dbm.active:
+                lives.append(dbm)
         sess = SaveSession(m, out, xbzrle=self.caps["xbzrle"], cache_size=int(self.params["xbzrle-cache-size"]),
-                           on_sync=self._pass, compress=pool)
+                           on_sync=self._pass, compress=pool, lives=lives)
         self.session = sess
         stopped_here = False
         was_running = m.running
@@ -284,6 +298,12 @@ class MigrationState:
                 rp.stop()
             if pool is not None:
                 pool.close()
+            for lv in lives:
+                lv.close()
+            if self.remove_block_options:  # QEMU's migrate_fd_cleanup after migrate -b / -i
+                self.remove_block_options = False
+                self.caps["block"] = False
+                self.params["block-incremental"] = False
             self.channel = None
 
     def stop_for_switchover(self) -> tuple[bool, float]:
@@ -343,10 +363,10 @@ class MigrationState:
             if rate != self._rate_param:
                 self._rate_param = rate
                 limiter.set_rate(rate)
-            pending = ram.pending()
+            pending = ram.pending() + sess.live_pending()
             if pending < self.threshold or pending == 0:
                 ram.sync()
-                pending = ram.pending()
+                pending = ram.pending() + sess.live_pending()
             if pending and pending >= self.threshold:
                 if self.start_postcopy.is_set() and self.postcopy is not None:
                     return True
@@ -384,6 +404,8 @@ class MigrationState:
                 else:
                     info["expected-downtime"] = self.expected_downtime
             info["ram"] = self._ram_info(st)
+            if self.block is not None and st is not S.COMPLETED:
+                info["disk"] = self.block.info()
             if self.caps["xbzrle"]:
                 info["xbzrle-cache"] = self._xbzrle_info()
             if self.caps.get("compress"):

@@ -9,9 +9,9 @@ lists it and ``qemu-img check`` finds the image clean.  ``loadvm`` reads the sta
 replaces a snapshot of that name (deleted first, so the new one takes the lowest free id), ``loadvm``
 and ``delvm`` look snapshots up by name, ``delvm`` of a missing name is silent.
 
-The engine's guest never writes its disk, so ``loadvm`` has no disk content to revert: the active
-layer already equals every snapshot's.  The image is locked (QEMU's byte locks) while a snapshot is
-written or deleted, not while the VM runs.
+Unless ``--disk-every`` makes the workload write its disk, the engine's guest never writes it, so
+``loadvm`` has no disk content to revert; with it, ``loadvm`` leaves the disk as it is.  The image
+is locked (QEMU's byte locks) while a snapshot is written or deleted, and for each guest write.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qevm.engine.compress import CompressPool
 from qevm.engine.machine import MACHINE_TYPE, RAM_BLOCK, Machine
@@ -46,7 +46,7 @@ from qevm.format.selfdesc import DEBUG_MIGRATION_IDSTR, encode_debug_payload
 from qevm.migration.ratelimit import RateLimiter
 from qevm.vmstate.jsonout import vmdesc_json
 
-__all__ = ["Cancelled", "StreamOut", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
+__all__ = ["Cancelled", "StreamOut", "LiveSaver", "RamCounters", "RamSaver", "SaveSession", "xor_delta",
            "XBZRLE_DEFAULT_CACHE", "embed_vmdesc"]
 
 XBZRLE_DEFAULT_CACHE = 64 << 20
@@ -326,17 +326,49 @@ class RamSaver:
 
 # -- the whole stream ----------------------------------------------------------------------------------
 
+class LiveSaver(Protocol):
+    """A live section other than ram (``qevm.engine.blockmig``): its payload of each phase."""
+
+    idstr: str
+    before_ram: bool  # its handler is registered before ram's in QEMU (the order sections go out)
+    iterates: bool  # sends PART sections while the VM runs
+
+    def setup(self, write: Callable[[bytes], None]) -> None: ...
+    def iterate(self, write: Callable[[bytes], None], deadline: float | None) -> None: ...
+    def complete(self, write: Callable[[bytes], None]) -> None: ...
+    def pending(self) -> int: ...
+    def close(self) -> None: ...
+
+
 class SaveSession:
     """One outgoing stream of this machine (migration or savevm): QEMU's savevm phases."""
 
     def __init__(self, machine: Machine, out: StreamOut, *, xbzrle: bool = False,
                  cache_size: int = XBZRLE_DEFAULT_CACHE, on_sync: Callable[[int], None] | None = None,
-                 compress: CompressPool | None = None) -> None:
+                 compress: CompressPool | None = None, lives: list[LiveSaver] | None = None) -> None:
         self.m = machine
         self.out = out
         self.ram = RamSaver(machine, xbzrle=xbzrle, cache_size=cache_size, on_sync=on_sync, compress=compress)
         ram = machine.ram_entry
         self._ram_section = Section(ram.section_id, ram.idstr, ram.instance_id, ram.version_id, "ram")
+        self.lives = lives or []
+        self._live_sections: dict[str, Section] = {}
+        for lv in self.lives:
+            se = machine.registry.find(lv.idstr, 0)
+            assert se is not None, lv.idstr
+            self._live_sections[lv.idstr] = Section(se.section_id, se.idstr, se.instance_id, se.version_id, se.idstr)
+
+    def _live_chunk(self, kind: SectionKind, before_ram: bool, body: Callable[[LiveSaver], None]) -> None:
+        for lv in self.lives:
+            if lv.before_ram != before_ram or (kind == SectionKind.PART and not lv.iterates):
+                continue
+            sec = self._live_sections[lv.idstr]
+            self.out.write(SectionHeader(0, kind, sec).encode())
+            body(lv)
+            self.out.write(Footer(0, sec.section_id).encode())
+
+    def live_pending(self) -> int:
+        return sum(lv.pending() for lv in self.lives)
 
     def header(self) -> None:
         self.out.write(FileHeader(0).encode() + Configuration(0, MACHINE_TYPE, []).encode())
@@ -347,10 +379,16 @@ class SaveSession:
         self.out.write(Footer(0, self._ram_section.section_id).encode())
 
     def setup(self) -> None:
+        w = self.out.write
+        self._live_chunk(SectionKind.START, True, lambda lv: lv.setup(w))
         self._ram_chunk(SectionKind.START, lambda: self.ram.setup(self.out))
+        self._live_chunk(SectionKind.START, False, lambda lv: lv.setup(w))
 
     def iterate(self, deadline: float | None) -> None:
+        w = self.out.write
+        self._live_chunk(SectionKind.PART, True, lambda lv: lv.iterate(w, deadline))
         self._ram_chunk(SectionKind.PART, lambda: self.ram.iterate(self.out, deadline))
+        self._live_chunk(SectionKind.PART, False, lambda lv: lv.iterate(w, deadline))
 
     def complete(self) -> None:
         """With the machine stopped: last sync, END ram with every remaining page, the device
@@ -358,7 +396,10 @@ class SaveSession:
         if self.m.globalstate.state is None:  # callers normally store it before stopping the VM
             self.m.globalstate.store(self.m.runstate)
         self.ram.sync()
+        w = self.out.write
+        self._live_chunk(SectionKind.END, True, lambda lv: lv.complete(w))
         self._ram_chunk(SectionKind.END, lambda: self.ram.iterate(self.out, None))
+        self._live_chunk(SectionKind.END, False, lambda lv: lv.complete(w))
         self.write_devices()
         self.out.flush()
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any
 
-from qevm.codec.wire import Cursor
+from qevm.codec.wire import Cursor, be32, be64, cstr
 from qevm.format.events import Command, LiveRecord, SectionKind
 
 __all__ = ["LiveState", "LIVE_HANDLERS", "parse_live_record", "decode_command", "COMMAND_LENGTHS",
-           "HTAB_NO_HPT", "StattrFlag", "DirtyBitmapFlag", "BlockFlag"]
+           "HTAB_NO_HPT", "StattrFlag", "DirtyBitmapFlag", "BlockFlag", "BLOCK_CHUNK", "BLOCK_SECTOR_BITS",
+           "DirtyBitmapStartFlag", "encode_block_record", "encode_dbitmap_record"]
 
 #: spapr/htab START header value of a guest without a hash page table (hw/ppc/spapr.c)
 HTAB_NO_HPT = 0xFFFFFFFF
@@ -55,7 +56,18 @@ class BlockFlag(IntFlag):
     ZERO_BLOCK = 0x08
 
 
-_BLOCK_FLAG_BITS = 9
+class DirtyBitmapStartFlag(IntFlag):
+    """The bitmap flags byte of a dirty-bitmap START record (migration/block-dirty-bitmap.c)."""
+
+    ENABLED = 0x01
+    PERSISTENT = 0x02
+    AUTOLOAD = 0x04  # older QEMUs; ignored on load
+    RESERVED = 0xF8
+
+
+#: block-migration records carry the sector number above the flags: sector << 9 | flags
+BLOCK_SECTOR_BITS = 9
+_BLOCK_FLAG_BITS = BLOCK_SECTOR_BITS
 
 
 @dataclass(slots=True)
@@ -145,7 +157,51 @@ def _dbitmap(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
     return kind, info, bool(flags & F.EOS)
 
 
+def encode_dbitmap_record(flags: int, *, node: str | None = None, bitmap: str | None = None,
+                          granularity: int = 0, bitmap_flags: int = 0, start_sector: int = 0, nr_sectors: int = 0,
+                          bits: bytes | None = None) -> bytes:
+    """One dirty-bitmap record, the bytes ``_dbitmap`` reads: flags (one byte, as QEMU writes them),
+    the node and bitmap names when ``node`` / ``bitmap`` are given (DEVICE_NAME / BITMAP_NAME are
+    added), then START's granularity and bitmap flags, or BITS' range and buffer (ZEROES: none)."""
+    F = DirtyBitmapFlag
+    if node is not None:
+        flags |= F.DEVICE_NAME
+    if bitmap is not None:
+        flags |= F.BITMAP_NAME
+    out = bytearray((flags,))
+    if node is not None:
+        out += cstr(node)
+    if bitmap is not None:
+        out += cstr(bitmap)
+    if flags & F.START:
+        out += be32(granularity) + bytes((bitmap_flags,))
+    elif flags & F.BITS:
+        out += be64(start_sector) + be32(nr_sectors)
+        if not flags & F.ZEROES:
+            assert bits is not None
+            out += be64(len(bits)) + bits
+    return bytes(out)
+
+
 BLOCK_CHUNK = 1 << 20
+
+
+def encode_block_record(flags: int, value: int = 0, device: str | None = None,
+                        data: bytes | bytearray | memoryview | None = None) -> bytes:
+    """One block-migration record, the bytes ``_block`` reads: ``value << 9 | flags`` (the sector
+    of a DEVICE_BLOCK, the percentage of a PROGRESS), then for DEVICE_BLOCK the device name and,
+    unless ZERO_BLOCK, the BLOCK_CHUNK bytes (``data`` padded with zeros to the full chunk, as the
+    wire always carries one)."""
+    head = be64(value << _BLOCK_FLAG_BITS | flags)
+    if not flags & BlockFlag.DEVICE_BLOCK:
+        return head
+    assert device is not None
+    out = head + cstr(device)
+    if flags & BlockFlag.ZERO_BLOCK:
+        return out
+    assert data is not None
+    pad = BLOCK_CHUNK - len(data)
+    return out + bytes(data) + (bytes(pad) if pad > 0 else b"")
 
 
 def _block(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:

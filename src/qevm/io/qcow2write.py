@@ -31,15 +31,18 @@ from qevm.io.containers import (
     _INCOMPAT_DATA_FILE,
     _INCOMPAT_DIRTY,
     _L2_COMPRESSED,
+    _L2_ZERO,
     _OFFSET_MASK,
     _QCOW2_MAX_SNAPSHOTS,
     _QCOW2_MAX_SNAPSHOTS_BYTES,
     _SNAP_ENTRY,
+    _ZERO,
     Qcow2Image,
     Qcow2Snapshot,
+    _pread,
 )
 
-__all__ = ["add_snapshot", "delete_snapshot", "list_image_snapshots", "create_image", "ImageLock"]
+__all__ = ["add_snapshot", "delete_snapshot", "list_image_snapshots", "create_image", "ImageLock", "GuestWriter"]
 
 _COPIED = 1 << 63
 _MAX_L1_BYTES = 32 << 20
@@ -242,10 +245,11 @@ class _Image:
             self.pwrite(off, self._rb_cache[off])
         self._rb_dirty.clear()
 
-    def claim(self, first: int, end: int) -> None:
+    def claim(self, first: int, end: int, sync: bool = True) -> None:
         """Give clusters [first, end) (new, past the old end of the file) refcount 1, creating the
         refcount blocks they need after ``end`` (those count themselves).  Afterwards
-        ``self.end_cluster`` is past everything allocated."""
+        ``self.end_cluster`` is past everything allocated.  ``sync=False``: no flush in between
+        (the caller flushes once at the end of its update)."""
         rbe = self.rb_entries
         new_blocks: dict[int, int] = {}  # refblock index -> cluster
         while True:
@@ -279,7 +283,8 @@ class _Image:
                                       "(inconsistent image; run qemu-img check)", None, "qcow2")
                 self.add_ref(cl, 1)
         self.flush_refcounts()
-        self.sync()
+        if sync:
+            self.sync()
         for k, c in sorted(new_blocks.items()):
             self.rt[k] = c * cs
             self.pwrite(self.rt_offset + 8 * k, struct.pack(">Q", c * cs))
@@ -549,6 +554,99 @@ def delete_snapshot(image_path: str, which: str) -> Qcow2Snapshot:
         return snap
     finally:
         im.close()
+
+
+class GuestWriter:
+    """Guest reads and writes in the active layer of a qcow2 image, as QEMU's qcow2 driver does
+    them: a data cluster with refcount 1 is written in place; any other (unallocated, zero,
+    compressed, or shared with an internal snapshot) is copied into a new cluster first, and so is
+    a shared L2 table (data refcounts already count every L1 that reaches them, as QEMU keeps them).  The image is
+    opened and locked per write (``_Image``), so ``savevm`` into the same image can take it in
+    between; reads go through ``Qcow2Image.disk`` (zeros where nothing is allocated).  Images with
+    extended L2 entries are refused."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.f = open(path, "rb")  # noqa: SIM115 - kept for reads, closed by close()
+        img = Qcow2Image(self.f, path)
+        if img.extended_l2:
+            self.f.close()
+            raise UsageError(f"{path}: qcow2 images with extended L2 entries cannot be written here")
+
+    def close(self) -> None:
+        self.f.close()
+
+    def flush(self) -> None:
+        os.fsync(self.f.fileno())
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = _pread(Qcow2Image(self.f, self.path).disk(), offset, length)
+        return out + bytes(length - len(out))
+
+    def allocation(self, offset: int, max_len: int) -> tuple[bool, int]:
+        """Whether guest ``offset`` is mapped to data (plain or compressed) and for how many bytes
+        (at most ``max_len``) that stays so; zero and unallocated clusters are not data."""
+        view = Qcow2Image(self.f, self.path).disk()
+        kind, _, run = view._extent(offset)
+        first = kind != _ZERO
+        while run < max_len:
+            k, _, r = view._extent(offset + run)
+            if (k != _ZERO) != first:
+                break
+            run += r
+        return first, min(run, max_len)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        im = _Image(self.path)
+        try:
+            img = im.img
+            cs = img.cluster_size
+            l1 = im.l1(img.l1_table_offset, img.l1_size)
+            pos = 0
+            while pos < len(mv):
+                g = offset + pos
+                inside = g % cs
+                n = min(cs - inside, len(mv) - pos)
+                host = self._cluster(im, l1, g - inside, partial=n < cs)
+                im.pwrite(host + inside, mv[pos:pos + n])
+                pos += n
+            im.flush_refcounts()  # no fsync: like a guest write in QEMU, durable at the next flush
+        finally:
+            im.close()
+
+    def _alloc(self, im: _Image, content: bytes) -> int:
+        c = im.end_cluster
+        im.pwrite(c * im.img.cluster_size, content)
+        im.claim(c, c + 1, sync=False)
+        return int(c * im.img.cluster_size)
+
+    def _cluster(self, im: _Image, l1: list[int], g: int, *, partial: bool) -> int:
+        """The host offset of a cluster the guest cluster at ``g`` may be written in (refcount 1)."""
+        img = im.img
+        cs = img.cluster_size
+        i1, i2 = divmod(g // cs, img.l2_entries)
+        e1 = l1[i1]
+        l2 = e1 & _OFFSET_MASK
+        if not l2 or im.refcount(l2 // cs) != 1:
+            table = bytearray(im._pread(l2, cs)) if l2 else bytearray(cs)
+            if l2:  # copy-on-write of a shared L2 table: data refcounts already count every L1 (snapshot)
+                im.add_ref(l2 // cs, -1)
+            l2 = self._alloc(im, bytes(table))
+            l1[i1] = l2 | _COPIED
+            im.pwrite(img.l1_table_offset + 8 * i1, struct.pack(">Q", l1[i1]))
+        (entry,) = struct.unpack(">Q", im._pread(l2 + 8 * i2, 8))
+        host = entry & _OFFSET_MASK
+        compressed = bool(entry & _L2_COMPRESSED)
+        zero = bool(entry & _L2_ZERO) and img.version >= 3
+        if host and not compressed and not zero and im.refcount(host // cs) == 1:
+            return int(host)
+        content = self.read(g, cs) if partial and (host or compressed) and not zero else bytes(cs)
+        new = self._alloc(im, content)
+        for c in im.clusters_of_l2_entry(entry):
+            im.add_ref(c, -1)
+        im.pwrite(l2 + 8 * i2, struct.pack(">Q", new | _COPIED))
+        return new
 
 
 def list_image_snapshots(image_path: str) -> list[Qcow2Snapshot]:
