@@ -514,3 +514,35 @@ def test_qemu_10_loads_converted_mapped_ram_and_plain(chroot10: tuple[Path, Path
     plain = work / "p.mig"
     ok("convert", str(src), str(plain), "--to", "stream")
     load10(root, destination_args(meta("mapped-ram-multifd-10.0")), f"file:{inner}/p.mig", [], tmp_path / "b")
+
+
+def test_qemu_10_loadvm_of_a_snapshot_added_to_its_own_image(chroot10: tuple[Path, Path, str],
+                                                              tmp_path: Path) -> None:
+    """QEMU 10.0 end to end: a qcow2 image created by 10.0's qemu-img is the disk of a running Linux
+    guest under QEMU 10.0, whose state is migrated to a plain stream; ``qevm convert`` adds that stream
+    to the image as a snapshot; QEMU 10.0 restores it with ``-loadvm`` and the guest keeps ticking;
+    ``qemu-img check`` of 10.0 and 7.2 finds the image clean and 10.0 lists the snapshot."""
+    from gen_qemu10 import READY, booted_args, wait_ticks
+
+    root, work, inner = chroot10
+    img = work / "disk.qcow2"
+    subprocess.run(["chroot", str(root), "qemu-img", "create", "-q", "-f", "qcow2", f"{inner}/disk.qcow2", "32M"],
+                   check=True, timeout=60)
+    args = booted_args(root, "pc", 128) + ["-drive", f"file={inner}/disk.qcow2,format=qcow2,if=virtio,id=drive0"]
+    stream = work / "guest.mig"
+    with Qemu("qemu-system-x86_64", args, tmp_path / "src", chroot=str(root)) as vm:
+        vm.wait_serial(READY, 300)
+        wait_ticks(vm, 3)
+        vm.migrate(f"file:{inner}/guest.mig", timeout=300)
+        vm.quit()
+    out = ok("convert", str(stream), str(img), "--name", "from-qevm")
+    assert "from-qevm" in out
+    img_check(img, root)
+    img_check(img)
+    listing = subprocess.run(["chroot", str(root), "qemu-img", "snapshot", "-l", f"{inner}/disk.qcow2"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "from-qevm" in listing, listing
+    with Qemu("qemu-system-x86_64", [*args, "-loadvm", "from-qevm"], tmp_path / "dst", chroot=str(root)) as vm:
+        assert_guest_runs(vm)
+        vm.quit()
+    img_check(img, root)
