@@ -546,3 +546,34 @@ def test_qemu_10_loadvm_of_a_snapshot_added_to_its_own_image(chroot10: tuple[Pat
         assert_guest_runs(vm)
         vm.quit()
     img_check(img, root)
+
+
+def test_snapshot_copied_by_the_kernel_or_through_a_buffer(savevm_stream: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain stream file goes into the image with copy_file_range (cp's way) while it is checked; where
+    the kernel refuses (EXDEV on old kernels), through a buffer.  Either way the snapshot's VM state is the
+    stream byte for byte and the image is clean."""
+    import errno
+
+    from qevm.io import convert as conv
+
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def counted(*a: Any) -> int:
+        calls.append(a[2])
+        return real(*a)
+
+    def refused(*a: Any) -> int:
+        raise OSError(errno.EXDEV, "cross-device copy")
+
+    for name, fake in (("kernel", counted), ("buffer", refused)):
+        monkeypatch.setattr(os, "copy_file_range", fake)
+        img = tmp_path / f"{name}.qcow2"
+        conv.convert(str(savevm_stream), str(img), to="qcow2", name="s", size=32 << 20)
+        monkeypatch.setattr(os, "copy_file_range", real)
+        back = tmp_path / f"{name}.mig"
+        conv.convert(str(img), str(back), to="stream", snapshot="s")
+        assert back.read_bytes() == savevm_stream.read_bytes()
+        img_check(img)
+    assert sum(calls) >= savevm_stream.stat().st_size  # the kernel path really copied it all
