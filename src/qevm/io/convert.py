@@ -16,11 +16,13 @@ complete (the qcow2 image is changed in place, snapshot table last).  The input 
 
 from __future__ import annotations
 
+import array
 import io
 import json
 import os
 import re
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from typing import Any
 
 from qevm.codec.schema import Schema
 from qevm.codec.wire import be32, cstr
-from qevm.errors import DecodeError, UsageError
+from qevm.errors import DecodeError, InvalidOperation, UsageError
 from qevm.format.events import (
     ConfigSubsection,
     Configuration,
@@ -384,17 +386,16 @@ def _bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, 
             a = b
 
 
-_HEADS: dict[tuple[int, int], struct.Struct] = {}
-
-
-def _heads(n: int, ps: int) -> struct.Struct:
-    """Packs the words of ``n`` consecutive page records (``ps``-byte payload slots skipped)."""
-    st = _HEADS.get((n, ps))
-    if st is None:
-        if len(_HEADS) > 64:
-            _HEADS.clear()
-        st = _HEADS[(n, ps)] = struct.Struct(">" + f"Q{ps}x" * n)
-    return st
+def _put_words(mv: memoryview, stride: int, words: range) -> None:
+    """The big-endian 64-bit ``words`` at offsets 0, ``stride``, 2 * ``stride``... of ``mv``, leaving the
+    bytes between them alone (one strided copy; ``stride`` a multiple of 8)."""
+    if stride % 8 or len(mv) < len(words) * stride:
+        raise InvalidOperation("record words do not fit their slots")
+    a = array.array("Q", words)
+    if sys.byteorder == "little":
+        a.byteswap()
+    with mv[:len(words) * stride].cast("Q") as q:
+        q[::stride // 8] = memoryview(a)
 
 
 def _read_slots(f: Any, slots: list[memoryview], at: int) -> int:
@@ -475,7 +476,7 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                     slots.append(first_page)
                 mv = memoryview(scratch)[:n * stride]
                 if n:
-                    _heads(n, ps).pack_into(mv, 0, *range(k0 * ps | cont_page, j * ps, ps))
+                    _put_words(mv, stride, range(k0 * ps | cont_page, j * ps, ps))
                     slots += [mv[p:p + ps] for p in range(8, n * stride, stride)]
                     vec.append(mv)
                 got = _read_slots(f, slots, at)
