@@ -7,9 +7,9 @@ filesystem, with a warm page cache; GNU ``time`` gives CPU time and peak RSS:
 
 * ``cp``                       cp STREAM OUT (the anchor; coreutils' cp copies in the kernel: copy_file_range)
 * ``cp + sync``                cp, then fsync OUT (what a writer that flushes, like the qcow2 one, pays)
-* ``python copy``              the file read into a 4 MiB buffer and written out by Python, nothing else: the
-                               floor of a conversion whose bytes must pass through the process (mapped-ram
-                               <-> stream reorder every page)
+* ``python copy``              reference: the file read into a 1 MiB buffer (the reader's chunk) and written
+                               out by Python, nothing else: what moving the bytes through a process costs, as
+                               the mapped-ram <-> stream conversions must (they reorder every page)
 * ``to mapped-ram``            qevm convert STREAM OUT.mapped --to mapped-ram
 * ``mapped-ram to stream``     qevm convert OUT.mapped OUT.mig --to stream
 * ``to qcow2 snapshot``        qevm convert STREAM NEW.qcow2 --name big --size 1G
@@ -40,7 +40,7 @@ MAX_RSS_MB = 64.0
 PY_COPY = """
 import os, sys
 src, dst = os.open(sys.argv[1], os.O_RDONLY), os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-buf = bytearray(4 << 20)
+buf = bytearray(1 << 20)
 mv = memoryview(buf)
 while k := os.readv(src, [buf]):
     done = 0

@@ -8,7 +8,8 @@
   a plain stream with XBZRLE pages becomes a mapped-ram file QEMU 10.0 loads with the capability;
   a 7.2 stream round-tripped through mapped-ram loads into QEMU 7.2;
 * stream -> qcow2 snapshot: ``qemu-img check`` (7.2 and 10.0) clean, ``qemu-img snapshot -l``
-  right, QEMU 7.2 ``-loadvm`` restores the running guest; images written by QEMU 10.0's qemu-img,
+  right, QEMU 7.2 ``-loadvm`` restores the running guest, and QEMU 10.0 restores a snapshot made from
+  its own stream in an image its qemu-img created; images written by QEMU 10.0's qemu-img,
   with extended L2 entries, zstd and compressed clusters; locked and corrupt images refused.
 """
 
