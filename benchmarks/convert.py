@@ -5,8 +5,11 @@ builds (``${QEVM_CACHE:-~/.cache/qevm}/bench/big.mig``; run that first, or pass 
 Each operation runs ``--runs`` times (best wall time kept), round-robin with ``cp`` of the stream on the same
 filesystem, with a warm page cache; GNU ``time`` gives CPU time and peak RSS:
 
-* ``cp``                       cp STREAM OUT (the anchor)
+* ``cp``                       cp STREAM OUT (the anchor; coreutils' cp copies in the kernel: copy_file_range)
 * ``cp + sync``                cp, then fsync OUT (what a writer that flushes, like the qcow2 one, pays)
+* ``python copy``              reference: the file read into a 1 MiB buffer (the reader's chunk) and written
+                               out by Python, nothing else: what moving the bytes through a process costs, as
+                               the mapped-ram <-> stream conversions must (they reorder every page)
 * ``to mapped-ram``            qevm convert STREAM OUT.mapped --to mapped-ram
 * ``mapped-ram to stream``     qevm convert OUT.mapped OUT.mig --to stream
 * ``to qcow2 snapshot``        qevm convert STREAM NEW.qcow2 --name big --size 1G
@@ -32,6 +35,18 @@ REPO = Path(__file__).resolve().parent.parent
 TIME_BIN = shutil.which("time", path="/usr/bin:/bin")
 VS_CP = 1.5
 MAX_RSS_MB = 64.0
+
+
+PY_COPY = """
+import os, sys
+src, dst = os.open(sys.argv[1], os.O_RDONLY), os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+buf = bytearray(1 << 20)
+mv = memoryview(buf)
+while k := os.readv(src, [buf]):
+    done = 0
+    while done < k:
+        done += os.write(dst, mv[done:k])
+"""
 
 
 def log(msg: str) -> None:
@@ -73,6 +88,7 @@ def main() -> int:
         # the qcow2 writer flushes the image (fsync) before and after switching the snapshot table
         ("cp + sync", ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(stream), str(work / "cps.mig")],
          work / "cps.mig"),
+        ("python copy", [sys.executable, "-c", PY_COPY, str(stream), str(work / "py.mig")], work / "py.mig"),
         ("to mapped-ram", [*qevm, str(stream), str(mapped), "--to", "mapped-ram"], mapped),
         ("mapped-ram to stream", [*qevm, str(mapped), str(work / "back.mig"), "--to", "stream"], work / "back.mig"),
         ("to qcow2 snapshot", [*qevm, str(stream), str(work / "new.qcow2"), "--name", "big", "--size", "1G"],
@@ -85,7 +101,8 @@ def main() -> int:
         for i in range(args.runs):
             for name, argv, out in ops:
                 if name == "mapped-ram to stream" and not mapped.exists():
-                    subprocess.run(ops[1][1], env=env, check=True, stdout=subprocess.DEVNULL)
+                    to_mapped = next(argv for op, argv, _ in ops if op == "to mapped-ram")
+                    subprocess.run(to_mapped, env=env, check=True, stdout=subprocess.DEVNULL)
                 wall, cpu, rss = run_once(argv, env)
                 log(f"run {i + 1}/{args.runs} {name:22s} {wall:7.2f}s  cpu {cpu:6.2f}s  rss {rss:6.1f} MB")
                 old = best.get(name)
@@ -102,7 +119,7 @@ def main() -> int:
         wall, cpu, rss = best[name]
         row = {"op": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1),
                "vs_cp": round(wall / cp_wall, 2)}
-        if not name.startswith("cp"):
+        if not name.startswith("cp") and name != "python copy":
             row["ok"] = wall <= VS_CP * cp_wall and rss <= MAX_RSS_MB
             ok = ok and bool(row["ok"])
         rows.append(row)
@@ -114,7 +131,7 @@ def main() -> int:
               f"load average {load:.1f}); targets: <= {VS_CP}x cp, <= {MAX_RSS_MB:.0f} MB RSS")
         print(f"{'operation':24s} {'wall':>8s} {'cpu':>8s} {'x cp':>6s} {'peak RSS':>9s}  target")
         for r in rows:
-            mark = "" if r["op"].startswith("cp") else ("met" if r["ok"] else "MISSED")
+            mark = "" if "ok" not in r else ("met" if r["ok"] else "MISSED")
             print(f"{r['op']:24s} {r['wall_s']:7.2f}s {r['cpu_s']:7.2f}s {r['vs_cp']:6.2f} {r['peak_rss_mb']:7.1f} MB"
                   f"  {mark}")
     return 0 if ok or not args.check else 1

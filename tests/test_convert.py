@@ -8,7 +8,8 @@
   a plain stream with XBZRLE pages becomes a mapped-ram file QEMU 10.0 loads with the capability;
   a 7.2 stream round-tripped through mapped-ram loads into QEMU 7.2;
 * stream -> qcow2 snapshot: ``qemu-img check`` (7.2 and 10.0) clean, ``qemu-img snapshot -l``
-  right, QEMU 7.2 ``-loadvm`` restores the running guest; images written by QEMU 10.0's qemu-img,
+  right, QEMU 7.2 ``-loadvm`` restores the running guest, and QEMU 10.0 restores a snapshot made from
+  its own stream in an image its qemu-img created; images written by QEMU 10.0's qemu-img,
   with extended L2 entries, zstd and compressed clusters; locked and corrupt images refused.
 """
 
@@ -514,3 +515,66 @@ def test_qemu_10_loads_converted_mapped_ram_and_plain(chroot10: tuple[Path, Path
     plain = work / "p.mig"
     ok("convert", str(src), str(plain), "--to", "stream")
     load10(root, destination_args(meta("mapped-ram-multifd-10.0")), f"file:{inner}/p.mig", [], tmp_path / "b")
+
+
+def test_qemu_10_loadvm_of_a_snapshot_added_to_its_own_image(chroot10: tuple[Path, Path, str],
+                                                              tmp_path: Path) -> None:
+    """QEMU 10.0 end to end: a qcow2 image created by 10.0's qemu-img is the disk of a running Linux
+    guest under QEMU 10.0, whose state is migrated to a plain stream; ``qevm convert`` adds that stream
+    to the image as a snapshot; QEMU 10.0 restores it with ``-loadvm`` and the guest keeps ticking;
+    ``qemu-img check`` of 10.0 and 7.2 finds the image clean and 10.0 lists the snapshot."""
+    from gen_qemu10 import READY, booted_args, wait_ticks
+
+    root, work, inner = chroot10
+    img = work / "disk.qcow2"
+    subprocess.run(["chroot", str(root), "qemu-img", "create", "-q", "-f", "qcow2", f"{inner}/disk.qcow2", "32M"],
+                   check=True, timeout=60)
+    args = booted_args(root, "pc", 128) + ["-drive", f"file={inner}/disk.qcow2,format=qcow2,if=virtio,id=drive0"]
+    stream = work / "guest.mig"
+    with Qemu("qemu-system-x86_64", args, tmp_path / "src", chroot=str(root)) as vm:
+        vm.wait_serial(READY, 300)
+        wait_ticks(vm, 3)
+        vm.migrate(f"file:{inner}/guest.mig", timeout=300)
+        vm.quit()
+    out = ok("convert", str(stream), str(img), "--name", "from-qevm")
+    assert "from-qevm" in out
+    img_check(img, root)
+    img_check(img)
+    listing = subprocess.run(["chroot", str(root), "qemu-img", "snapshot", "-l", f"{inner}/disk.qcow2"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "from-qevm" in listing, listing
+    with Qemu("qemu-system-x86_64", [*args, "-loadvm", "from-qevm"], tmp_path / "dst", chroot=str(root)) as vm:
+        assert_guest_runs(vm)
+        vm.quit()
+    img_check(img, root)
+
+
+def test_snapshot_copied_by_the_kernel_or_through_a_buffer(savevm_stream: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain stream file goes into the image with copy_file_range (cp's way) while it is checked; where
+    the kernel refuses (EXDEV on old kernels), through a buffer.  Either way the snapshot's VM state is the
+    stream byte for byte and the image is clean."""
+    import errno
+
+    from qevm.io import convert as conv
+
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def counted(*a: Any) -> int:
+        calls.append(a[2])
+        return real(*a)
+
+    def refused(*a: Any) -> int:
+        raise OSError(errno.EXDEV, "cross-device copy")
+
+    for name, fake in (("kernel", counted), ("buffer", refused)):
+        monkeypatch.setattr(os, "copy_file_range", fake)
+        img = tmp_path / f"{name}.qcow2"
+        conv.convert(str(savevm_stream), str(img), to="qcow2", name="s", size=32 << 20)
+        monkeypatch.setattr(os, "copy_file_range", real)
+        back = tmp_path / f"{name}.mig"
+        conv.convert(str(img), str(back), to="stream", snapshot="s")
+        assert back.read_bytes() == savevm_stream.read_bytes()
+        img_check(img)
+    assert sum(calls) >= savevm_stream.stat().st_size  # the kernel path really copied it all

@@ -10,7 +10,16 @@ from pathlib import Path
 
 from conftest import FIXTURES, require_fixture
 
-from qevm.analysis.diff import BlockDiff, _byte_ranges, _split_at, _x86_lowmem, diff_states
+from qevm.analysis.diff import (
+    BlockDiff,
+    PageLocations,
+    _byte_ranges,
+    _ram_diff,
+    _split_at,
+    _x86_lowmem,
+    diff_states,
+    read_side,
+)
 
 
 def qevm(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -215,3 +224,45 @@ def test_virtio_q35_72_vs_100_compares_blobs_field_by_field() -> None:
     bal = {f.path[len(by["virtio-balloon"].name) + 1:]: f for f in by["virtio-balloon"].fields}
     assert bal["virtio/transport/config_vector"].change == "only-b"  # MSI-X vectors only on 10.0's balloon
     assert any(k.startswith("virtio/transport/config/msix@") and f.change == "only-b" for k, f in bal.items())
+
+
+def _ram(blocks: list[BlockDiff]) -> list[tuple[object, ...]]:
+    return [(b.name, b.size, b.changed, b.appeared, b.disappeared, b.ranges) for b in blocks]
+
+
+def test_located_pages_compare_as_the_digests_do(tmp_path: Path) -> None:
+    """Two plain files are compared by where their pages lie (memcmp), not by digests: every way of
+    comparing (located, located while B is read against A, digested, one side of each) gives the same
+    pages, including a data page of zeros (counted as zero) and a zero page that got data."""
+    a = require_fixture("diff-run-7.2")  # a booted guest: data and zero pages in pc.ram
+    _, digested = read_side(str(a))
+    _, located = read_side(str(a), locate=True)
+    assert isinstance(located, PageLocations) and not isinstance(digested, PageLocations)
+    assert located.digests().tables == digested.tables  # the same digests, read back from the file
+    ps = digested.granule
+    slots = digested.tables["pc.ram"]
+    zero = digested.zero_digest(ps)
+    data_at = [i for i in range(0, len(slots), 8) if slots[i:i + 8] not in (zero, bytes(8))]
+    zero_at = [i for i in range(0, len(slots), 8) if slots[i:i + 8] in (zero, bytes(8))]
+    gone, new, changed = data_at[5] // 8 * ps, zero_at[-3] // 8 * ps, data_at[-2] // 8 * ps
+    (tmp_path / "zeros.bin").write_bytes(bytes(ps))
+    (tmp_path / "ones.bin").write_bytes(b"\x5a" * ps)
+    b = tmp_path / "b.mig"
+    r = qevm("edit", str(a), str(b), "--set-page", f"pc.ram:0x{gone:x}=@{tmp_path / 'zeros.bin'}",
+             "--set-page", f"pc.ram:0x{new:x}=@{tmp_path / 'ones.bin'}",
+             "--set-page", f"pc.ram:0x{changed:x}=@{tmp_path / 'ones.bin'}")
+    assert r.returncode == 0, r.stderr.decode()
+    _, la = read_side(str(a), locate=True)
+    _, lb = read_side(str(b), locate=True)
+    _, lb_against = read_side(str(b), locate=True, against=la)
+    _, db = read_side(str(b))
+    assert isinstance(lb_against, PageLocations) and lb_against.tables != lb.tables  # equal runs marked
+    size = digested.sizes["pc.ram"]
+    expect = [("pc.ram", (size, size), 1, 1, 1,
+               sorted([(gone, gone + ps, "disappeared"), (new, new + ps, "appeared"),
+                       (changed, changed + ps, "changed")]))]
+    for ta, tb in ((la, lb), (la, lb_against), (digested, db), (la, db), (digested, lb)):
+        got = [x for x in _ram(_ram_diff(ta, tb, ps)) if x[2] or x[3] or x[4]]
+        assert got == expect, (type(ta).__name__, type(tb).__name__)
+    res = diff_states(str(a), str(b))
+    assert _ram([x for x in res.ram or [] if x.differs]) == expect

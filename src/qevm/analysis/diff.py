@@ -7,14 +7,23 @@ RAM is compared through a per-page table of 8-byte digests (64-bit SipHash) per 
 side can be a pipe.  A side that uses XBZRLE needs the previous content of a page to
 apply a delta: such a side (a file, not a pipe) is read a second time into a sparse
 temporary file (``RamImage``) and digested from there.
+
+When a side is a plain file, its table holds where each page lies in the file instead of a digest
+(``PageLocations``: still 8 bytes per page, no hashing while reading); two such sides are compared
+with one ``memcmp`` per stretch of pages that lie back to back in both files, page by page only
+where a stretch differs.  A located side compared with a digested one (a pipe) is digested from its
+file at the end.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import io
+import mmap
+import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +37,8 @@ from qevm.format.parser import Parser
 from qevm.io.reader import Analysis, Device, drive, read_stream, trailer_schema
 from qevm.io.sources import Input, open_input
 
-__all__ = ["FieldDiff", "SectionDiff", "BlockDiff", "StateDiff", "PageTable", "diff_states", "diff_analyses",
-           "read_side", "add_side_notes", "Hooks"]
+__all__ = ["FieldDiff", "SectionDiff", "BlockDiff", "StateDiff", "PageTable", "PageLocations", "diff_states",
+           "diff_analyses", "read_side", "add_side_notes", "Hooks"]
 
 DIGEST = 8
 #: byte fields up to this size show whole old and new values (what ``qevm edit --set`` takes);
@@ -124,6 +133,164 @@ class PageTable:
             raise _NeedContent()
 
 
+#: ``PageLocations`` slot values: 0 never sent, 1..256 a ZERO record of fill byte value - 1, above that a
+#: page whose payload starts at file offset ``value - _BIAS + index * (page_size + 8)`` (``index``: the
+#: page's slot), so every page of a run of back-to-back records holds the same value
+_BIAS = 1 << 62
+_FILLS = 256
+_WINDOW = 1 << 18  # bytes per memcmp when comparing two files' stretches (a cache-sized window)
+_UNMAP_SPAN = 4 << 20  # mapped file bytes dropped from the process's memory at a time
+_STRETCH_CHUNK = 4096  # slots looked at together for stretches of one value on both sides
+
+
+class _NotLocatable(Exception):
+    """A page record whose bytes are not the page (XBZRLE, compressed), or slots of another size."""
+
+
+class PageLocations(PageTable):
+    """A ``PageTable`` for a side that is a plain file: each slot says where the page lies in the
+    file (see ``_BIAS``), not what it hashes to; ``parser`` must be the parser feeding ``sink``."""
+
+    def __init__(self, path: str, file_offset: int, st: os.stat_result, granule: int = 4096,
+                 against: PageLocations | None = None) -> None:
+        super().__init__(granule)
+        self.path = path
+        self.file_offset = file_offset
+        self.ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.parser: Parser | None = None
+        #: the other side, read before this one: a run whose bytes equal its pages is marked ``_SAME``
+        #: while this side is read (one memcmp against the parser's buffer), not located
+        self.against = against
+        self._fd = -1
+        self._mm: mmap.mmap | None = None
+        self._mv = memoryview(b"")
+        self._lo, self._hi = 1 << 63, 0  # the range of ``against``'s file mapped in since the last _unmap
+
+    def release(self) -> None:
+        self._mv.release()
+        self._mv = memoryview(b"")
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _same_as_against(self, block: str, idx: int, count: int, view: memoryview, pos: int, stride: int) -> bool:
+        a = self.against
+        assert a is not None
+        t = a.tables.get(block)
+        i, n = idx * DIGEST, count * DIGEST
+        if t is None or a.granule != self.granule or i + n > len(t):
+            return False
+        head = t[i:i + DIGEST]
+        if t[i:i + n] != head * count:
+            return False
+        va = _unpack_one(head)[0]
+        if va <= _FILLS:
+            return False
+        if self._fd < 0:
+            self._fd = os.open(a.path, os.O_RDONLY)
+            a.check_unchanged(self._fd)
+            if a.ident[2]:
+                self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+                self._mv = memoryview(self._mm)
+        length = (count - 1) * stride + self.granule
+        off = va - _BIAS + idx * stride
+        if off + length > len(self._mv):
+            raise DecodeError(f"{a.path} changed while it was compared")
+        whole = view.obj
+        if not isinstance(whole, bytes | bytearray) or len(view) != len(whole):
+            whole = view.tobytes()
+        same = whole.startswith(self._mv[off:off + length], pos)  # one memcmp, A mapped, no copy
+        self._lo, self._hi = min(self._lo, off), max(self._hi, off + length)
+        if self._hi - self._lo >= _UNMAP_SPAN:
+            _unmap(self._mm, self._lo, self._hi)
+            self._lo, self._hi = 1 << 63, 0
+        return same
+
+    def sink(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
+             stride: int, offset: int) -> None:
+        ps = self.page_size
+        t = self.tables.get(block)
+        if self.granule != ps or kind not in (_PAGE, _ZERO):
+            raise _NotLocatable()
+        if t is None:
+            raise DecodeError(f"page for RAM block {block!r}, which the stream never announced", offset)
+        idx = addr // ps
+        i = idx * DIGEST
+        if i + count * DIGEST > len(t):
+            raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}", offset)
+        if kind == _ZERO:
+            if count == 1:
+                t[i:i + DIGEST] = _PACK_ONE(view[pos] + 1)
+            else:
+                t[i:i + count * DIGEST] = _ONE * count  # runs are of fill byte 0
+            return
+        assert self.parser is not None
+        key = ps + 8
+        if count > 1 and stride == key and self.against is not None and self._same_as_against(
+                block, idx, count, view, pos, stride):
+            t[i:i + count * DIGEST] = _SAME_SLOT * count
+            return
+        first = self.parser.buffer_offset + self.file_offset + pos + _BIAS - idx * key
+        if count == 1 or stride == key:
+            t[i:i + count * DIGEST] = _PACK_ONE(first) * count
+        else:
+            _pack_many(count)(t, i, *[first + k * (stride - key) for k in range(count)])
+
+    def check_unchanged(self, fd: int) -> None:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.ident:
+            raise DecodeError(f"{self.path} changed while it was compared")
+
+    def digests(self) -> PageTable:
+        """The digest table of this side (to compare it with a side that was digested), read from the file."""
+        out = PageTable(self.granule)
+        out.page_size = self.page_size
+        ps, key = self.granule, self.granule + 8
+        with open(self.path, "rb") as f:
+            self.check_unchanged(f.fileno())
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.ident[2] else None
+            mv = memoryview(mm) if mm is not None else memoryview(b"")
+            lo, hi = 1 << 63, 0  # the file range mapped in since the last _unmap
+            try:
+                for name, t in self.tables.items():
+                    out.add_block(name, self.sizes[name])
+                    o = out.tables[name]
+                    for idx, v in enumerate(memoryview(t).cast("q")):
+                        if v > _FILLS:
+                            off = v - _BIAS + idx * key
+                            page = mv[off:off + ps]  # a read-only view of an mmap: hashed without a copy
+                            if len(page) != ps:
+                                raise DecodeError(f"{self.path} changed while it was compared")
+                            o[idx * DIGEST:(idx + 1) * DIGEST] = _PACK_ONE(hash(page) or 1)
+                            page.release()
+                            lo, hi = min(lo, off), max(hi, off + ps)
+                            if hi - lo >= _UNMAP_SPAN:
+                                _unmap(mm, lo, hi)
+                                lo, hi = 1 << 63, 0
+                        elif v:
+                            o[idx * DIGEST:(idx + 1) * DIGEST] = out.zero_digest(ps, v - 1)
+            finally:
+                mv.release()
+                if mm is not None:
+                    mm.close()
+        return out
+
+
+def _unmap(mm: mmap.mmap | None, lo: int, hi: int) -> None:
+    """Drop the pages of [lo, hi) from this process's mapping (the page cache keeps them), so what was
+    read through the mapping does not count as this process's memory."""
+    if mm is not None and hi > lo:
+        start = lo - lo % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, min(hi, len(mm)) - start)
+
+
+_ZERO = int(RamFlag.ZERO)
+_ONE = _PACK_ONE(1)
+_SAME = -1  # a PageLocations slot whose page equals the ``against`` side's
+_SAME_SLOT = _PACK_ONE(_SAME)
 _PACKERS: dict[int, Any] = {}
 
 
@@ -243,10 +410,15 @@ Hooks = Callable[[], tuple[Callable[[Event], None] | None, PassTracker | None]]
 
 
 def read_side(source: str | Input, *, ram: bool = True, hooks: Hooks | None = None, pages: bool = False,
-              strict: bool = False, **kw: Any) -> tuple[Analysis, PageTable | None]:
+              strict: bool = False, locate: bool = False, against: PageTable | None = None,
+              **kw: Any) -> tuple[Analysis, PageTable | None]:
     """One pass over a stream; with ``ram`` a page table is filled on the way (the parser's counting
     fast path hands every page record to ``PageTable.sink`` without building an event per page;
     with ``pages`` every page is an event, given to ``hooks``' event hook too, and digested from it).
+    With ``locate``, a side given by the path of a plain file gets a ``PageLocations`` table (read
+    again to be digested, without ``locate``, if it has pages that are not stored as themselves);
+    ``against``: the other side's table, when it is a ``PageLocations`` (runs equal to its pages
+    are marked as such while this side is read).
     ``kw``: ``schema``, ``page_size`` as ``read_stream`` takes them."""
     on_event, tracker = hooks() if hooks is not None else (None, None)
     if not ram:
@@ -262,6 +434,11 @@ def read_side(source: str | Input, *, ram: bool = True, hooks: Hooks | None = No
         parser = Parser(schema=parse_schema, page_size=page_size, count_pages=not pages, keep_raw=False,
                         file_offset=inp.file_offset)
         table = PageTable()
+        if (locate and not pages and isinstance(source, str) and source != "-" and inp.seekable
+                and inp.compression is None and isinstance(inp.file, io.FileIO)):
+            table = PageLocations(source, inp.file_offset, os.fstat(inp.file.fileno()),
+                                  against=against if isinstance(against, PageLocations) else None)
+            table.parser = parser
         an = Analysis(schema=schema, page_size=lambda: parser.page_size or 4096)
         if tracker is not None:
             parser.passes = an._tracker = tracker
@@ -284,11 +461,17 @@ def read_side(source: str | Input, *, ram: bool = True, hooks: Hooks | None = No
         parser.run_sink = table.sink
         try:
             drive(parser, inp, handle)
+        except _NotLocatable:
+            inp.close()
+            return read_side(source, ram=True, hooks=hooks, pages=pages, strict=strict, **kw)
         except _NeedContent:
             if not isinstance(source, str) or source == "-":
                 raise DecodeError("a stream with XBZRLE pages must be a file (not a pipe) for the RAM "
                                   "comparison; or use --no-ram") from None
             return _read_with_image(source, kw, hooks, strict)
+        finally:
+            if isinstance(table, PageLocations):
+                table.release()
         an.size = parser.offset
         an.stream_page_size = parser.page_size
         an.decode_devices(strict=strict)
@@ -462,49 +645,159 @@ def _device_diff(name: str, a: Device, b: Device) -> tuple[list[FieldDiff], list
 
 def _ram_diff(ta: PageTable, tb: PageTable, page_size: int) -> list[BlockDiff]:
     out: list[BlockDiff] = []
+    if isinstance(ta, PageLocations) != isinstance(tb, PageLocations):
+        ta, tb = (t.digests() if isinstance(t, PageLocations) else t for t in (ta, tb))
+    ga, gb = ta.granule, tb.granule
     names = list(ta.tables) + [n for n in tb.tables if n not in ta.tables]
-    for name in names:
-        bd = BlockDiff(name, (ta.sizes.get(name), tb.sizes.get(name)))
-        xa = ta.tables.get(name, bytearray())
-        xb = tb.tables.get(name, bytearray())
-        ga, gb = ta.granule, tb.granule
-        if ga != gb:
-            raise DecodeError(f"RAM block {name!r}: page sizes differ ({ga} and {gb}); cannot compare pages")
-        za = {ta.zero_digest(ga), _EMPTY}
-        zb = {tb.zero_digest(gb), _EMPTY}
-        n = max(len(xa), len(xb))
-        xa = xa + bytes(n - len(xa))
-        xb = xb + bytes(n - len(xb))
-        ma, mb = memoryview(xa), memoryview(xb)
-        step = 64 * DIGEST
-        cur: list[Any] = []  # open range [start, end, kind]
-        pos = 0
-        while pos < n:
-            end = min(n, pos + step)
-            if ma[pos:end] == mb[pos:end]:
-                pos = end
-                continue
-            for i in range(pos, end, DIGEST):
-                da, db = bytes(ma[i:i + DIGEST]), bytes(mb[i:i + DIGEST])
-                if da == db:
-                    continue
-                a0, b0 = da in za, db in zb
-                if a0 and b0:
-                    continue
-                kind = "appeared" if a0 else "disappeared" if b0 else "changed"
+    files = _Files(ta, tb) if isinstance(ta, PageLocations) and isinstance(tb, PageLocations) else None
+    try:
+        for name in names:
+            bd = BlockDiff(name, (ta.sizes.get(name), tb.sizes.get(name)))
+            xa = ta.tables.get(name, bytearray())
+            xb = tb.tables.get(name, bytearray())
+            if ga != gb:
+                raise DecodeError(f"RAM block {name!r}: page sizes differ ({ga} and {gb}); cannot compare pages")
+            n = max(len(xa), len(xb))
+            if len(xa) < n:
+                xa = xa + bytes(n - len(xa))
+            if len(xb) < n:
+                xb = xb + bytes(n - len(xb))
+            changes = (files.changes(xa, xb, ga) if files is not None
+                       else _digest_changes(xa, xb, {ta.zero_digest(ga), _EMPTY}, {tb.zero_digest(gb), _EMPTY}))
+            cur: list[Any] = []  # open range [start, end, kind]
+            for idx, kind in changes:
                 setattr(bd, kind, getattr(bd, kind) + 1)
-                start = i // DIGEST * ga
+                start = idx * ga
                 if cur and cur[2] == kind and cur[1] == start:
                     cur[1] = start + ga
                 else:
                     if cur:
                         bd.ranges.append((cur[0], cur[1], cur[2]))
                     cur = [start, start + ga, kind]
-            pos = end
-        if cur:
-            bd.ranges.append((cur[0], cur[1], cur[2]))
-        out.append(bd)
+            if cur:
+                bd.ranges.append((cur[0], cur[1], cur[2]))
+            out.append(bd)
+    finally:
+        if files is not None:
+            files.close()
     return out
+
+
+def _digest_changes(xa: bytes | bytearray, xb: bytes | bytearray, za: set[bytes],
+                    zb: set[bytes]) -> Iterator[tuple[int, str]]:
+    """Slots whose digests differ, in order, with their kind (both zero: not a difference)."""
+    ma, mb = memoryview(xa), memoryview(xb)
+    n = len(xa)
+    step = 64 * DIGEST
+    for pos in range(0, n, step):
+        end = min(n, pos + step)
+        if ma[pos:end] == mb[pos:end]:
+            continue
+        for i in range(pos, end, DIGEST):
+            da, db = bytes(ma[i:i + DIGEST]), bytes(mb[i:i + DIGEST])
+            if da == db:
+                continue
+            a0, b0 = da in za, db in zb
+            if a0 and b0:
+                continue
+            yield i // DIGEST, "appeared" if a0 else "disappeared" if b0 else "changed"
+
+
+class _Files:
+    """Both sides' files, to compare two ``PageLocations`` tables by the pages' bytes."""
+
+    def __init__(self, ta: PageLocations, tb: PageLocations) -> None:
+        self.fa = os.open(ta.path, os.O_RDONLY)
+        self.fb = os.open(tb.path, os.O_RDONLY)
+        self.mm: mmap.mmap | None = None
+        self.mvb = memoryview(b"")
+        try:
+            ta.check_unchanged(self.fa)
+            tb.check_unchanged(self.fb)
+            if tb.ident[2]:
+                self.mm = mmap.mmap(self.fb, 0, access=mmap.ACCESS_READ)
+                self.mvb = memoryview(self.mm)
+        except BaseException:
+            self.close()
+            raise
+        self.window = bytearray(_WINDOW)
+        self.lo, self.hi = 1 << 63, 0  # B's file range mapped in since the last _unmap
+
+    def close(self) -> None:
+        self.mvb.release()
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        for fd in (self.fa, self.fb):
+            if fd >= 0:
+                os.close(fd)
+        self.fa = self.fb = -1
+
+    def changes(self, xa: bytes | bytearray, xb: bytes | bytearray, ps: int) -> Iterator[tuple[int, str]]:
+        """Pages that differ, in order: stretches of slots with one value on each side are compared
+        with one memcmp per window (back-to-back records: the 8-byte record words between the pages
+        are equal when the addresses and flags are), page by page only when a stretch differs."""
+        n = len(xa) // DIGEST
+        c = _STRETCH_CHUNK
+        for c0 in range(0, n, c):
+            m = min(c, n - c0)
+            sa, sb = bytes(xa[c0 * DIGEST:(c0 + m) * DIGEST]), bytes(xb[c0 * DIGEST:(c0 + m) * DIGEST])
+            if sb == _SAME_SLOT * m or (sa == sb and sa == sa[:DIGEST] * m and sa[:DIGEST] in (_EMPTY, _ONE)):
+                continue  # B equal to A (found while B was read), or both zero
+            if sa == sa[:DIGEST] * m and sb == sb[:DIGEST] * m:
+                yield from self.stretch(c0, c0 + m, _unpack_one(sa)[0], _unpack_one(sb)[0], ps)
+                continue
+            la = memoryview(sa).cast("q").tolist()
+            lb = memoryview(sb).cast("q").tolist()
+            s = 0
+            for k in range(1, m + 1):
+                if k == m or la[k] != la[s] or lb[k] != lb[s]:
+                    yield from self.stretch(c0 + s, c0 + k, la[s], lb[s], ps)
+                    s = k
+
+    def stretch(self, i: int, j: int, va: int, vb: int, ps: int) -> Iterator[tuple[int, str]]:
+        if vb == _SAME or (0 <= va <= 1 and 0 <= vb <= 1):
+            return  # equal (found so while B was read), or zero or never sent on both sides
+        key = ps + 8
+        if va > _FILLS and vb > _FILLS and self.equal(va - _BIAS + i * key, vb - _BIAS + i * key, (j - i) * key - 8):
+            return
+        zero = bytes(ps)
+        for k in range(i, j):
+            pa, pb = self.page(self.fa, va, k, ps), self.page(self.fb, vb, k, ps)
+            if pa == pb:
+                continue
+            a0, b0 = pa == zero, pb == zero
+            if not (a0 and b0):
+                yield k, "appeared" if a0 else "disappeared" if b0 else "changed"
+
+    def page(self, fd: int, v: int, k: int, ps: int) -> bytes:
+        if v <= _FILLS:
+            return bytes((v - 1,)) * ps if v else bytes(ps)
+        data = os.pread(fd, ps, v - _BIAS + k * (ps + 8))
+        if len(data) != ps:
+            raise DecodeError("an input file changed while it was compared")
+        return data
+
+    def equal(self, oa: int, ob: int, length: int) -> bool:
+        """memcmp of A's bytes [oa, oa + length) and B's [ob, ob + length): A read into a buffer, B mapped."""
+        done = 0
+        while done < length:
+            w = min(_WINDOW, length - done)
+            buf = self.window if w == _WINDOW else bytearray(w)
+            if os.preadv(self.fa, [buf], oa + done) != w:
+                raise DecodeError("an input file changed while it was compared")
+            same = buf == self.mvb[ob + done:ob + done + w]  # bytearray == buffer: one memcmp
+            self.lo, self.hi = min(self.lo, ob + done), max(self.hi, ob + done + w)
+            if self.hi - self.lo >= _UNMAP_SPAN:
+                _unmap(self.mm, self.lo, self.hi)
+                self.lo, self.hi = 1 << 63, 0
+            if not same:
+                return False
+            done += w
+        return True
+
+
+_unpack_one = struct.Struct("<q").unpack_from
 
 
 def diff_analyses(an_a: Analysis, an_b: Analysis, name_a: str = "A", name_b: str = "B",
@@ -574,8 +867,10 @@ def _ignored(path: str, patterns: tuple[str, ...]) -> bool:
 def diff_states(a: str | Input, b: str | Input, *, ram: bool = True, ignore: tuple[str, ...] = (),
                 name_a: str | None = None, name_b: str | None = None, **kw: Any) -> StateDiff:
     """Read ``a`` then ``b`` (one pass each; either may be a pipe) and compare them."""
-    an_a, ta = read_side(a, ram=ram, **kw)
-    an_b, tb = read_side(b, ram=ram, **kw)
+    # both sides plain files: pages located, compared by memcmp (one side a pipe: both digested)
+    locate = isinstance(a, str) and isinstance(b, str) and "-" not in (a, b)
+    an_a, ta = read_side(a, ram=ram, locate=locate, **kw)
+    an_b, tb = read_side(b, ram=ram, locate=locate, against=ta, **kw)
     na = name_a or (a if isinstance(a, str) else a.name)
     nb = name_b or (b if isinstance(b, str) else b.name)
     res = diff_analyses(an_a, an_b, na, nb, (ta, tb) if ta is not None and tb is not None else None, ignore)

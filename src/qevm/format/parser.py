@@ -282,6 +282,12 @@ class Parser:
         """Stream offset of the next unparsed byte."""
         return self._base + self._pos
 
+    @property
+    def buffer_offset(self) -> int:
+        """Stream offset of the buffer's first byte: in a run sink, ``view[pos]`` is stream offset
+        ``buffer_offset + pos``."""
+        return self._base
+
     def buffered(self) -> int:
         return self._end - self._pos
 

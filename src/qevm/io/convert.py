@@ -16,11 +16,13 @@ complete (the qcow2 image is changed in place, snapshot table last).  The input 
 
 from __future__ import annotations
 
+import array
 import io
 import json
 import os
 import re
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from typing import Any
 
 from qevm.codec.schema import Schema
 from qevm.codec.wire import be32, cstr
-from qevm.errors import DecodeError, UsageError
+from qevm.errors import DecodeError, InvalidOperation, UsageError
 from qevm.format.events import (
     ConfigSubsection,
     Configuration,
@@ -373,7 +375,8 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
 
 def _bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, bool]]:
     """(first page, end page, present) runs of a little-endian bitmap, at most ``run_max`` long."""
-    bits = "".join(format(b, "08b")[::-1] for b in bm)[:npages].ljust(npages, "0")
+    # bit i of the little-endian integer is page i: its binary digits reversed, page 0 first
+    bits = bin(int.from_bytes(bm, "little"))[:1:-1].ljust(len(bm) * 8, "0")[:npages].ljust(npages, "0")
     for m in re.finditer(r"1+|0+", bits):
         a, e = m.span()
         present = bits[a] == "1"
@@ -383,17 +386,16 @@ def _bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, 
             a = b
 
 
-_HEADS: dict[tuple[int, int], struct.Struct] = {}
-
-
-def _heads(n: int, ps: int) -> struct.Struct:
-    """Packs the words of ``n`` consecutive page records (``ps``-byte payload slots skipped)."""
-    st = _HEADS.get((n, ps))
-    if st is None:
-        if len(_HEADS) > 64:
-            _HEADS.clear()
-        st = _HEADS[(n, ps)] = struct.Struct(">" + f"Q{ps}x" * n)
-    return st
+def _put_words(mv: memoryview, stride: int, words: range) -> None:
+    """The big-endian 64-bit ``words`` at offsets 0, ``stride``, 2 * ``stride``... of ``mv``, leaving the
+    bytes between them alone (one strided copy; ``stride`` a multiple of 8)."""
+    if stride % 8 or len(mv) < len(words) * stride:
+        raise InvalidOperation("record words do not fit their slots")
+    a = array.array("Q", words)
+    if sys.byteorder == "little":
+        a.byteswap()
+    with mv[:len(words) * stride].cast("Q") as q:
+        q[::stride // 8] = memoryview(a)
 
 
 def _read_slots(f: Any, slots: list[memoryview], at: int) -> int:
@@ -474,7 +476,7 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                     slots.append(first_page)
                 mv = memoryview(scratch)[:n * stride]
                 if n:
-                    _heads(n, ps).pack_into(mv, 0, *range(k0 * ps | cont_page, j * ps, ps))
+                    _put_words(mv, stride, range(k0 * ps | cont_page, j * ps, ps))
                     slots += [mv[p:p + ps] for p in range(8, n * stride, stride)]
                     vec.append(mv)
                 got = _read_slots(f, slots, at)
@@ -709,10 +711,10 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
         for name, bm in ram.bitmaps().items():
             os.pwrite(fd, bytes(bm), regions[name][0])
             if stats is not None:
-                stats.zero_pages += (ram._size[name] // ram.page_size) - sum(bin(x).count("1") for x in bm)
+                stats.zero_pages += (ram._size[name] // ram.page_size) - int.from_bytes(bm, "little").bit_count()
         if stats is not None:
             stats.resolved = ram.resolved
-            stats.pages = sum(sum(bin(x).count("1") for x in bm) for bm in ram.bitmaps().values())
+            stats.pages = sum(int.from_bytes(bm, "little").bit_count() for bm in ram.bitmaps().values())
     os.ftruncate(fd, pos)
     return pos
 
@@ -843,6 +845,79 @@ class _LoadvmCheck:
                 chunk.release()
 
 
+class _CopyingCheck:
+    """A plain stream file going into a qcow2 image (``qcow2write.VmStateCopier``): the kernel copies
+    it (``copy_file_range``, as ``cp`` does: no pass through this process) in a thread while this one
+    reads it for the ``_LoadvmCheck``; the copy is flushed to disk as it goes.  A refusal of the check
+    stops the copy."""
+
+    def __init__(self, check: _LoadvmCheck, inp: Input) -> None:
+        self.check = check
+        self.inp = inp
+
+    @staticmethod
+    def usable(inp: Input) -> bool:
+        return (inp.seekable and inp.compression is None and inp.file_offset == 0
+                and isinstance(inp.file, io.FileIO) and hasattr(os, "copy_file_range"))
+
+    def copy_to(self, fd: int, offset: int) -> int:
+        import threading
+
+        src = self.inp.file.fileno()
+        size = os.fstat(src).st_size
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def copy() -> None:
+            try:
+                _copy_range(src, fd, offset, size, stop)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                failed.append(e)
+
+        t = threading.Thread(target=copy, name="qevm-convert-copy", daemon=True)
+        t.start()
+        try:
+            for _ in self.check._direct(self.inp):
+                if self.check._parser is None:
+                    break  # the check gave up (QEMU will judge); the copy goes on
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            t.join()
+        if failed:
+            raise failed[0]
+        return size
+
+
+def _copy_range(src: int, dst: int, at: int, size: int, stop: Any) -> None:
+    """Bytes [0, size) of ``src`` to ``dst`` at ``at``: ``copy_file_range`` (pread/pwrite where the
+    kernel cannot), in steps that each start their writeback."""
+    from qevm.io.qcow2write import WRITEBACK_STEP, start_writeback
+
+    done = 0
+    kernel = True
+    buf = memoryview(b"")
+    while done < size and not stop.is_set():
+        n = min(WRITEBACK_STEP, size - done)
+        k = 0
+        if kernel:
+            try:
+                k = os.copy_file_range(src, dst, n, done, at + done)
+            except OSError:  # e.g. EXDEV before Linux 5.3: through a buffer of our own
+                kernel = False
+                buf = memoryview(bytearray(CHUNK * 4))
+        if not kernel:
+            k = os.preadv(src, [buf[:min(n, len(buf))]], done)
+            w = 0
+            while w < k:
+                w += os.pwrite(dst, buf[w:k], at + done + w)
+        if k == 0:
+            raise DecodeError(f"the input ended at {done} bytes, before its size of {size} (was it changed?)", done)
+        start_writeback(dst, at + done, k)
+        done += k
+
+
 # --------------------------------------------------------------------------------------------
 # the verb
 
@@ -921,7 +996,9 @@ def convert(src: str, out: str, *, to: str | None = None, compress: str | None =
         if vm_clock_ns is None and inp.seekable and inp.size:
             vm_clock_ns = find_vm_clock(inp.file, inp.size)
         tap = _LoadvmCheck(base, schema, page_size, None if head.mapped_ram else inp)
-        stream: Iterable[bytes | memoryview] = tap
+        stream: Iterable[bytes | memoryview] | _CopyingCheck = tap
+        if not head.mapped_ram and tap._inp is not None and _CopyingCheck.usable(inp):
+            stream = _CopyingCheck(tap, inp)
         target = out
         if not os.path.exists(out):
             if size is None:

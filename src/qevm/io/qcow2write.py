@@ -24,6 +24,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from qevm.errors import DecodeError, UsageError
 from qevm.io.containers import (
@@ -42,7 +43,31 @@ from qevm.io.containers import (
     _pread,
 )
 
-__all__ = ["add_snapshot", "delete_snapshot", "list_image_snapshots", "create_image", "ImageLock", "GuestWriter"]
+__all__ = ["add_snapshot", "delete_snapshot", "list_image_snapshots", "create_image", "ImageLock", "GuestWriter",
+           "VmStateCopier", "start_writeback", "WRITEBACK_STEP"]
+
+#: bytes of VM state written between two ``start_writeback`` calls
+WRITEBACK_STEP = 64 << 20
+
+
+class VmStateCopier(Protocol):
+    """A VM state that puts itself into the image (e.g. with ``copy_file_range``) instead of being
+    handed over in chunks: ``copy_to(fd, offset)`` writes it all at ``offset`` of ``fd`` and returns
+    its size; it should call ``start_writeback`` as it goes."""
+
+    def copy_to(self, fd: int, offset: int) -> int: ...
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing [offset, offset + length) of ``fd`` to disk now, without waiting
+    (Linux starts the writeback of dirty pages on POSIX_FADV_DONTNEED), so that the flush before the
+    snapshot table switch finds little left to write.  Harmless where unsupported."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None and length > 0:
+        try:
+            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
 _COPIED = 1 << 63
 _MAX_L1_BYTES = 32 << 20
@@ -275,7 +300,21 @@ class _Image:
         for k in range(first // rbe, (end - 1) // rbe + 1):
             if k in new_blocks:
                 continue
-            for cl in range(max(first, k * rbe), min(end, (k + 1) * rbe)):
+            lo, hi = max(first, k * rbe), min(end, (k + 1) * rbe)
+            if self.rbits >= 8 and not any(lo <= c < hi for c in placed):
+                # the common case, whole byte-sized counts: check and set the range in one go
+                rb = self._refblock(k)
+                assert rb is not None
+                block, off = rb
+                w = self.rbits // 8
+                a, b = (lo - k * rbe) * w, (hi - k * rbe) * w
+                if any(block[a:b]):
+                    raise DecodeError(f"a cluster in [{lo}, {hi}) past the end of the file already has a refcount "
+                                      "(inconsistent image; run qemu-img check)", None, "qcow2")
+                block[a:b] = (1).to_bytes(w, "big") * (hi - lo)
+                self._rb_dirty.add(off)
+                continue
+            for cl in range(lo, hi):
                 if cl in placed:
                     continue
                 if self.refcount(cl) != 0:
@@ -432,11 +471,12 @@ def _new_id(snaps: list[Qcow2Snapshot]) -> str:
     return str(best + 1)
 
 
-def add_snapshot(image_path: str, name: str, vmstate: Iterable[bytes | bytearray | memoryview],
+def add_snapshot(image_path: str, name: str, vmstate: Iterable[bytes | bytearray | memoryview] | VmStateCopier,
                  vm_clock_ns: int | Callable[[], int] = 0, *, date: float | None = None, icount: int | None = None,
                  replace: bool = False) -> Qcow2Snapshot:
-    """Store the stream ``vmstate`` (an iterable of byte chunks) as internal snapshot ``name`` of
-    ``image_path``.  ``vm_clock_ns`` may be a callable, asked after the stream was consumed.
+    """Store the stream ``vmstate`` (an iterable of byte chunks, or a ``VmStateCopier``) as internal
+    snapshot ``name`` of ``image_path``.  ``vm_clock_ns`` may be a callable, asked after the stream was
+    consumed.
     ``replace`` overwrites a snapshot of that name (else ``UsageError``).  Returns the new entry."""
     if not name or len(name.encode()) > 0xFFFF:
         raise UsageError("a snapshot needs a name of 1..65535 bytes")
@@ -459,9 +499,16 @@ def add_snapshot(image_path: str, name: str, vmstate: Iterable[bytes | bytearray
         size = 0
         old_size = os.fstat(im.fd).st_size
         try:
-            for chunk in vmstate:  # the data clusters are contiguous: the stream goes in as it comes
-                im.pwrite(pos + size, chunk)
-                size += len(chunk)
+            if isinstance(vmstate, Iterable):
+                kicked = 0
+                for chunk in vmstate:  # the data clusters are contiguous: the stream goes in as it comes
+                    im.pwrite(pos + size, chunk)
+                    size += len(chunk)
+                    if size - kicked >= WRITEBACK_STEP:
+                        start_writeback(im.fd, pos + kicked, size - kicked)
+                        kicked = size
+            else:
+                size = vmstate.copy_to(im.fd, pos)
             if size % cs:
                 im.pwrite(pos + size, bytes(-size % cs))
             if size == 0:
