@@ -20,6 +20,7 @@ from qevm.engine.hmp import run_hmp
 from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
 from qevm.engine.migration import SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.multifd import check_capabilities, check_transport
 from qevm.engine.parameters import APIS, PARAMETERS, apply_parameters
 from qevm.engine.qcow2store import Qcow2SnapshotStore
 from qevm.engine.snapshots import NO_SNAPSHOT_DEVICE, SnapshotStore, format_snapshot_table
@@ -168,13 +169,15 @@ class Engine:
         scheme, _, rest = uri.partition(":")
         if scheme == "rdma":
             raise QMPError(rdma_error(rest, outgoing=False))
+        check_transport(self.mig.caps, self.mig.params, uri)
         try:
             src = open_incoming(uri, self.fds)
         except QevmError as e:
             raise QMPError(str(e)) from None
         self.incoming = IncomingMigration(
             self.m, src, autostart=self.autostart, exit_on_error=exit_on_error, emit=self.emit,
-            events_on=lambda: self.mig.caps["events"], on_exit=self.request_exit)
+            events_on=lambda: self.mig.caps["events"], on_exit=self.request_exit, caps=self.mig.caps,
+            params=self.mig.params)
         self.incoming_once = True
         self.incoming.start()
 
@@ -196,6 +199,7 @@ class Engine:
             if name in mig.params and unsupported(mig.params[name]):
                 raise QMPError(f"qevm's engine does not implement migrate parameter {name}="
                                f"{mig.params[name]!r}; set it back to its default")
+        check_transport(mig.caps, mig.params, uri)
         if scheme in LISTEN_SCHEMES:
             # parse now (errors go back to the caller), connect in the migration thread like QEMU
             try:
@@ -443,6 +447,8 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
         if state and cap not in SUPPORTED_CAPABILITIES:
             raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
         changes[cap] = state
+    check_capabilities({**e.mig.caps, **changes}, incoming_started=e.incoming_once,
+                       multifd_was=e.mig.caps.get("multifd", False))
     e.mig.caps.update(changes)
     return {}
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from qevm.engine.load import StreamLoader
 from qevm.engine.machine import Machine
+from qevm.engine.multifd import MappedRamLoad, RecvChannels
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
 from qevm.errors import QevmError
 from qevm.migration.channels import Channel, Incoming, TransportError
@@ -38,8 +40,12 @@ S = MigrationStatus
 class IncomingMigration:
     def __init__(self, machine: Machine, source: Incoming, *, autostart: bool, exit_on_error: bool,
                  emit: Callable[[str, dict[str, Any] | None], None], events_on: Callable[[], bool],
-                 on_exit: Callable[[int], None]) -> None:
+                 on_exit: Callable[[int], None], caps: dict[str, bool] | None = None,
+                 params: dict[str, Any] | None = None) -> None:
         self.m = machine
+        self.caps = dict(caps or {})  # the capabilities when the incoming migration started
+        self.params = dict(params or {})
+        self.multifd: RecvChannels | None = None
         self.source = source
         self.autostart = autostart
         self.exit_on_error = exit_on_error
@@ -82,7 +88,6 @@ class IncomingMigration:
 
     def _run(self) -> None:
         src = self.source
-        m = self.m
         resp = DestinationResponder()
         ch: Channel | None = None
 
@@ -92,13 +97,16 @@ class IncomingMigration:
                     ch.sendall(data)
 
         try:
-            ch = src.accept()
+            ld, ch = self._open(src)
             resp.channel_has_return_path = ch.has_return_path
             self.cell.transition(S.SETUP, S.ACTIVE)
-            ld = self.loader = StreamLoader(m)
             while not ld.finished:
                 if src.aborted:
                     raise TransportError("incoming migration aborted")
+                gap = ld.parser.skippable() if self.caps.get("mapped-ram") else 0
+                if gap:  # a mapped-ram page region: its pages were read by MappedRamLoad
+                    os.lseek(ch.fileno(), gap, os.SEEK_CUR)
+                    ld.parser.skip(gap)
                 view = ld.get_buffer(CHUNK)
                 try:
                     n = ch.recv_into(view)
@@ -111,11 +119,17 @@ class IncomingMigration:
                 if n == 0:
                     break
             ld.check_complete()
+            if self.multifd is not None:
+                self.multifd.finish()
             answer(resp.finish(True))
             src.close()
             self._finish()
         except (QevmError, OSError) as e:
             self.error = str(e)
+            if self.multifd is not None:
+                if self.multifd.error is not None:
+                    self.error = f"multifd: {self.multifd.error}"
+                self.multifd.close()
             answer(resp.finish(False))
             src.close()
             log.error("load of migration failed: %s", self.error)
@@ -124,6 +138,24 @@ class IncomingMigration:
                 self.cell.transition(st, S.FAILED)
             if self.exit_on_error:
                 self.on_exit(1)
+
+    def _open(self, src: Incoming) -> tuple[StreamLoader, Channel]:
+        """Wait for the stream (and the multifd channels); a loader set up for the capabilities."""
+        caps = self.caps
+        if caps.get("multifd") and src.listener is not None:
+            self.multifd = RecvChannels(self.m, int(self.params.get("multifd-channels", 2)))
+            ch = self.multifd.accept(src)
+        else:
+            ch = src.accept()
+        hook = None
+        if caps.get("mapped-ram"):
+            threads = int(self.params.get("multifd-channels", 2)) if caps.get("multifd") else 1
+            hook = MappedRamLoad(self.m, ch.fileno(), threads).hook
+        mf = self.multifd
+        self.loader = StreamLoader(self.m, capabilities=frozenset(c for c in ("mapped-ram",) if caps.get(c)),
+                                   ram_hook=hook, on_flush=mf.sync_main if mf is not None else None,
+                                   file_offset=getattr(src.uri, "offset", 0) or 0)
+        return self.loader, ch
 
     def _finish(self) -> None:
         """QEMU's process_incoming_migration_bh: choose the run state, then status completed."""

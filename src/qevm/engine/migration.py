@@ -28,6 +28,7 @@ from typing import Any
 from qevm.codec.wire import be32
 from qevm.engine.compress import CompressCounters, CompressPool
 from qevm.engine.machine import Machine
+from qevm.engine.multifd import SendChannels, attach_source, uses_multifd
 from qevm.engine.parameters import DEFAULT_PARAMETERS, default_parameters
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
 from qevm.engine.stream import Cancelled, RamSaver, SaveSession, StreamOut
@@ -63,7 +64,7 @@ CAPABILITIES_72 = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "co
 CAPABILITIES_OF = {"10.0": CAPABILITIES, "7.2": CAPABILITIES_72}
 #: the ones this engine implements (setting another one on is refused, rather than ignored)
 SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate",
-                                    "compress"})
+                                    "compress", "multifd", "mapped-ram"})
 #: how long the source waits for the destination's SHUT on the return path
 RP_SHUT_TIMEOUT = 30.0
 
@@ -101,7 +102,12 @@ class MigrationState:
         self.session: SaveSession | None = None
         self.out: StreamOut | None = None
         self.pool: CompressPool | None = None
+        self.multifd: SendChannels | None = None
         self.iterations = 0
+
+    def transferred(self) -> int:
+        """Every byte sent: the main stream and the multifd channels (migration_transferred_bytes)."""
+        return (self.out.total if self.out is not None else 0) + (self.multifd.bytes if self.multifd else 0)
 
     # -- status ----------------------------------------------------------------------------------------
     @property
@@ -194,6 +200,8 @@ class MigrationState:
         was_running = m.running
         rp: ReturnPathReader | None = None
         try:
+            if uses_multifd(self.caps):
+                self.multifd = attach_source(self, sess, ch, limiter, self._abort)
             sess.header()
             if self.caps["return-path"]:
                 if not ch.has_return_path:
@@ -218,20 +226,22 @@ class MigrationState:
                 stopped_here = True
                 if not self.cell.transition(S.ACTIVE, S.DEVICE):
                     raise Cancelled()
-                before = out.total
+                before = self.transferred()
                 out.limited = False
                 sess.complete()
+                if self.multifd is not None:
+                    self.multifd.close()
                 ch.shutdown_write()
                 if rp is not None:
                     self._wait_shut(rp)
                 ch.close()
                 end_t = time.monotonic()
                 self.downtime = max(0, int((end_t - stop_t) * 1000))
-                self.downtime_bytes = out.total - before
+                self.downtime_bytes = self.transferred() - before
                 self.precopy_bytes = before
                 self.total_time = int((end_t - self.start_time) * 1000)
                 transfer_ms = max(1, self.total_time - self.setup_time)
-                self.mbps = out.total * 8.0 / transfer_ms / 1000.0
+                self.mbps = self.transferred() * 8.0 / transfer_ms / 1000.0
                 self.pages_per_second = int(sess.ram.c.pages_sent * 1000 / transfer_ms)
                 if not self.cell.transition(S.DEVICE, S.COMPLETED):
                     raise Cancelled()
@@ -239,6 +249,8 @@ class MigrationState:
             log.info("migration completed: %d bytes in %d ms, downtime %d ms", out.total, self.total_time,
                      self.downtime)
         except (Cancelled, QevmError, OSError) as e:
+            if self.multifd is not None:
+                self.multifd.kill()
             ch.abort()
             try:
                 ch.close()
@@ -280,7 +292,7 @@ class MigrationState:
     def _iterate(self, sess: SaveSession, out: StreamOut, limiter: RateLimiter) -> None:
         ram: RamSaver = sess.ram
         win_t = time.monotonic()
-        win_bytes = out.total
+        win_bytes = self.transferred()
         while True:
             if self._abort.is_set() or self.status is not S.ACTIVE:
                 raise Cancelled()
@@ -300,14 +312,14 @@ class MigrationState:
                 return
             now = time.monotonic()
             if now - win_t >= BUFFER_DELAY:
-                sent = out.total - win_bytes
+                sent = self.transferred() - win_bytes
                 ms = (now - win_t) * 1000.0
                 bandwidth = sent / ms  # bytes per ms
                 self.threshold = int(bandwidth * self.params["downtime-limit"])
                 self.mbps = sent * 8.0 / ms / 1000.0
                 if ram.c.dirty_pages_rate and sent > 10000 and bandwidth > 0:
                     self.expected_downtime = int(ram.pending() / bandwidth)
-                win_t, win_bytes = now, out.total
+                win_t, win_bytes = now, self.transferred()
 
     # -- query-migrate ---------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -334,10 +346,9 @@ class MigrationState:
 
     def _ram_info(self, st: MigrationStatus) -> dict[str, Any]:
         sess = self.session
-        out = self.out
         c = sess.ram.c if sess is not None else None
         ps = self.m.page_size
-        transferred = out.total if out is not None else 0
+        transferred = self.transferred()
         ram: dict[str, Any] = {
             "transferred": transferred,
             "remaining": 0 if st is S.COMPLETED or sess is None else sess.ram.pending(),
@@ -350,7 +361,7 @@ class MigrationState:
             "dirty-sync-count": c.dirty_sync_count if c else 0,
             "postcopy-requests": 0,
             "page-size": ps,
-            "multifd-bytes": 0,
+            "multifd-bytes": self.multifd.bytes if self.multifd is not None else 0,
             "pages-per-second": self.pages_per_second,
             "precopy-bytes": self.precopy_bytes if st is S.COMPLETED else transferred,
             "downtime-bytes": self.downtime_bytes,

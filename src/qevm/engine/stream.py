@@ -42,6 +42,7 @@ from qevm.format.events import (
 )
 from qevm.format.records import RamFlag, SectionKind, ram_record_head
 from qevm.format.selfdesc import DEBUG_MIGRATION_IDSTR, encode_debug_payload
+from qevm.io.convert import _vmdesc_with_caps, _with_caps
 from qevm.migration.ratelimit import RateLimiter
 from qevm.vmstate.jsonout import vmdesc_json
 
@@ -211,7 +212,9 @@ class RamSaver:
         if self.on_sync is not None:
             self.on_sync(self.c.dirty_sync_count)
         size = self.m.ram_size
-        out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode() + _EOS_RECORD)
+        out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode())
+        self._before_eos(out, None)
+        out.write(_EOS_RECORD)
 
     def iterate(self, out: StreamOut, deadline: float | None) -> int:
         """Send dirty pages, scanning on from where the last call stopped, until none are left or
@@ -239,8 +242,12 @@ class RamSaver:
         self.pos = pos
         if self.compress is not None:
             self.compress.flush(out.write)
+        self._before_eos(out, deadline)
         out.write(_EOS_RECORD)
         return visited
+
+    def _before_eos(self, out: StreamOut, deadline: float | None) -> None:
+        """Hook before a section's EOS (multifd syncs, the mapped-ram bitmap: ``qevm.engine.multifd``)."""
 
     def _round_done(self) -> None:
         if self.xbzrle:
@@ -319,9 +326,13 @@ class SaveSession:
         self.ram = RamSaver(machine, xbzrle=xbzrle, cache_size=cache_size, on_sync=on_sync, compress=compress)
         ram = machine.ram_entry
         self._ram_section = Section(ram.section_id, ram.idstr, ram.instance_id, ram.version_id, "ram")
+        self.capabilities: list[str] = []  # validated ones, listed in the configuration (mapped-ram)
 
     def header(self) -> None:
-        self.out.write(FileHeader(0).encode() + Configuration(0, MACHINE_TYPE, []).encode())
+        cfg = Configuration(0, MACHINE_TYPE, [])
+        if self.capabilities:
+            cfg = _with_caps(cfg, self.capabilities)
+        self.out.write(FileHeader(0).encode() + cfg.encode())
 
     def _ram_chunk(self, kind: SectionKind, body: Callable[[], Any]) -> None:
         self.out.write(SectionHeader(0, kind, self._ram_section).encode())
@@ -352,6 +363,8 @@ class SaveSession:
                                      describe_configuration=True, offset=out.total + len(out.buf))
         if self.m.debug_migration is not None:
             embed_vmdesc(evs)
+        if self.capabilities and isinstance(evs[-1], VmDescription):
+            evs[-1] = _vmdesc_with_caps(evs[-1], self.capabilities)
         for ev in evs:
             out.write(ev.encode())
 

@@ -626,6 +626,7 @@ class Incoming:
         self.uri = u
         self.listener: Listener | None = None
         self.channel: Channel | None = None
+        self.extra: list[Channel] = []  # further connections (accept_extra)
         self._aborted = threading.Event()
         self._lock = threading.Lock()
         if u.is_socket:
@@ -677,11 +678,42 @@ class Incoming:
             self.listener = None
         return ch
 
+    def accept_extra(self, timeout: float | None = None) -> SocketChannel:
+        """A further connection on the listener that ``accept(keep_listening=True)`` left open
+        (multifd channels); ``abort()`` and ``close()`` cover it too."""
+        if self.listener is None:
+            raise TransportError(f"{self.address}: not listening for further connections")
+        try:
+            ch = self.listener.accept(timeout, self._aborted)
+        except TransportError:
+            if self._aborted.is_set():
+                raise TransportError("incoming migration aborted while waiting for a connection") from None
+            raise
+        with self._lock:
+            self.extra.append(ch)
+        return ch
+
+    def set_main(self, ch: Channel) -> None:
+        """Make ``ch`` (one of the accepted connections) the one the stream is read from."""
+        with self._lock:
+            if ch is not self.channel:
+                if self.channel is not None:
+                    self.extra.append(self.channel)
+                self.extra = [c for c in self.extra if c is not ch]
+                self.channel = ch
+
+    def stop_listening(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
     def abort(self) -> None:
         self._aborted.set()
         with self._lock:
             if self.channel is not None:
                 self.channel.abort()
+            for c in self.extra:
+                c.abort()
         if self.listener is not None:
             self.listener.close()
 
@@ -695,6 +727,8 @@ class Incoming:
             self.listener = None
         if self.channel is not None:
             self.channel.close()
+        for c in self.extra:
+            c.close()
 
 
 def open_incoming(uri: str | MigrationURI, fds: FdTable | None = None) -> Incoming:
