@@ -5,15 +5,19 @@ extra connections carrying pages in QEMU 10.0's multifd packets, the main stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import require_peer  # noqa: E402
@@ -153,3 +157,152 @@ def test_multifd_through_tap(work: Path) -> None:
     """engine -> qevm tap -> engine with 2 channels: the tap pairs the extra connections, the
     recorded main stream parses with qevm dump and QEMU's analyze-migration.py."""
     run(_migrate_multifd(work, 2, via_tap=True))
+
+
+def test_mapped_ram_file(work: Path) -> None:
+    """file: + mapped-ram + multifd (2 channel threads writing pages at their offsets): a live
+    migration into one file, loaded back by another engine with migrate-incoming (same RAM, serial
+    continues); the file parses with qevm dump, and for a stopped VM it is byte for byte what
+    ``qevm convert --to mapped-ram`` makes of the plain stream of the same state (format.md §4)."""
+
+    async def main() -> None:
+        live, plain, mapped = work / "live.mig", work / "plain.mig", work / "mapped.mig"
+        src = VM(work, "src", ram="16M", dirty_rate=3000)
+        async with vms(src):
+            await _multifd(src, 2, "mapped-ram")
+            with pytest.raises(ExecuteError, match=r"Migration requires seekable transport \(e.g. file\)"):
+                await src.cmd("migrate", {"uri": f"unix:{work / 'x.sock'}"})
+            await src.cmd("migrate-set-parameters", {"max-bandwidth": 16 * MIB, "downtime-limit": 50})
+            await asyncio.sleep(0.4)
+            await src.cmd("migrate", {"uri": f"file:{live}"})
+            info = await src.wait_migration()
+            assert info["status"] == "completed", info
+            assert info["ram"]["multifd-bytes"] > 0 and info["ram"]["dirty-sync-count"] >= 2
+            digest = (await src.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"]
+        doc = _stream_records(live)
+        assert doc["configuration"]["capabilities"] == ["mapped-ram"], doc["configuration"]
+        assert [s["name"] for s in doc["sections"]] == ["ram", "timer", "cpu", "serial", "globalstate"]
+
+        dst = VM(work, "dst", "--incoming", "defer", "-S", ram="16M")
+        async with vms(dst):
+            with pytest.raises(ExecuteError, match="Migration requires seekable transport"):
+                await _multifd(dst, 2, "mapped-ram")
+                await dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            await dst.cmd("migrate-incoming", {"uri": f"file:{live}"})
+            assert (await dst.wait_migration())["status"] == "completed"
+            assert (await dst.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"] == digest
+            await dst.cmd("cont")
+            await asyncio.sleep(0.5)
+            assert_continues(src.lines(), dst.lines())
+
+        # a stopped VM: its plain stream, loaded and sent again as mapped-ram, equals qevm convert's file
+        s2 = VM(work, "s2", ram="16M", dirty_rate=3000)
+        async with vms(s2):
+            await asyncio.sleep(0.3)
+            await s2.cmd("stop")
+            await s2.cmd("migrate", {"uri": f"exec:cat > {plain}"})
+            assert (await s2.wait_migration())["status"] == "completed"
+        d2 = VM(work, "d2", "--incoming", f"file:{plain}", "-S", ram="16M")
+        async with vms(d2):
+            assert (await d2.wait_migration())["status"] == "completed"
+            await _multifd(d2, 2, "mapped-ram")
+            await d2.cmd("migrate", {"uri": f"file:{mapped}"})
+            assert (await d2.wait_migration())["status"] == "completed"
+        ref = work / "ref.mig"
+        r = qevm_cli("convert", str(plain), str(ref), "--to", "mapped-ram")
+        assert r.returncode == 0, r.stderr.decode()
+        assert mapped.read_bytes() == ref.read_bytes()
+
+    run(main())
+
+
+class CuttingProxy:
+    """Forwards every connection to ``target_port``; the first multifd channel (it begins with
+    0x11223344) is cut (RST both ways) after ``limit`` bytes."""
+
+    def __init__(self, target_port: int, limit: int) -> None:
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.target = target_port
+        self.limit = limit
+        self.cut = threading.Event()
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.lsock.settimeout(30)
+        with contextlib.suppress(OSError):
+            while True:
+                a, _ = self.lsock.accept()
+                b = socket.create_connection(("127.0.0.1", self.target))
+                self.socks += [a, b]
+                threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, forward: bool) -> None:
+        n = 0
+        victim = False
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                if forward and n == 0 and data[:4] == bytes.fromhex("11223344") and not self.cut.is_set():
+                    victim = True
+                    self.cut.set()
+                n += len(data)
+                if victim and n > self.limit:
+                    for s in (a, b):
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.close()
+                    return
+                b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.lsock.close()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_multifd_channel_dies(work: Path) -> None:
+    """One multifd connection is cut mid-migration: the source ends in failed with the channel's
+    error and keeps running, the destination fails its load; nothing hangs."""
+
+    async def main() -> None:
+        src = VM(work, "src", ram="32M", dirty_rate=1000)
+        dst = VM(work, "dst", "--incoming", "defer", ram="32M")
+        async with vms(src, dst):
+            await _multifd(src, 2)
+            await _multifd(dst, 2)
+            with pytest.raises(ExecuteError, match=r"Migration requires multi-channel URIs \(e.g. tcp\)"):
+                await src.cmd("migrate", {"uri": "exec:cat > /dev/null"})
+            with pytest.raises(ExecuteError, match="Multifd is not compatible with xbzrle"):
+                await src.enable_events("xbzrle")
+            await dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+            with pytest.raises(ExecuteError, match="Multifd must be set before incoming starts"):
+                await _off_on(dst)
+            port = int((await dst.cmd("query-migrate"))["socket-address"][0]["port"])
+            proxy = CuttingProxy(port, 4 * MIB)
+            try:
+                await src.cmd("migrate-set-parameters", {"max-bandwidth": 16 * MIB})
+                await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{proxy.port}"})
+                info = await src.wait_migration(timeout=30)
+                assert info["status"] == "failed", info
+                assert info.get("error-desc", "").startswith("multifd: "), info
+                assert proxy.cut.is_set()
+                dinfo = await dst.wait_migration(timeout=30)
+                assert dinfo["status"] == "failed" and dinfo.get("error-desc"), dinfo
+            finally:
+                proxy.close()
+            assert await src.status() == "running"
+            assert not src.event_names("STOP")
+            n = len(src.lines())
+            await asyncio.sleep(0.4)
+            assert len(src.lines()) > n
+
+    run(main())
+
+
+async def _off_on(vm: VM) -> None:
+    """Switching multifd on while an incoming migration listens is refused."""
+    await vm.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": False}]})
+    await vm.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})

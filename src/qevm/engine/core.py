@@ -447,7 +447,7 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
         if state and cap not in SUPPORTED_CAPABILITIES:
             raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
         changes[cap] = state
-    check_capabilities({**e.mig.caps, **changes}, incoming_started=e.incoming_once,
+    check_capabilities({**e.mig.caps, **changes}, incoming_started=e.incoming is not None and e.incoming.running,
                        multifd_was=e.mig.caps.get("multifd", False))
     e.mig.caps.update(changes)
     return {}

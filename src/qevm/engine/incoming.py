@@ -65,6 +65,11 @@ class IncomingMigration:
     def status(self) -> MigrationStatus:
         return self.cell.status
 
+    @property
+    def running(self) -> bool:
+        """Listening or loading (QEMU's ``migrate_incoming_started``: transport data present)."""
+        return self.status in (S.SETUP, S.ACTIVE)
+
     def start(self) -> None:
         self.cell.transition(S.NONE, S.SETUP)
         self.thread = threading.Thread(target=self._run, name="incoming", daemon=True)

@@ -527,6 +527,9 @@ class RecvChannels:
                     raise QevmError(self.error)
                 if self.stop.is_set():
                     raise TransportError("incoming migration aborted")
+                dead = [i for i, t in enumerate(self.threads) if not t.is_alive()]
+                if dead:  # ended at a packet boundary, but the stream still expects its SYNC
+                    self._fail(f"multifd channel {dead[0]} was closed before its sync packet")
         for sem in self._release:
             sem.release()
 
