@@ -448,7 +448,7 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
             raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
         changes[cap] = state
     check_capabilities({**e.mig.caps, **changes}, incoming_started=e.incoming is not None and e.incoming.running,
-                       multifd_was=e.mig.caps.get("multifd", False))
+                       multifd_was=e.mig.caps.get("multifd", False), api=e.api)
     e.mig.caps.update(changes)
     return {}
 

@@ -73,9 +73,11 @@ _WAIT = 0.1  # seconds between checks while waiting for a channel
 
 # -- capability and transport checks (QEMU 10.0's options.c / migration.c texts) ----------------------------
 
-def check_capabilities(new: dict[str, bool], *, incoming_started: bool, multifd_was: bool) -> None:
+def check_capabilities(new: dict[str, bool], *, incoming_started: bool, multifd_was: bool, api: str) -> None:
     """The combined state ``new`` after migrate-set-capabilities: QEMU's refusals."""
     if new.get("multifd"):
+        if api != "10.0":
+            raise QMPError("qevm's engine sends multifd as QEMU 10.0 does: use --migration-api 10.0")
         if not multifd_was and incoming_started:
             raise QMPError("Multifd must be set before incoming starts")
         if new.get("xbzrle"):
