@@ -135,10 +135,15 @@ async def _migrate_multifd(work: Path, channels: int, *, via_tap: bool = False) 
         doc = json.loads(out)
         side = doc["tap"]["side_channels"]
         assert len(side) == channels and all(s["forward"] > 1344 for s in side), side
+        # each channel decoded on the way: its id, one SYNC packet per MULTIFD_FLUSH of the main stream
+        assert sorted(s["channel"] for s in side) == list(range(channels)) and {s["kind"] for s in side} == {"multifd"}
+        assert sum(s["pages"] + s["zero_pages"] for s in side) >= 32 * MIB // 4096
         dump = _stream_records(rec)
         assert [s["name"] for s in dump["sections"]] == ["ram", "timer", "cpu", "serial", "globalstate"]
         pages = dump["sections"][0]["ram"]
         assert pages["multifd_flushes"] >= 3, pages  # START, and every pass over RAM, END included
+        assert all(s["syncs"] == pages["multifd_flushes"] for s in side), (side, pages)
+        assert not doc["tap"]["notes"], doc["tap"]["notes"]
         # QEMU 10.0's analyze-migration.py knows MULTIFD_FLUSH (7.2's stops at "Unknown RAM flags: 200")
         p = subprocess.run([sys.executable, str(require_peer("10.0")), "-f", str(rec)], capture_output=True,
                            timeout=120)
