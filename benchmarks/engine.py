@@ -13,6 +13,11 @@ the source (workload operations per second of virtual time while the migration r
     python3 benchmarks/engine.py --json          # figures as JSON
     python3 benchmarks/engine.py --rates 1000,20000 --bandwidths 32,64 --ram 256M
 
+Part 4 (multifd) migrates with the multifd capability, 1 and 2 channels (QEMU 10.0's packets, the
+destination started with ``-incoming defer`` as QEMU requires), for each --multifd-ram size and dirty
+rate, max-bandwidth unlimited so that the channels are the limit; one run without multifd per size
+and rate is the baseline (same settings).
+
 Part 3 (compression) migrates with QEMU 7.2's API and the compress capability, 1 and 2 compression
 threads, max-bandwidth unlimited so that the workers are the limit.
 
@@ -138,6 +143,47 @@ async def migrate_once(ram: str, dirty_rate: int, params: dict[str, Any], xbzrle
             await dst.close()
 
 
+async def multifd_once(ram: str, dirty_rate: int, channels: int) -> dict[str, Any]:
+    """One migration with ``channels`` multifd channels (0: without multifd), bandwidth unlimited."""
+    with tempfile.TemporaryDirectory(prefix="qe-bench-") as d:
+        work = Path(d)
+        src = Proc(work, "src", "--ram", ram, "--dirty-rate", str(dirty_rate), "--fill", "1.0")
+        dst = Proc(work, "dst", "--ram", ram, "--incoming", "defer", "-S")  # paused: its RAM is compared
+        try:
+            await src.connect()
+            await dst.connect()
+            for p in (src, dst):
+                await p.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 30, "downtime-limit": 300,
+                                                       "multifd-channels": max(1, channels)})
+                if channels:
+                    await p.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "multifd",
+                                                                                 "state": True}]})
+            await dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            while (info := await src.cmd("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):
+                await asyncio.sleep(0.01)
+            if info["status"] != "completed":
+                raise RuntimeError(f"migration {info['status']}: {info}")
+            while (await dst.cmd("query-migrate"))["status"] != "completed":
+                await asyncio.sleep(0.01)
+            t_dst = time.monotonic() - t0
+            a = await src.cmd("x-qevm-query-machine", {"digest": True})
+            b = await dst.cmd("x-qevm-query-machine", {"digest": True})
+            if a["ram-sha256"] != b["ram-sha256"]:
+                raise RuntimeError("the destination's RAM differs from the source's")
+            r = info["ram"]
+            return {"ram": ram, "dirty_rate": dirty_rate, "channels": channels, "total_time_ms": info["total-time"],
+                    "downtime_ms": info["downtime"], "dirty_sync_count": r["dirty-sync-count"],
+                    "pages_per_second": r["pages-per-second"], "transferred_bytes": r["transferred"],
+                    "multifd_bytes": r["multifd-bytes"], "wall_until_destination_loaded_s": round(t_dst, 3)}
+        finally:
+            await src.close()
+            await dst.close()
+
+
 def bandwidth_figures(r: dict[str, Any], limit: int) -> dict[str, Any]:
     total_s = r["total_time_ms"] / 1000
     pre_s = (r["total_time_ms"] - r["downtime_ms"] - r["setup_time_ms"]) / 1000
@@ -164,6 +210,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         r = await migrate_once(args.ram, 1000, {"max-bandwidth": bw * MIB, "downtime-limit": 300})
         r.update(bandwidth_figures(r, bw * MIB))
         out["bandwidth"].append(r)
+    out["multifd"] = []
+    for ram in [x for x in args.multifd_ram.split(",") if x]:
+        for rate in rates:
+            for channels in [int(x) for x in args.multifd_channels.split(",") if x]:
+                log(f"{ram} at {rate} pages/s, multifd with {channels} channel(s), max-bandwidth unlimited")
+                out["multifd"].append(await multifd_once(ram, rate, channels))
     out["compression"] = []
     for threads in [int(x) for x in args.compress_threads.split(",") if x]:
         log(f"{args.ram} at 1000 pages/s, compression with {threads} thread(s), max-bandwidth unlimited")
@@ -189,6 +241,15 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['max_bandwidth'] / MIB:.0f} MiB/s | {r['overall_Bps'] / MIB:.2f} MiB/s "
                      f"({r['overall_vs_limit_pct']:+.1f}%) | {r['precopy_Bps'] / MIB:.2f} MiB/s "
                      f"({r['precopy_vs_limit_pct']:+.1f}%) | {r['total_time_ms']} ms | {r['downtime_ms']} ms |")
+    if doc.get("multifd"):
+        lines += ["", "Multifd (QEMU 10.0's packets over tcp on loopback, every page data, max-bandwidth unlimited; "
+                  "0 channels = without multifd):", "",
+                  "| RAM | dirty rate | channels | total-time | downtime | passes | pages/s | multifd bytes | "
+                  "transferred |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in doc["multifd"]:
+            lines.append(f"| {r['ram']} | {r['dirty_rate']} | {r['channels']} | {r['total_time_ms']} ms | "
+                         f"{r['downtime_ms']} ms | {r['dirty_sync_count']} | {r['pages_per_second']} | "
+                         f"{r['multifd_bytes'] / MIB:.1f} MiB | {r['transferred_bytes'] / MIB:.1f} MiB |")
     if doc.get("compression"):
         lines += ["", "Compression threads (QEMU 7.2's API, zlib level 1, every page random data, "
                   "1000 pages/s, max-bandwidth unlimited):", "",
@@ -210,6 +271,9 @@ def main() -> int:
     p.add_argument("--no-xbzrle", action="store_true", help="skip the XBZRLE run")
     p.add_argument("--compress-threads", default="1,2",
                    help="compression runs, one per thread count (default 1,2; empty: none)")
+    p.add_argument("--multifd-ram", default="256M,1G", help="multifd runs: guest sizes (default 256M,1G; empty: none)")
+    p.add_argument("--multifd-channels", default="0,1,2",
+                   help="multifd runs: channel counts, 0 = without multifd (default 0,1,2)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
     doc = asyncio.run(main_async(args))
