@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -150,8 +150,13 @@ async def multifd_once(ram: str, dirty_rate: int, channels: int) -> dict[str, An
         src = Proc(work, "src", "--ram", ram, "--dirty-rate", str(dirty_rate), "--fill", "1.0")
         dst = Proc(work, "dst", "--ram", ram, "--incoming", "defer", "-S")  # paused: its RAM is compared
         try:
-            await src.connect()
-            await dst.connect()
+            for p in (src, dst):
+                for _ in range(600):  # a 1 GiB guest fills its RAM before its QMP socket listens
+                    try:
+                        await p.connect()
+                        break
+                    except ConnectError:
+                        await asyncio.sleep(0.1)
             for p in (src, dst):
                 await p.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 30, "downtime-limit": 300,
                                                        "multifd-channels": max(1, channels)})

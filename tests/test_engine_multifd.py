@@ -91,9 +91,12 @@ def _stream_records(path: Path) -> dict[str, Any]:
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
-async def _migrate_multifd(work: Path, channels: int, *, via_tap: bool = False) -> None:
-    src = VM(work, "src", ram="32M", dirty_rate=3000)
-    dst = VM(work, "dst", "--incoming", "defer", "-S", ram="32M")
+async def _migrate_multifd(work: Path, channels: int, *, via_tap: bool = False, bandwidth: int = 24 * MIB) -> None:
+    ram = "32M" if bandwidth < 1 << 30 else "96M"
+    fill = () if bandwidth < 1 << 30 else ("--fill", "1.0")
+    src = VM(work, "src", *fill, ram=ram, dirty_rate=3000 if not fill else 30000)
+    dst = VM(work, "dst", "--incoming", "defer", "-S", ram=ram)
+    size = int(ram[:-1]) * MIB
     tap: subprocess.Popen[bytes] | None = None
     rec = work / "tapped.mig"
     async with vms(src, dst):
@@ -111,16 +114,17 @@ async def _migrate_multifd(work: Path, channels: int, *, via_tap: bool = False) 
                 assert time.monotonic() < deadline and tap.poll() is None, "the tap did not listen"
                 await asyncio.sleep(0.05)
             target = f"unix:{tsock}"
-        await src.cmd("migrate-set-parameters", {"max-bandwidth": 24 * MIB, "downtime-limit": 100})
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": bandwidth, "downtime-limit": 100})
         await asyncio.sleep(0.5)
         await src.cmd("migrate", {"uri": target})
         info = await src.wait_migration()
         assert info["status"] == "completed", info
         ram = info["ram"]
-        assert ram["multifd-bytes"] > 32 * MIB // 2, ram  # the pages went over the channels
-        assert ram["transferred"] > ram["multifd-bytes"]
-        assert ram["normal"] + ram["duplicate"] >= 32 * MIB // 4096
-        assert ram["dirty-sync-count"] >= 3, "expected at least two iterations after setup"
+        figures = info["ram"]
+        assert figures["multifd-bytes"] > size // 2, figures  # the pages went over the channels
+        assert figures["transferred"] > figures["multifd-bytes"]
+        assert figures["normal"] + figures["duplicate"] >= size // 4096
+        assert figures["dirty-sync-count"] >= 3, "expected at least two iterations after setup"
         dinfo = await dst.wait_migration()
         assert dinfo["status"] == "completed", dinfo
         a = await src.cmd("x-qevm-query-machine", {"digest": True})
@@ -151,11 +155,13 @@ async def _migrate_multifd(work: Path, channels: int, *, via_tap: bool = False) 
         assert "ram (1)" in json.loads(p.stdout)
 
 
-@pytest.mark.parametrize("channels", [1, 2])
-def test_multifd_tcp(work: Path, channels: int) -> None:
+@pytest.mark.parametrize(("channels", "bandwidth"), [(1, 24 * MIB), (2, 24 * MIB), (2, 64 << 30)])
+def test_multifd_tcp(work: Path, channels: int, bandwidth: int) -> None:
     """Pages over 1 or 2 multifd channels while the guest runs: several passes, identical RAM and
-    machine state, serial numbering with no gap and no repeat across the switch."""
-    run(_migrate_multifd(work, channels))
+    machine state, serial numbering with no gap and no repeat across the switch.  Unlimited
+    bandwidth fills the socket buffers: the MULTIFD_FLUSH record must go out at once, or the
+    destination's channels (waiting for it) stop reading and both ends wait for ever."""
+    run(_migrate_multifd(work, channels, bandwidth=bandwidth))
 
 
 def test_multifd_through_tap(work: Path) -> None:
@@ -311,3 +317,68 @@ async def _off_on(vm: VM) -> None:
     """Switching multifd on while an incoming migration listens is refused."""
     await vm.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": False}]})
     await vm.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+
+
+def test_flush_record_leaves_with_its_sync() -> None:
+    """In process, over socket pairs: each MULTIFD_FLUSH record is handed to the main channel as
+    soon as the sync is done (QEMU's qemu_fflush), never held in the buffer while the next epoch's
+    pages fill the channels (the destination's channels wait for it: both ends would wait for
+    ever); every channel carries one SYNC packet per MULTIFD_FLUSH, and the pages it carries are
+    the machine's RAM."""
+    from qevm.engine.machine import Machine
+    from qevm.engine.multifd import MultifdRamSaver, SendChannels
+    from qevm.engine.stream import StreamOut
+    from qevm.migration.channels import SocketChannel
+
+    m = Machine(2 * MIB, fill=0.5)
+    m.run_ops(300)
+    chunks: list[bytes] = []
+    out = StreamOut(lambda b: chunks.append(bytes(b)))
+    pairs = [socket.socketpair() for _ in range(2)]
+    seen: list[list[Any]] = [[], []]
+    image = bytearray(m.ram_size)
+
+    def drain(k: int) -> None:
+        dec = ChannelDecoder(4096)
+        while data := pairs[k][1].recv(1 << 16):
+            seen[k] += dec.feed(data)
+        dec.close()
+
+    drains = [threading.Thread(target=drain, args=(k,)) for k in range(2)]
+    for t in drains:
+        t.start()
+    pool = SendChannels(m, count=2, channels=[SocketChannel(a, f"ch{k}") for k, (a, _) in enumerate(pairs)],
+                        zero_detect=True, limiter=None, out=out, abort=threading.Event(),
+                        on_pages=lambda n, z: None)
+    saver = MultifdRamSaver(m, pool, mapped_fd=None, legacy_zero=False)
+    saver.setup(out)
+    saver.iterate(out, None)  # one pass from the start: one wrap
+    m.run_ops(300)
+    saver.sync()
+    saver.pos = m.npages // 2  # a pass from the middle: a wrap, then on from 0 to the middle
+    saver.iterate(out, None)
+    out.flush()
+    pool.close()
+    for t in drains:
+        t.join(10)
+    flush = struct.pack(">Q", 0x200)
+    assert sum(c.count(flush) for c in chunks) == 4  # START, one wrap, then two (passing the end, then 0)
+    assert all(c.endswith(flush) for c in chunks if flush in c), "a MULTIFD_FLUSH record waited in the buffer"
+    epochs: list[list[list[Any]]] = []  # per channel, the packets of each epoch (ended by a SYNC packet)
+    for k in range(2):
+        assert seen[k][0] == MultifdInit(k)
+        assert sum(p.is_sync for p, _ in seen[k][1:]) == 4
+        eps: list[list[Any]] = [[]]
+        for item in seen[k][1:]:
+            eps[-1].append(item)
+            if item[0].is_sync:
+                eps.append([])
+        epochs.append(eps)
+    for e in range(5):  # epoch by epoch across the channels, as the destination applies them
+        for k in range(2):
+            for p, data in epochs[k][e]:
+                for i, off in enumerate(p.offsets[:p.normal]):
+                    image[off:off + 4096] = data[i * 4096:(i + 1) * 4096]
+                for off in p.offsets[p.normal:]:
+                    image[off:off + 4096] = bytes(4096)
+    assert bytes(image) == bytes(m.ram)

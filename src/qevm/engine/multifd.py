@@ -387,7 +387,9 @@ class MultifdRamSaver(RamSaver):
     def _flush_and_sync(self, out: StreamOut) -> None:
         self.pool.sync()
         if self.mapped_fd is None:
+            # out at once (qemu_fflush): the destination's channels wait for it before reading on
             out.write(_FLUSH_RECORD)
+            out.flush()
 
     def _before_eos(self, out: StreamOut, deadline: float | None) -> None:
         """START: the setup sync.  END (no deadline) with mapped-ram: the file bitmap."""
