@@ -277,10 +277,10 @@ class SendChannels:
                 raise Cancelled()
 
     def _pages(self, ch: Channel | None, offsets: list[int]) -> None:
-        ram, ps, zero = self.m.ram, self.ps, self.zero
+        ram, ps, zero = memoryview(self.m.ram), self.ps, self.zero
         normal: list[int] = []
         zeros: list[int] = []
-        data: list[bytes] = []
+        data: list[memoryview] = []  # the guest's pages themselves, read as they are sent (QEMU's iovs)
         for off in offsets:
             page = ram[off:off + ps]
             if self.zero_detect and page == zero:
@@ -296,10 +296,10 @@ class SendChannels:
                             len(normal) * ps).encode(ps)
         n = len(pkt) + len(normal) * ps
         self._take(n)
-        ch.sendall(pkt + b"".join(data))
+        _sendv(ch, [pkt, *data])
         self._add_bytes(n)
 
-    def _write_mapped(self, normal: list[int], data: list[bytes], zeros: list[int]) -> None:
+    def _write_mapped(self, normal: list[int], data: list[memoryview], zeros: list[int]) -> None:
         mp = self.mapped
         assert mp is not None
         ps = self.ps
@@ -511,8 +511,7 @@ class RecvChannels:
                         raise DecodeError(f"multifd: offset too long {off} (max 0x{size:x})", pos)
                 for off in pkt.offsets[pkt.normal:]:
                     ram[off:off + ps] = zero
-                for off in pkt.offsets[:pkt.normal]:
-                    _read_into(ch, ram[off:off + ps])
+                _recvv(ch, [ram[off:off + ps] for off in pkt.offsets[:pkt.normal]])
                 pos += pkt.normal * ps
                 with self._lock:
                     self.pages += pkt.normal + pkt.zero
@@ -571,13 +570,35 @@ def _read(ch: Channel, n: int, eof_ok: bool = False) -> bytes | None:
     return bytes(buf)
 
 
-def _read_into(ch: Channel, view: memoryview) -> None:
-    got, n = 0, len(view)
-    while got < n:
-        k = ch.recv_into(view[got:])
-        if k == 0:
-            raise DecodeError(f"multifd channel ended inside a page ({got} of {n} bytes)")
-        got += k
+def _sendv(ch: Channel, bufs: list[Any]) -> None:
+    """``qio_channel_writev_full_all``: a header and the pages in one ``sendmsg`` where it can."""
+    if not isinstance(ch, SocketChannel):
+        ch.sendall(b"".join(bufs))
+        return
+    views = [memoryview(b) for b in bufs]
+    try:
+        while views:
+            n = ch.sock.sendmsg(views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+    except OSError as e:
+        raise TransportError(f"{ch.peer}: connection lost while sending: {e.strerror or e}") from e
+
+
+def _recvv(ch: SocketChannel, views: list[memoryview]) -> None:
+    """Read straight into the pages (``qio_channel_readv_all``), one ``recvmsg_into`` per round."""
+    while views:
+        n = ch.sock.recvmsg_into(views)[0]
+        if n == 0:
+            raise DecodeError("multifd channel ended inside the pages of a packet")
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _uuid(b: bytes) -> str:
