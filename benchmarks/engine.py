@@ -218,9 +218,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out["multifd"] = []
     for ram in [x for x in args.multifd_ram.split(",") if x]:
         for rate in rates:
-            for channels in [int(x) for x in args.multifd_channels.split(",") if x]:
-                log(f"{ram} at {rate} pages/s, multifd with {channels} channel(s), max-bandwidth unlimited")
-                out["multifd"].append(await multifd_once(ram, rate, channels))
+            best: dict[int, dict[str, Any]] = {}
+            for rnd in range(args.multifd_repeat):  # round-robin over the channel counts, best of N
+                for channels in [int(x) for x in args.multifd_channels.split(",") if x]:
+                    log(f"{ram} at {rate} pages/s, multifd with {channels} channel(s), max-bandwidth unlimited, "
+                        f"round {rnd + 1}")
+                    r = await multifd_once(ram, rate, channels)
+                    if channels not in best or r["total_time_ms"] < best[channels]["total_time_ms"]:
+                        best[channels] = r
+            out["multifd"] += best.values()
     out["compression"] = []
     for threads in [int(x) for x in args.compress_threads.split(",") if x]:
         log(f"{args.ram} at 1000 pages/s, compression with {threads} thread(s), max-bandwidth unlimited")
@@ -279,6 +285,7 @@ def main() -> int:
     p.add_argument("--multifd-ram", default="256M,1G", help="multifd runs: guest sizes (default 256M,1G; empty: none)")
     p.add_argument("--multifd-channels", default="0,1,2",
                    help="multifd runs: channel counts, 0 = without multifd (default 0,1,2)")
+    p.add_argument("--multifd-repeat", type=int, default=3, help="multifd runs: best of N, round-robin (default 3)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
     doc = asyncio.run(main_async(args))
