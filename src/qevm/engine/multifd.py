@@ -349,13 +349,7 @@ class MultifdRamSaver(RamSaver):
             return
         # the START payload with the block's mapped-ram header, then the main stream goes on after
         # the block's page region (mapped_ram_setup_ramblock)
-        self.bitmap = bytearray(b"\x01" * self.m.npages)
-        with self.m.lock:
-            self.m.take_dirty()
-        self.dirty_count = self.m.npages
-        self.c.dirty_sync_count += 1
-        if self.on_sync is not None:
-            self.on_sync(self.c.dirty_sync_count)
+        self.all_dirty()
         size, ps = self.m.ram_size, self.ps
         head = RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode()
         at = self._base + out.total + len(out.buf) + len(head)

@@ -204,6 +204,14 @@ class RamSaver:
     # -- payloads ------------------------------------------------------------------------------------
     def setup(self, out: StreamOut) -> None:
         """The START payload: MEM_SIZE with the block list, EOS.  Every page starts dirty."""
+        self.all_dirty()
+        size = self.m.ram_size
+        out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode())
+        self._before_eos(out, None)
+        out.write(_EOS_RECORD)
+
+    def all_dirty(self) -> None:
+        """Setup's first sync: every page dirty, the machine's log emptied."""
         self.bitmap = bytearray(b"\x01" * self.m.npages)
         with self.m.lock:
             self.m.take_dirty()
@@ -211,10 +219,6 @@ class RamSaver:
         self.c.dirty_sync_count += 1
         if self.on_sync is not None:
             self.on_sync(self.c.dirty_sync_count)
-        size = self.m.ram_size
-        out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode())
-        self._before_eos(out, None)
-        out.write(_EOS_RECORD)
 
     def iterate(self, out: StreamOut, deadline: float | None) -> int:
         """Send dirty pages, scanning on from where the last call stopped, until none are left or

@@ -665,12 +665,7 @@ class Incoming:
         if self.channel is not None:
             return self.channel
         assert self.listener is not None
-        try:
-            ch = self.listener.accept(timeout, self._aborted)
-        except TransportError:
-            if self._aborted.is_set():
-                raise TransportError("incoming migration aborted while waiting for a connection") from None
-            raise
+        ch = self._wait_connection(self.listener, timeout)
         with self._lock:
             self.channel = ch
         if not keep_listening:
@@ -683,15 +678,18 @@ class Incoming:
         (multifd channels); ``abort()`` and ``close()`` cover it too."""
         if self.listener is None:
             raise TransportError(f"{self.address}: not listening for further connections")
+        ch = self._wait_connection(self.listener, timeout)
+        with self._lock:
+            self.extra.append(ch)
+        return ch
+
+    def _wait_connection(self, listener: Listener, timeout: float | None) -> SocketChannel:
         try:
-            ch = self.listener.accept(timeout, self._aborted)
+            return listener.accept(timeout, self._aborted)
         except TransportError:
             if self._aborted.is_set():
                 raise TransportError("incoming migration aborted while waiting for a connection") from None
             raise
-        with self._lock:
-            self.extra.append(ch)
-        return ch
 
     def set_main(self, ch: Channel) -> None:
         """Make ``ch`` (one of the accepted connections) the one the stream is read from."""
