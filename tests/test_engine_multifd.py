@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -382,3 +383,63 @@ def test_flush_record_leaves_with_its_sync() -> None:
                 for off in p.offsets[p.normal:]:
                     image[off:off + 4096] = bytes(4096)
     assert bytes(image) == bytes(m.ram)
+
+
+# -- the codec against real QEMU 10.0 ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_qemu10_channels_decode(tmp_path: Path) -> None:
+    """QEMU 10.0 -> qevm tap -> QEMU 10.0 with multifd, 2 channels (a paused guest: nearly every page
+    is a zero page, listed in the packets' zero_pages): the tap decodes both channels with the
+    codec the engine uses, one SYNC packet per MULTIFD_FLUSH of the main stream, and the pages
+    it counts are QEMU's own normal + duplicate figures."""
+    fixtures = Path(__file__).resolve().parent.parent / "scripts" / "fixtures"
+    sys.path.insert(0, str(fixtures))
+    try:
+        from gen_qemu10 import chroot_dir
+        from qemu_driver import Qemu
+
+        root = chroot_dir()
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("CI"):
+            pytest.fail(f"QEMU 10.0 chroot missing in CI ({e})")
+        pytest.skip(f"QEMU 10.0 chroot not available ({e})")
+    args = ["-machine", "pc", "-m", "64", "-nodefaults", "-S"]
+    caps = [{"capability": "multifd", "state": True}]
+    port, tport = _free_port(), _free_port()
+    rec = tmp_path / "seen.mig"
+    with (Qemu("qemu-system-x86_64", args, tmp_path, chroot=str(root), name="src") as src,
+          Qemu("qemu-system-x86_64", [*args, "-incoming", "defer"], tmp_path, chroot=str(root), name="dst") as dst):
+        dst.qmp("migrate-set-capabilities", capabilities=caps)
+        dst.qmp("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        tap = subprocess.Popen([sys.executable, "-m", "qevm.cli.main", "tap", f"tcp:127.0.0.1:{tport}",
+                                f"tcp:127.0.0.1:{port}", "-o", str(rec), "--json", "--timeout", "60"], env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while not any(f":{tport:04X} " in ln and " 0A " in ln for ln in Path("/proc/net/tcp").read_text()
+                          .splitlines()):
+                assert time.monotonic() < deadline and tap.poll() is None, "the tap did not listen"
+                time.sleep(0.05)
+            reply = src.migrate(f"tcp:127.0.0.1:{tport}", caps={"multifd": True}, timeout=120)
+            out, err = tap.communicate(timeout=60)
+        finally:
+            if tap.poll() is None:
+                tap.kill()
+                tap.wait()
+        assert tap.returncode == 0, err.decode()
+    doc = json.loads(out)
+    sc, notes = doc["tap"]["side_channels"], doc["tap"]["notes"]
+    assert {c["kind"] for c in sc} == {"multifd"} and sorted(c["channel"] for c in sc) == [0, 1], sc
+    assert not notes, notes
+    flushes = _stream_records(rec)["sections"][0]["ram"]["multifd_flushes"]
+    assert flushes >= 2 and all(c["syncs"] == flushes for c in sc), (flushes, sc)
+    ram = reply["ram"]
+    assert sum(c["pages"] for c in sc) == ram["normal"] and sum(c["zero_pages"] for c in sc) == ram["duplicate"], (
+        sc, ram)
+    assert ram["duplicate"] > ram["normal"] > 0
