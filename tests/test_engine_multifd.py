@@ -217,13 +217,33 @@ def test_mapped_ram_file(work: Path) -> None:
         d2 = VM(work, "d2", "--incoming", f"file:{plain}", "-S", ram="16M")
         async with vms(d2):
             assert (await d2.wait_migration())["status"] == "completed"
-            await _multifd(d2, 2, "mapped-ram")
+            digest = (await d2.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"]
+            await d2.enable_events("mapped-ram")  # without multifd: one thread writes the pages
             await d2.cmd("migrate", {"uri": f"file:{mapped}"})
             assert (await d2.wait_migration())["status"] == "completed"
         ref = work / "ref.mig"
         r = qevm_cli("convert", str(plain), str(ref), "--to", "mapped-ram")
         assert r.returncode == 0, r.stderr.decode()
         assert mapped.read_bytes() == ref.read_bytes()
+
+        # loaded back without multifd, sent on with multifd into a file at an offset, loaded from there
+        at = work / "at.mig"
+        d3 = VM(work, "d3", "--incoming", "defer", "-S", ram="16M")
+        async with vms(d3):
+            await d3.enable_events("mapped-ram")
+            await d3.cmd("migrate-incoming", {"uri": f"file:{mapped}"})
+            assert (await d3.wait_migration())["status"] == "completed"
+            assert (await d3.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"] == digest
+            await _multifd(d3, 2, "mapped-ram")
+            await d3.cmd("migrate", {"uri": f"file:{at},offset=8192"})
+            assert (await d3.wait_migration())["status"] == "completed"
+        assert at.read_bytes()[:8192] == bytes(8192)
+        d4 = VM(work, "d4", "--incoming", "defer", "-S", ram="16M")
+        async with vms(d4):
+            await _multifd(d4, 2, "mapped-ram")
+            await d4.cmd("migrate-incoming", {"uri": f"file:{at},offset=8192"})
+            assert (await d4.wait_migration())["status"] == "completed"
+            assert (await d4.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"] == digest
 
     run(main())
 
@@ -443,3 +463,32 @@ def test_qemu10_channels_decode(tmp_path: Path) -> None:
     assert sum(c["pages"] for c in sc) == ram["normal"] and sum(c["zero_pages"] for c in sc) == ram["duplicate"], (
         sc, ram)
     assert ram["duplicate"] > ram["normal"] > 0
+
+
+def test_multifd_cancel(work: Path) -> None:
+    """migrate_cancel during a multifd migration: cancelled, the channel threads gone, the source
+    runs on; the destination's load fails instead of waiting for ever on its channels."""
+
+    async def main() -> None:
+        src = VM(work, "src", ram="32M", dirty_rate=1000)
+        dst = VM(work, "dst", "--incoming", "defer", ram="32M")
+        async with vms(src, dst):
+            await _multifd(src, 2)
+            await _multifd(dst, 2)
+            await dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+            port = int((await dst.cmd("query-migrate"))["socket-address"][0]["port"])
+            await src.cmd("migrate-set-parameters", {"max-bandwidth": 4 * MIB})
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            await src.wait_migration(want=("active",))
+            await asyncio.sleep(0.5)
+            await src.cmd("migrate_cancel")
+            info = await src.wait_migration(timeout=20)
+            assert info["status"] == "cancelled", info
+            assert [d["status"] for _, d in src.event_names("MIGRATION")][-2:] == ["cancelling", "cancelled"]
+            assert (await dst.wait_migration(timeout=20))["status"] == "failed"
+            assert await src.status() == "running"
+            n = len(src.lines())
+            await asyncio.sleep(0.4)
+            assert len(src.lines()) > n
+
+    run(main())
