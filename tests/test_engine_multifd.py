@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,17 @@ def test_packet_codec_round_trip() -> None:
 async def _multifd(vm: VM, channels: int, *caps: str) -> None:
     await vm.enable_events("multifd", *caps)
     await vm.cmd("migrate-set-parameters", {"multifd-channels": channels})
+
+
+@contextlib.asynccontextmanager
+async def _pair(work: Path) -> AsyncIterator[tuple[VM, VM]]:
+    """A running source and a destination waiting (-incoming defer), both with multifd, 2 channels."""
+    src = VM(work, "src", ram="32M", dirty_rate=1000)
+    dst = VM(work, "dst", "--incoming", "defer", ram="32M")
+    async with vms(src, dst):
+        await _multifd(src, 2)
+        await _multifd(dst, 2)
+        yield src, dst
 
 
 def _stream_records(path: Path) -> dict[str, Any]:
@@ -301,11 +313,7 @@ def test_multifd_channel_dies(work: Path) -> None:
     error and keeps running, the destination fails its load; nothing hangs."""
 
     async def main() -> None:
-        src = VM(work, "src", ram="32M", dirty_rate=1000)
-        dst = VM(work, "dst", "--incoming", "defer", ram="32M")
-        async with vms(src, dst):
-            await _multifd(src, 2)
-            await _multifd(dst, 2)
+        async with _pair(work) as (src, dst):
             with pytest.raises(ExecuteError, match=r"Migration requires multi-channel URIs \(e.g. tcp\)"):
                 await src.cmd("migrate", {"uri": "exec:cat > /dev/null"})
             with pytest.raises(ExecuteError, match="Multifd is not compatible with xbzrle"):
@@ -471,11 +479,7 @@ def test_multifd_cancel(work: Path) -> None:
     runs on; the destination's load fails instead of waiting for ever on its channels."""
 
     async def main() -> None:
-        src = VM(work, "src", ram="32M", dirty_rate=1000)
-        dst = VM(work, "dst", "--incoming", "defer", ram="32M")
-        async with vms(src, dst):
-            await _multifd(src, 2)
-            await _multifd(dst, 2)
+        async with _pair(work) as (src, dst):
             await dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
             port = int((await dst.cmd("query-migrate"))["socket-address"][0]["port"])
             await src.cmd("migrate-set-parameters", {"max-bandwidth": 4 * MIB})
