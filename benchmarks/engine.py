@@ -9,21 +9,27 @@ for a second, then ``migrate`` over tcp on loopback, driven with qemu.qmp.  Figu
 the wall time from ``migrate`` until the destination runs.  The achieved dirty rate is measured on
 the source (workload operations per second of virtual time while the migration ran).
 
-    python3 benchmarks/engine.py                 # both parts, table on stdout, progress on stderr
+    python3 benchmarks/engine.py                 # every part, table on stdout, progress on stderr
     python3 benchmarks/engine.py --json          # figures as JSON
     python3 benchmarks/engine.py --rates 1000,20000 --bandwidths 32,64 --ram 256M
 
 Part 3 (compression) migrates with QEMU 7.2's API and the compress capability, 1 and 2 compression
 threads, max-bandwidth unlimited so that the workers are the limit.
 
-Part 4 (postcopy) migrates a 256 MiB and a 1 GiB guest at two dirty rates with postcopy-ram on both
+Part 4 (multifd) migrates with the multifd capability, 1 and 2 channels (QEMU 10.0's packets, the
+destination started with ``-incoming defer`` as QEMU requires), for each --multifd-ram size and dirty
+rate, max-bandwidth unlimited so that the channels are the limit; one run without multifd per size
+and rate is the baseline (same settings).
+
+Part 5 (postcopy) migrates a 256 MiB and a 1 GiB guest at two dirty rates with postcopy-ram on both
 ends and QEMU's defaults (max-bandwidth 128 MiB/s for the precopy phase, max-postcopy-bandwidth 0:
 unlimited), calls migrate-start-postcopy one second after ``migrate``, and reports the source's
 total-time, the time from ``migrate`` to postcopy-active (switchover, polled every 10 ms), the downtime
 (VM stopped to package sent), the page requests the destination's faults sent (postcopy-requests),
 the time its vCPU waited for them (the destination's postcopy-blocktime),
 the bytes of each phase, and the wall time until the destination completed.
-Part 5 (block migration) migrates with QEMU 7.2's API and ``migrate`` ``blk: true`` a guest whose
+
+Part 6 (block migration) migrates with QEMU 7.2's API and ``migrate`` ``blk: true`` a guest whose
 ``--drive`` is a raw image of random data (64 and 256 MiB by default) that the workload keeps
 writing (``--disk-every 100``: 10 sectors/s at 1000 pages/s), QEMU's defaults otherwise (the
 tests check that the images end equal; here only the time is measured).
@@ -49,7 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -207,6 +213,52 @@ async def postcopy_once(ram: str, dirty_rate: int, switch_after: float = 1.0) ->
             await dst.close()
 
 
+async def multifd_once(ram: str, dirty_rate: int, channels: int) -> dict[str, Any]:
+    """One migration with ``channels`` multifd channels (0: without multifd), bandwidth unlimited."""
+    with tempfile.TemporaryDirectory(prefix="qe-bench-") as d:
+        work = Path(d)
+        src = Proc(work, "src", "--ram", ram, "--dirty-rate", str(dirty_rate), "--fill", "1.0")
+        dst = Proc(work, "dst", "--ram", ram, "--incoming", "defer", "-S")  # paused: its RAM is compared
+        try:
+            for p in (src, dst):
+                for _ in range(600):  # a 1 GiB guest fills its RAM before its QMP socket listens
+                    try:
+                        await p.connect()
+                        break
+                    except ConnectError:
+                        await asyncio.sleep(0.1)
+            for p in (src, dst):
+                await p.cmd("migrate-set-parameters", {"max-bandwidth": 64 << 30, "downtime-limit": 300,
+                                                       "multifd-channels": max(1, channels)})
+                if channels:
+                    await p.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "multifd",
+                                                                                 "state": True}]})
+            await dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            port = (await dst.cmd("query-migrate"))["socket-address"][0]["port"]
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+            while (info := await src.cmd("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):
+                await asyncio.sleep(0.01)
+            if info["status"] != "completed":
+                raise RuntimeError(f"migration {info['status']}: {info}")
+            while (await dst.cmd("query-migrate"))["status"] != "completed":
+                await asyncio.sleep(0.01)
+            t_dst = time.monotonic() - t0
+            a = await src.cmd("x-qevm-query-machine", {"digest": True})
+            b = await dst.cmd("x-qevm-query-machine", {"digest": True})
+            if a["ram-sha256"] != b["ram-sha256"]:
+                raise RuntimeError("the destination's RAM differs from the source's")
+            r = info["ram"]
+            return {"ram": ram, "dirty_rate": dirty_rate, "channels": channels, "total_time_ms": info["total-time"],
+                    "downtime_ms": info["downtime"], "dirty_sync_count": r["dirty-sync-count"],
+                    "pages_per_second": r["pages-per-second"], "transferred_bytes": r["transferred"],
+                    "multifd_bytes": r["multifd-bytes"], "wall_until_destination_loaded_s": round(t_dst, 3)}
+        finally:
+            await src.close()
+            await dst.close()
+
+
 def bandwidth_figures(r: dict[str, Any], limit: int) -> dict[str, Any]:
     total_s = r["total_time_ms"] / 1000
     pre_s = (r["total_time_ms"] - r["downtime_ms"] - r["setup_time_ms"]) / 1000
@@ -238,6 +290,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for rate in rates:
             log(f"{ram} at {rate} pages/s, postcopy one second after migrate")
             out["postcopy"].append(await postcopy_once(ram, rate))
+    out["multifd"] = []
+    for ram in [x for x in args.multifd_ram.split(",") if x]:
+        for rate in rates:
+            best: dict[int, dict[str, Any]] = {}
+            for rnd in range(args.multifd_repeat):  # round-robin over the channel counts, best of N
+                for channels in [int(x) for x in args.multifd_channels.split(",") if x]:
+                    log(f"{ram} at {rate} pages/s, multifd with {channels} channel(s), max-bandwidth unlimited, "
+                        f"round {rnd + 1}")
+                    r = await multifd_once(ram, rate, channels)
+                    if channels not in best or r["total_time_ms"] < best[channels]["total_time_ms"]:
+                        best[channels] = r
+            out["multifd"] += best.values()
     out["compression"] = []
     for threads in [int(x) for x in args.compress_threads.split(",") if x]:
         log(f"{args.ram} at 1000 pages/s, compression with {threads} thread(s), max-bandwidth unlimited")
@@ -276,6 +340,15 @@ def table(doc: dict[str, Any]) -> str:
                          f"{r['downtime_ms']} ms | {r['postcopy_requests']} | {r['vcpu_blocktime_ms']} ms | "
                          f"{r['precopy_bytes'] / MIB:.1f} MiB | "
                          f"{r['postcopy_bytes'] / MIB:.1f} MiB | {r['wall_until_destination_completed_s']:.2f} s |")
+    if doc.get("multifd"):
+        lines += ["", "Multifd (QEMU 10.0's packets over tcp on loopback, every page data, max-bandwidth unlimited; "
+                  "0 channels = without multifd):", "",
+                  "| RAM | dirty rate | channels | total-time | downtime | passes | pages/s | multifd bytes | "
+                  "transferred |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in doc["multifd"]:
+            lines.append(f"| {r['ram']} | {r['dirty_rate']} | {r['channels']} | {r['total_time_ms']} ms | "
+                         f"{r['downtime_ms']} ms | {r['dirty_sync_count']} | {r['pages_per_second']} | "
+                         f"{r['multifd_bytes'] / MIB:.1f} MiB | {r['transferred_bytes'] / MIB:.1f} MiB |")
     if doc.get("compression"):
         lines += ["", "Compression threads (QEMU 7.2's API, zlib level 1, every page random data, "
                   "1000 pages/s, max-bandwidth unlimited):", "",
@@ -310,6 +383,10 @@ def main() -> int:
                    help="postcopy runs: RAM sizes, each at every --rates value (default 256M,1G; empty: none)")
     p.add_argument("--block-disks", default="64,256",
                    help="block migration runs, one per raw disk size in MiB (default 64,256; empty: none)")
+    p.add_argument("--multifd-ram", default="256M,1G", help="multifd runs: guest sizes (default 256M,1G; empty: none)")
+    p.add_argument("--multifd-channels", default="0,1,2",
+                   help="multifd runs: channel counts, 0 = without multifd (default 0,1,2)")
+    p.add_argument("--multifd-repeat", type=int, default=3, help="multifd runs: best of N, round-robin (default 3)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
     doc = asyncio.run(main_async(args))

@@ -476,6 +476,12 @@ def test_tap_multifd_channels(tmp_path: Path, procs: Procs) -> None:
     # the main channel carries the framing and zero pages only; the page data went over the side channels
     assert doc["stream"]["ram"]["pages"]["normal"] == 0
     assert sum(c["forward"] for c in t["side_channels"]) > reply["ram"]["normal"] * 4096
+    # the tap decodes QEMU's channels (qevm.format.multifd): ids, every normal page, one SYNC per RAM EOS (7.2)
+    sc = t["side_channels"]
+    assert {c["kind"] for c in sc} == {"multifd"} and sorted(c["channel"] for c in sc) == [0, 1], sc
+    # (7.2's "normal" counter misses a packet or so of the pages its channels carry)
+    assert 0 <= sum(c["pages"] for c in sc) - reply["ram"]["normal"] <= 256 and not t["notes"], (sc, t["notes"])
+    assert len({c["syncs"] for c in sc}) == 1 and sc[0]["syncs"] >= 3, sc
 
 
 def test_tap_postcopy(tmp_path: Path, procs: Procs) -> None:

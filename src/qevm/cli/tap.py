@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         if res.page_requests:
             out.append(f"page requests   {res.page_requests} (postcopy faults served through the tap)")
         for sc in res.side_channels:
-            out.append(f"side channel    {sc.source}: {sc.forward} bytes forward, {sc.back} back (not decoded)")
+            what = (f"multifd channel {sc.channel}: {sc.packets} packets, {sc.pages} pages + {sc.zero_pages} zero, "
+                    f"{sc.syncs} syncs" if sc.kind == "multifd" else "not decoded")
+            out.append(f"side channel    {sc.source}: {sc.forward} bytes forward, {sc.back} back ({what})")
         if args.output:
             out.append(f"output          {args.output} (complete)")
         return out

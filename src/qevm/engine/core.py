@@ -21,6 +21,7 @@ from qevm.engine.hmp import run_hmp
 from qevm.engine.incoming import IncomingMigration
 from qevm.engine.machine import Machine
 from qevm.engine.migration import SUPPORTED_CAPABILITIES, MigrationState
+from qevm.engine.multifd import check_capabilities, check_transport
 from qevm.engine.parameters import APIS, PARAMETERS, apply_parameters
 from qevm.engine.postcopy import postcopy_caps_error
 from qevm.engine.qcow2store import Qcow2SnapshotStore
@@ -172,6 +173,7 @@ class Engine:
         scheme, _, rest = uri.partition(":")
         if scheme == "rdma":
             raise QMPError(rdma_error(rest, outgoing=False))
+        check_transport(self.mig.caps, self.mig.params, uri)
         try:
             src = open_incoming(uri, self.fds)
         except QevmError as e:
@@ -201,6 +203,7 @@ class Engine:
             if name in mig.params and unsupported(mig.params[name]):
                 raise QMPError(f"qevm's engine does not implement migrate parameter {name}="
                                f"{mig.params[name]!r}; set it back to its default")
+        check_transport(mig.caps, mig.params, uri)
         if scheme in LISTEN_SCHEMES:
             # parse now (errors go back to the caller), connect in the migration thread like QEMU
             try:
@@ -471,6 +474,8 @@ def _set_caps(e: Engine, a: dict[str, Any]) -> Any:
     for cap, state in changes.items():
         if state and cap not in SUPPORTED_CAPABILITIES:
             raise QMPError(f"Migration capability '{cap}' is not supported by qevm's engine")
+    check_capabilities({**e.mig.caps, **changes}, incoming_started=e.incoming is not None and e.incoming.running,
+                       multifd_was=e.mig.caps.get("multifd", False), api=e.api)
     e.mig.caps.update(changes)
     return {}
 

@@ -14,19 +14,22 @@ either
 
 With postcopy (``qevm.engine.postcopy.PostcopyIncoming``) the status becomes postcopy-active at
 POSTCOPY_LISTEN and the VM starts at POSTCOPY_RUN, before the last pages came; a failure from then
-on always ends the process with status 1.
+on always ends the process with status 1.  With multifd (``qevm.engine.multifd``) the extra
+channels come on the same listener; with mapped-ram the pages are read from their file offsets.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from qevm.engine.load import StreamLoader
 from qevm.engine.machine import Machine
+from qevm.engine.multifd import MappedRamLoad, RecvChannels
 from qevm.engine.postcopy import PostcopyIncoming
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
 from qevm.errors import QevmError
@@ -54,6 +57,7 @@ class IncomingMigration:
         self.on_exit = on_exit
         self.caps = caps
         self.postcopy: PostcopyIncoming | None = None
+        self.multifd: RecvChannels | None = None
         self.params = params if params is not None else {}
         self.cell = StatusCell(self._on_status)
         self.error: str | None = None
@@ -67,6 +71,11 @@ class IncomingMigration:
     @property
     def status(self) -> MigrationStatus:
         return self.cell.status
+
+    @property
+    def running(self) -> bool:
+        """Listening or loading (QEMU's ``migrate_incoming_started``: transport data present)."""
+        return self.status in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE)
 
     def start(self) -> None:
         self.cell.transition(S.NONE, S.SETUP)
@@ -109,16 +118,20 @@ class IncomingMigration:
                     ch.sendall(data)
 
         try:
-            ch = src.accept()
+            ld, ch = self._open(src)
+            mapped_ram = bool(self.caps().get("mapped-ram"))
             resp.channel_has_return_path = ch.has_return_path
             self.cell.transition(S.SETUP, S.ACTIVE)
-            ld = self.loader = StreamLoader(m, self.params.get("block-bitmap-mapping"))
             pc = self.postcopy = PostcopyIncoming(m, caps=self.caps, send=answer,
                                                   on_listen=self._postcopy_listen, on_run=self._postcopy_run)
             ld.pc = pc
             while not ld.finished:
                 if src.aborted:
                     raise TransportError("incoming migration aborted")
+                gap = ld.parser.skippable() if mapped_ram else 0
+                if gap:  # a mapped-ram page region: its pages were read by MappedRamLoad
+                    os.lseek(ch.fileno(), gap, os.SEEK_CUR)
+                    ld.parser.skip(gap)
                 view = ld.get_buffer(CHUNK)
                 try:
                     n = ch.recv_into(view)
@@ -133,11 +146,17 @@ class IncomingMigration:
             ld.check_complete()
             if pc.listening:
                 pc.finish()
+            if self.multifd is not None:
+                self.multifd.finish()
             answer(resp.finish(True))
             src.close()
             self._finish()
         except (QevmError, OSError) as e:
             self.error = str(e)
+            if self.multifd is not None:
+                if self.multifd.error is not None:
+                    self.error = f"multifd: {self.multifd.error}"
+                self.multifd.close()
             answer(resp.finish(False))
             src.close()
             log.error("load of migration failed: %s", self.error)
@@ -148,6 +167,25 @@ class IncomingMigration:
                 self.postcopy.fail()
             if self.exit_on_error or st is S.POSTCOPY_ACTIVE:  # postcopy: QEMU's listen thread exits
                 self.on_exit(1)
+
+    def _open(self, src: Incoming) -> tuple[StreamLoader, Channel]:
+        """Wait for the stream (and the multifd channels); a loader set up for the capabilities."""
+        caps = self.caps()
+        if caps.get("multifd") and src.listener is not None:
+            self.multifd = RecvChannels(self.m, int(self.params.get("multifd-channels", 2)))
+            ch = self.multifd.accept(src)
+        else:
+            ch = src.accept()
+        hook = None
+        if caps.get("mapped-ram"):
+            threads = int(self.params.get("multifd-channels", 2)) if caps.get("multifd") else 1
+            hook = MappedRamLoad(self.m, ch.fileno(), threads).hook
+        mf = self.multifd
+        self.loader = StreamLoader(self.m, self.params.get("block-bitmap-mapping"),
+                                   capabilities=frozenset(c for c in ("mapped-ram",) if caps.get(c)),
+                                   ram_hook=hook, on_flush=mf.sync_main if mf is not None else None,
+                                   file_offset=getattr(src.uri, "offset", 0) or 0)
+        return self.loader, ch
 
     def _postcopy_listen(self) -> None:
         """POSTCOPY_LISTEN: from now on pages may be requested (QEMU's listen thread starts)."""

@@ -14,6 +14,7 @@ QEMU's checks (entry exists, version not newer, vmsd hooks).  The errors use QEM
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +29,9 @@ from qevm.format.events import (
     Event,
     FileHeader,
     LiveRecord,
+    MappedRamBitmap,
     RamBlock,
+    RamControl,
     RamPage,
     SectionHeader,
     VmDescription,
@@ -81,10 +84,19 @@ class StreamLoader(PushParser):
     ``buffer_updated`` returns the commands that need an answer on the return path
     (OPEN_RETURN_PATH, PING); 0 bytes means the input ended."""
 
-    def __init__(self, machine: Machine, bitmap_mapping: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(page_size=machine.page_size)
+    def __init__(self, machine: Machine, bitmap_mapping: list[dict[str, Any]] | None = None, *,
+                 capabilities: frozenset[str] = frozenset(), ram_hook: Callable[[Event], None] | None = None,
+                 on_flush: Callable[[], None] | None = None, file_offset: int = 0) -> None:
+        """``bitmap_mapping``: ``block-bitmap-mapping`` (dirty-bitmap migration);
+        ``capabilities``: the destination's validated ones that are on (mapped-ram);
+        ``ram_hook`` sees RamBlock and MappedRamBitmap events first (mapped-ram pages),
+        ``on_flush`` is called at each MULTIFD_FLUSH (multifd: ``qevm.engine.multifd``)."""
+        super().__init__(page_size=machine.page_size, file_offset=file_offset)
         self.m = machine
         self.lives = LiveLoader(machine, bitmap_mapping)
+        self.capabilities = capabilities
+        self.ram_hook = ram_hook
+        self.on_flush = on_flush
         self.ps = machine.page_size
         self.zero = bytes(self.ps)
         self.stats = LoadStats()
@@ -155,6 +167,12 @@ class StreamLoader(PushParser):
             return
         if isinstance(ev, FileHeader):
             return
+        if self.ram_hook is not None and isinstance(ev, (RamBlock, MappedRamBitmap)):
+            self.ram_hook(ev)
+        if isinstance(ev, RamControl):
+            if ev.flags == RamFlag.MULTIFD_FLUSH and self.on_flush is not None:
+                self.on_flush()
+            return
         if not self.seen_config and not isinstance(ev, Configuration):
             raise LoadError("Configuration section missing")
         if isinstance(ev, Configuration):
@@ -187,8 +205,11 @@ class StreamLoader(PushParser):
         # QEMU compares over the received length only (a received prefix of our name is accepted)
         if not MACHINE_TYPE.startswith(ev.machine) or not ev.machine:
             raise LoadError(f"Machine type received is '{ev.machine}' and local is '{MACHINE_TYPE}'")
-        if ev.capabilities:
-            raise LoadError(f"Capability '{ev.capabilities[0]}' is enabled on the source and not on the destination")
+        for cap in ev.capabilities:
+            if cap not in self.capabilities:
+                raise LoadError(f"Capability '{cap}' is enabled on the source and not on the destination")
+        for cap in sorted(self.capabilities - set(ev.capabilities)):
+            raise LoadError(f"Capability {cap} is on, but received capability is off")
 
     def _section(self, ev: SectionHeader) -> None:
         sec = ev.section

@@ -34,6 +34,7 @@ from qevm.codec.wire import be32
 from qevm.engine.blockmig import BlockSaver, DirtyBitmapSaver
 from qevm.engine.compress import CompressCounters, CompressPool
 from qevm.engine.machine import Machine
+from qevm.engine.multifd import SendChannels, attach_source, uses_multifd
 from qevm.engine.parameters import DEFAULT_PARAMETERS, default_parameters
 from qevm.engine.postcopy import PostcopySource
 from qevm.engine.states import MigrationStatus, RunState, StatusCell
@@ -71,7 +72,7 @@ CAPABILITIES_OF = {"10.0": CAPABILITIES, "7.2": CAPABILITIES_72}
 #: the ones this engine implements (setting another one on is refused, rather than ignored)
 SUPPORTED_CAPABILITIES = frozenset({"xbzrle", "events", "return-path", "zero-blocks", "late-block-activate",
                                     "compress", "postcopy-ram", "postcopy-blocktime", "block",
-                                    "dirty-bitmaps"})
+                                    "dirty-bitmaps", "multifd", "mapped-ram"})
 #: how long the source waits for the destination's SHUT on the return path
 RP_SHUT_TIMEOUT = 30.0
 
@@ -111,10 +112,15 @@ class MigrationState:
         self.session: SaveSession | None = None
         self.out: StreamOut | None = None
         self.pool: CompressPool | None = None
+        self.multifd: SendChannels | None = None
         self.iterations = 0
         self.postcopy: PostcopySource | None = None
         self.start_postcopy = threading.Event()  # migrate-start-postcopy
         self.block: BlockSaver | None = None
+
+    def transferred(self) -> int:
+        """Every byte sent: the main stream and the multifd channels (migration_transferred_bytes)."""
+        return (self.out.total if self.out is not None else 0) + (self.multifd.bytes if self.multifd else 0)
 
     # -- status ----------------------------------------------------------------------------------------
     @property
@@ -223,6 +229,8 @@ class MigrationState:
         rp: ReturnPathReader | None = None
         pc = self.postcopy = PostcopySource(self) if self.caps["postcopy-ram"] else None
         try:
+            if uses_multifd(self.caps):
+                self.multifd = attach_source(self, sess, ch, limiter, self._abort)
             sess.header()
             if self.caps["return-path"] or pc is not None:
                 if not ch.has_return_path:
@@ -247,20 +255,22 @@ class MigrationState:
                 stopped_here = True
                 if not self.cell.transition(S.ACTIVE, S.DEVICE):
                     raise Cancelled()
-                before = out.total
+                before = self.transferred()
                 out.limited = False
                 sess.complete()
+                if self.multifd is not None:
+                    self.multifd.close()
                 ch.shutdown_write()
                 if rp is not None:
                     self._wait_shut(rp)
                 ch.close()
                 end_t = time.monotonic()
                 self.downtime = max(0, int((end_t - stop_t) * 1000))
-                self.downtime_bytes = out.total - before
+                self.downtime_bytes = self.transferred() - before
                 self.precopy_bytes = before
                 self.total_time = int((end_t - self.start_time) * 1000)
                 transfer_ms = max(1, self.total_time - self.setup_time)
-                self.mbps = out.total * 8.0 / transfer_ms / 1000.0
+                self.mbps = self.transferred() * 8.0 / transfer_ms / 1000.0
                 self.pages_per_second = int(sess.ram.c.pages_sent * 1000 / transfer_ms)
                 if not self.cell.transition(S.DEVICE, S.COMPLETED):
                     raise Cancelled()
@@ -268,6 +278,8 @@ class MigrationState:
             log.info("migration completed: %d bytes in %d ms, downtime %d ms", out.total, self.total_time,
                      self.downtime)
         except (Cancelled, QevmError, OSError) as e:
+            if self.multifd is not None:
+                self.multifd.kill()
             ch.abort()
             try:
                 ch.close()
@@ -355,7 +367,7 @@ class MigrationState:
         left fits the downtime (stop and copy)."""
         ram: RamSaver = sess.ram
         win_t = time.monotonic()
-        win_bytes = out.total
+        win_bytes = self.transferred()
         while True:
             if self._abort.is_set() or self.status is not S.ACTIVE:
                 raise Cancelled()
@@ -377,14 +389,14 @@ class MigrationState:
                 return False
             now = time.monotonic()
             if now - win_t >= BUFFER_DELAY:
-                sent = out.total - win_bytes
+                sent = self.transferred() - win_bytes
                 ms = (now - win_t) * 1000.0
                 bandwidth = sent / ms  # bytes per ms
                 self.threshold = int(bandwidth * self.params["downtime-limit"])
                 self.mbps = sent * 8.0 / ms / 1000.0
                 if ram.c.dirty_pages_rate and sent > 10000 and bandwidth > 0:
                     self.expected_downtime = int(ram.pending() / bandwidth)
-                win_t, win_bytes = now, out.total
+                win_t, win_bytes = now, self.transferred()
 
     # -- query-migrate ---------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -416,10 +428,9 @@ class MigrationState:
 
     def _ram_info(self, st: MigrationStatus) -> dict[str, Any]:
         sess = self.session
-        out = self.out
         c = sess.ram.c if sess is not None else None
         ps = self.m.page_size
-        transferred = out.total if out is not None else 0
+        transferred = self.transferred()
         pc = self.postcopy
         ram: dict[str, Any] = {
             "transferred": transferred,
@@ -433,7 +444,7 @@ class MigrationState:
             "dirty-sync-count": c.dirty_sync_count if c else 0,
             "postcopy-requests": pc.requests if pc is not None else 0,
             "page-size": ps,
-            "multifd-bytes": 0,
+            "multifd-bytes": self.multifd.bytes if self.multifd is not None else 0,
             "pages-per-second": self.pages_per_second,
             "precopy-bytes": self.precopy_bytes if st is S.COMPLETED or (pc is not None and pc.active) else transferred,
             "downtime-bytes": self.downtime_bytes,

@@ -43,6 +43,7 @@ from qevm.format.events import (
 )
 from qevm.format.records import RamFlag, SectionKind, ram_record_head
 from qevm.format.selfdesc import DEBUG_MIGRATION_IDSTR, encode_debug_payload
+from qevm.io.convert import _vmdesc_with_caps, _with_caps
 from qevm.migration.ratelimit import RateLimiter
 from qevm.vmstate.jsonout import vmdesc_json
 
@@ -204,6 +205,14 @@ class RamSaver:
     # -- payloads ------------------------------------------------------------------------------------
     def setup(self, out: StreamOut) -> None:
         """The START payload: MEM_SIZE with the block list, EOS.  Every page starts dirty."""
+        self.all_dirty()
+        size = self.m.ram_size
+        out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode())
+        self._before_eos(out, None)
+        out.write(_EOS_RECORD)
+
+    def all_dirty(self) -> None:
+        """Setup's first sync: every page dirty, the machine's log emptied."""
         self.bitmap = bytearray(b"\x01" * self.m.npages)
         with self.m.lock:
             self.m.take_dirty()
@@ -211,8 +220,6 @@ class RamSaver:
         self.c.dirty_sync_count += 1
         if self.on_sync is not None:
             self.on_sync(self.c.dirty_sync_count)
-        size = self.m.ram_size
-        out.write(RamMemSize(0, size).encode() + RamBlock(0, RAM_BLOCK, size).encode() + _EOS_RECORD)
 
     def iterate(self, out: StreamOut, deadline: float | None,
                 urgent: Callable[[StreamOut], int | None] | None = None) -> int:
@@ -247,6 +254,7 @@ class RamSaver:
         self.pos = pos
         if self.compress is not None:
             self.compress.flush(out.write)
+        self._before_eos(out, deadline)
         out.write(_EOS_RECORD)
         return visited
 
@@ -259,6 +267,9 @@ class RamSaver:
         self.dirty_count -= 1
         self._save_page(out, p)
         return True
+
+    def _before_eos(self, out: StreamOut, deadline: float | None) -> None:
+        """Hook before a section's EOS (multifd syncs, the mapped-ram bitmap: ``qevm.engine.multifd``)."""
 
     def _round_done(self) -> None:
         if self.xbzrle:
@@ -351,6 +362,7 @@ class SaveSession:
         self.ram = RamSaver(machine, xbzrle=xbzrle, cache_size=cache_size, on_sync=on_sync, compress=compress)
         ram = machine.ram_entry
         self._ram_section = Section(ram.section_id, ram.idstr, ram.instance_id, ram.version_id, "ram")
+        self.capabilities: list[str] = []  # validated ones, listed in the configuration (mapped-ram)
         self.lives = lives or []
         self._live_sections: dict[str, Section] = {}
         for lv in self.lives:
@@ -371,7 +383,10 @@ class SaveSession:
         return sum(lv.pending() for lv in self.lives)
 
     def header(self) -> None:
-        self.out.write(FileHeader(0).encode() + Configuration(0, MACHINE_TYPE, []).encode())
+        cfg = Configuration(0, MACHINE_TYPE, [])
+        if self.capabilities:
+            cfg = _with_caps(cfg, self.capabilities)
+        self.out.write(FileHeader(0).encode() + cfg.encode())
 
     def _ram_chunk(self, kind: SectionKind, body: Callable[[], Any]) -> None:
         self.out.write(SectionHeader(0, kind, self._ram_section).encode())
@@ -413,6 +428,8 @@ class SaveSession:
                                      describe_configuration=True, offset=out.total + len(out.buf))
         if self.m.debug_migration is not None:
             embed_vmdesc(evs)
+        if self.capabilities and isinstance(evs[-1], VmDescription):
+            evs[-1] = _vmdesc_with_caps(evs[-1], self.capabilities)
         for ev in evs:
             if in_postcopy and isinstance(ev, (EndOfFile, VmDescription)):
                 continue

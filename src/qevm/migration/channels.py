@@ -626,6 +626,7 @@ class Incoming:
         self.uri = u
         self.listener: Listener | None = None
         self.channel: Channel | None = None
+        self.extra: list[Channel] = []  # further connections (accept_extra)
         self._aborted = threading.Event()
         self._lock = threading.Lock()
         if u.is_socket:
@@ -664,12 +665,7 @@ class Incoming:
         if self.channel is not None:
             return self.channel
         assert self.listener is not None
-        try:
-            ch = self.listener.accept(timeout, self._aborted)
-        except TransportError:
-            if self._aborted.is_set():
-                raise TransportError("incoming migration aborted while waiting for a connection") from None
-            raise
+        ch = self._wait_connection(self.listener, timeout)
         with self._lock:
             self.channel = ch
         if not keep_listening:
@@ -677,11 +673,45 @@ class Incoming:
             self.listener = None
         return ch
 
+    def accept_extra(self, timeout: float | None = None) -> SocketChannel:
+        """A further connection on the listener that ``accept(keep_listening=True)`` left open
+        (multifd channels); ``abort()`` and ``close()`` cover it too."""
+        if self.listener is None:
+            raise TransportError(f"{self.address}: not listening for further connections")
+        ch = self._wait_connection(self.listener, timeout)
+        with self._lock:
+            self.extra.append(ch)
+        return ch
+
+    def _wait_connection(self, listener: Listener, timeout: float | None) -> SocketChannel:
+        try:
+            return listener.accept(timeout, self._aborted)
+        except TransportError:
+            if self._aborted.is_set():
+                raise TransportError("incoming migration aborted while waiting for a connection") from None
+            raise
+
+    def set_main(self, ch: Channel) -> None:
+        """Make ``ch`` (one of the accepted connections) the one the stream is read from."""
+        with self._lock:
+            if ch is not self.channel:
+                if self.channel is not None:
+                    self.extra.append(self.channel)
+                self.extra = [c for c in self.extra if c is not ch]
+                self.channel = ch
+
+    def stop_listening(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
     def abort(self) -> None:
         self._aborted.set()
         with self._lock:
             if self.channel is not None:
                 self.channel.abort()
+            for c in self.extra:
+                c.abort()
         if self.listener is not None:
             self.listener.close()
 
@@ -695,6 +725,8 @@ class Incoming:
             self.listener = None
         if self.channel is not None:
             self.channel.close()
+        for c in self.extra:
+            c.close()
 
 
 def open_incoming(uri: str | MigrationURI, fds: FdTable | None = None) -> Incoming:

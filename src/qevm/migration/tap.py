@@ -9,7 +9,8 @@ URI: ``exec:``, ``fd:``, ``file:``); the tap opens the destination (a QEMU start
 stream forward, decoded as it passes by a ``StreamMonitor`` (and optionally recorded), and the
 return path backward, decoded by ``RpDecoder`` (PONGs, postcopy page requests, SHUT).  Further
 connections from the source (multifd channels, the postcopy-preempt channel) are paired with new
-connections to the destination, in the same order, and forwarded without decoding.
+connections to the destination, in the same order, and forwarded as they are; a multifd channel is
+decoded on the way (``qevm.format.multifd.ChannelDecoder``: packets, pages, syncs).
 
 Decoding never changes what is forwarded: if the stream does not decode, the bytes still go
 through, and the error is reported when the migration has ended.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qevm.errors import DecodeError, QevmError, UsageError
+from qevm.format.multifd import MULTIFD_MAGIC, ChannelDecoder, MultifdInit, MultifdPacket
 from qevm.format.returnpath import RpDecoder, RpMessage, RpType
 from qevm.migration.channels import (
     SEND_SCHEMES,
@@ -52,6 +54,12 @@ class SideChannel:
     source: str
     forward: int = 0
     back: int = 0
+    kind: str = "?"  # "multifd" (decoded: packets, pages, syncs) or "?" (postcopy preempt, unknown)
+    channel: int | None = None  # the multifd channel id of its initial packet
+    packets: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    syncs: int = 0
 
 
 @dataclass
@@ -275,20 +283,44 @@ class _Session:
     def _raw(self, a: Channel, b: Channel, sc: SideChannel, key: str) -> None:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
+        dec: ChannelDecoder | None = None
         try:
             while True:
                 k = a.recv_into(view)
                 if k == 0:
                     break
                 b.sendall(view[:k])
+                if key == "forward" and sc.forward == 0 and int.from_bytes(view[:4], "big") == MULTIFD_MAGIC:
+                    sc.kind = "multifd"
+                    dec = ChannelDecoder(self.mon.parser.page_size or 4096)
                 setattr(sc, key, getattr(sc, key) + k)
                 self.activity = time.monotonic()
+                if dec is not None:
+                    dec = self._decode_side(dec, sc, view[:k])
         except (OSError, TransportError) as e:
             if not self.stop.is_set():
                 self.notes.append(f"side channel from {sc.source}: {key} direction ended with {e}")
         finally:
             view.release()
             b.shutdown_write()
+
+    def _decode_side(self, dec: ChannelDecoder, sc: SideChannel, data: memoryview) -> ChannelDecoder | None:
+        """Count what a multifd channel carries; None (stop decoding) when it does not decode."""
+        try:
+            for item in dec.feed(data):
+                if isinstance(item, MultifdInit):
+                    sc.channel = item.channel
+                    continue
+                pkt = item[0]  # type: ignore[index]
+                sc.packets += 1
+                if isinstance(pkt, MultifdPacket):
+                    sc.pages += pkt.normal
+                    sc.zero_pages += pkt.zero
+                    sc.syncs += pkt.is_sync
+        except DecodeError as e:
+            self.notes.append(f"side channel from {sc.source} (multifd) did not decode: {e}")
+            return None
+        return dec
 
     # -- the session ---------------------------------------------------------------------------------
     def run(self) -> TapResult:
