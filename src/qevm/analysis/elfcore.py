@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.analysis.extract import BlockSink, RamFiles, discard, output_directory
+from qevm.analysis.extract import BlockSink, RamFiles, Writer, discard, drive, output_directory
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
 from qevm.format.parser import Parser
-from qevm.io.reader import Analysis, Device, drive, read_stream, trailer_schema
+from qevm.io.reader import Analysis, Device, trailer_schema
 from qevm.io.sources import Input, open_input
 
 __all__ = ["CoreResult", "write_core", "x86_notes"]
@@ -442,9 +442,10 @@ class _SegmentSink(BlockSink):
     range the block backs (a page in two ranges, such as the ISA BIOS alias, is written to both; a page in
     none, such as the VGA window hole, is dropped)."""
 
-    def __init__(self, fd: int, size: int, page_size: int, segs: list[tuple[int, int, int]]) -> None:
+    def __init__(self, fd: int, size: int, page_size: int, segs: list[tuple[int, int, int]],
+                 writer: Writer | None = None) -> None:
         super().__init__(fd, size, page_size)
-        self.segs = [(lo, hi, BlockSink(fd, size, page_size, base)) for lo, hi, base in segs]
+        self.segs = [(lo, hi, BlockSink(fd, size, page_size, base, writer)) for lo, hi, base in segs]
 
     def _at(self, addr: int) -> list[BlockSink]:
         return [sk for lo, hi, sk in self.segs if lo <= addr < hi]
@@ -493,6 +494,20 @@ class _SegmentSink(BlockSink):
             sk.flush()
 
 
+def _first_pass(inp: Input, page_size: int | None) -> Analysis:
+    """``read_stream(inp, page_size=page_size, strict=False)``, reading a regular file through ``mmap`` windows
+    (``qevm.analysis.extract.drive``): the pages are only counted, so this pass costs the parse alone."""
+    schema, trailer_page = trailer_schema(inp)
+    parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
+                    file_offset=inp.file_offset)
+    an = Analysis(page_size=lambda: parser.page_size or 4096)
+    drive(parser, inp, an.handle)
+    an.size = parser.offset
+    an.stream_page_size = parser.page_size
+    an.decode_devices(strict=False)
+    return an
+
+
 def _write_core_direct(source: str, out_path: str, directory: str, overrides: dict[str, int] | None,
                        snapshot: str | None, page_size: int | None) -> CoreResult | None:
     """A seekable stream without a VMCOREINFO note: a counting first pass gives the memory map and the notes,
@@ -501,7 +516,7 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
     try:
         if not first.seekable:
             return None
-        an = read_stream(first, page_size=page_size, strict=False)
+        an = _first_pass(first, page_size)
     finally:
         first.close()
     if not an.blocks:
@@ -528,13 +543,20 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
                         file_offset=inp.file_offset)
 
         def open_block(name: str, size: int, ps: int) -> BlockSink | None:
-            return _SegmentSink(ofd, size, ps, segs[name]) if name in segs else None
+            return _SegmentSink(ofd, size, ps, segs[name], writer) if name in segs else None
         rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
         rf.attach(parser)
-        drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
-        for sink in rf.sinks.values():
-            if sink is not None:
-                sink.flush()
+        writer = Writer.for_input(inp)
+        try:
+            drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
+            for sink in rf.sinks.values():
+                if sink is not None:
+                    sink.flush()
+            if writer is not None:
+                writer.drain()
+        finally:
+            if writer is not None:
+                writer.close()
         os.pwrite(ofd, _SHSTRTAB, strtab_off)
         os.fsync(ofd)
         os.close(ofd)

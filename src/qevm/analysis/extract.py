@@ -12,12 +12,16 @@ parent and moved into place only when the whole stream was read.
 
 from __future__ import annotations
 
+import io
 import json
+import mmap
 import os
+import queue
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,13 +38,14 @@ from qevm.format.events import (
     RamPage,
 )
 from qevm.format.pagebits import any_bits, set_bits
-from qevm.format.parser import Parser
+from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.xbzrle import apply_delta
-from qevm.io.reader import Analysis, drive, trailer_schema
+from qevm.io.reader import Analysis, trailer_schema
+from qevm.io.reader import drive as reader_drive
 from qevm.io.sources import CHUNK, Input, open_input
 
 __all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles", "ram_records",
-           "read_region", "output_directory", "discard"]
+           "read_region", "output_directory", "discard", "drive", "mappable", "Writer"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 _FLUSH = 1 << 20
@@ -82,6 +87,65 @@ class BlockFile:
         return d
 
 
+class Writer:
+    """``pwritev`` jobs done in order by one background thread: the call releases the GIL, so a block's pages
+    are copied into its file while the parser reads the next records (the machine's second core).  A job's
+    views must stay valid until it is done (``mmap`` windows, see ``drive_mapped``: a view keeps its window
+    mapped).  The first write error is raised by the next ``submit`` or ``drain``."""
+
+    enabled = True  # False: callers write from the parsing thread (benchmarks compare both)
+
+    @classmethod
+    def for_input(cls, inp: Input) -> Writer | None:
+        """A writer when the input is read through ``mmap`` (``drive``: views stay valid) and a second CPU is
+        there to copy while the parser runs; else None."""
+        if not cls.enabled or not mappable(inp) or len(os.sched_getaffinity(0)) < 2:
+            return None
+        return cls()
+
+    def __init__(self, depth: int = 4) -> None:
+        self._q: queue.Queue[tuple[int, list[memoryview], int, int] | None] = queue.Queue(depth)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._loop, name="qevm-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        q = self._q
+        while True:
+            job = q.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    _pwritev_all(*job)
+            except OSError as e:
+                self._error = e
+            finally:
+                del job
+                q.task_done()
+
+    def _raise(self) -> None:
+        e = self._error
+        if e is not None:
+            self._error = None
+            raise e
+
+    def submit(self, fd: int, views: list[memoryview], at: int, total: int) -> None:
+        self._raise()
+        self._q.put((fd, views, at, total))
+
+    def drain(self) -> None:
+        """Wait until every job submitted is written."""
+        self._q.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Stop the thread once the jobs submitted are done (their errors, if any, are dropped)."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+
 class BlockSink:
     """One block's bytes in a file: pages written in place, zero pages left (or made) holes.
 
@@ -89,9 +153,9 @@ class BlockSink:
     written as zeros, over any other page it costs nothing."""
 
     __slots__ = ("fd", "size", "page_size", "dirty", "_buf", "_buf_at", "base", "counts", "_views", "_views_at",
-                 "_views_end")
+                 "_views_end", "writer")
 
-    def __init__(self, fd: int, size: int, page_size: int, base: int = 0) -> None:
+    def __init__(self, fd: int, size: int, page_size: int, base: int = 0, writer: Writer | None = None) -> None:
         self.fd = fd
         self.size = size
         self.page_size = page_size
@@ -102,6 +166,7 @@ class BlockSink:
         self.counts = {"normal": 0, "zero": 0, "xbzrle": 0, "compressed": 0}
         self._views: list[memoryview] = []
         self._views_at = self._views_end = -1
+        self.writer = writer  # runs of pages go through it (their views must outlive the call)
 
     def put_view(self, addr: int, view: memoryview) -> None:
         """Queue a page given as a view into a buffer that stays valid until ``flush_views()``; runs of
@@ -117,21 +182,46 @@ class BlockSink:
         self.dirty[i >> 3] |= 1 << (i & 7)
 
     def put_run(self, addr: int, views: list[memoryview]) -> None:
-        """Write pages at consecutive addresses from ``addr`` now (views into a buffer valid only during
-        the call), ``_IOV_MAX`` pages per ``pwritev``."""
-        if self._views or self._buf:
-            self.flush()
+        """Write pages at consecutive addresses from ``addr``, ``_IOV_MAX`` pages per ``pwritev``: now (views
+        into a buffer valid only during the call), or, when there is a ``writer``, as one job per ``_IOV_MAX``
+        pages at consecutive addresses (runs that continue each other are joined)."""
         ps = self.page_size
         n = len(views)
-        at = self.base + addr
-        for k in range(0, n, _IOV_MAX):
-            part = views[k:k + _IOV_MAX]
-            total = len(part) * ps
-            w = os.pwritev(self.fd, part, at)
-            if w != total:  # a short write: the rest one by one
-                _pwrite_all(self.fd, b"".join(part)[w:], at + w)
-            at += total
+        w = self.writer
+        if w is not None:
+            if self._buf:
+                self.flush()
+            if self._views_end != addr:
+                self._submit()
+                self._views_at = addr
+            self._views += views
+            self._views_end = addr + n * ps
+            if len(self._views) >= _IOV_MAX:
+                self._submit()
+        else:
+            if self._views or self._buf:
+                self.flush()
+            at = self.base + addr
+            for k in range(0, n, _IOV_MAX):
+                part = views[k:k + _IOV_MAX] if n > _IOV_MAX else views
+                total = len(part) * ps
+                _pwritev_all(self.fd, part, at, total)
+                at += total
         set_bits(self.dirty, addr // ps, n)
+
+    def _submit(self) -> None:
+        """Hand the pending views to the writer, ``_IOV_MAX`` per job."""
+        views = self._views
+        if views:
+            assert self.writer is not None
+            at = self.base + self._views_at
+            for k in range(0, len(views), _IOV_MAX):
+                part = views[k:k + _IOV_MAX]
+                total = sum(map(len, part))
+                self.writer.submit(self.fd, part, at, total)
+                at += total
+            self._views = []
+        self._views_at = self._views_end = -1
 
     def zero_run(self, addr: int, n: int) -> None:
         """``n`` zero pages (fill byte 0) from ``addr``: holes cost nothing, pages written before get zeros."""
@@ -141,6 +231,10 @@ class BlockSink:
                 self.zero(addr + k * self.page_size, 0)
 
     def flush_views(self) -> None:
+        if self.writer is not None:
+            self._submit()
+            self.writer.drain()  # what goes out next goes after the runs queued before
+            return
         views = self._views
         if views:
             at = self.base + self._views_at
@@ -235,6 +329,12 @@ class BlockSink:
         if len(page) != self.page_size:
             raise DecodeError(f"compressed page inflates to {len(page)} bytes, not {self.page_size}", offset)
         self.put(addr, page)
+
+
+def _pwritev_all(fd: int, views: list[memoryview], at: int, total: int) -> None:
+    n = os.pwritev(fd, views, at)
+    if n != total:  # a short write: the rest one by one
+        _pwrite_all(fd, b"".join(views)[n:], at + n)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, at: int) -> None:
@@ -427,6 +527,60 @@ def read_region(inp: Input, at: int, n: int) -> Iterator[bytes]:
         f.seek(here)
 
 
+_WINDOW = 16 << 20
+_POPULATE = 0  # bytes of the input mapped at a time (RSS counts the windows alive)
+
+
+def mappable(inp: Input) -> bool:
+    """Can ``drive_mapped`` read ``inp``: a regular file read raw from its start."""
+    f = inp.file
+    try:
+        return inp.seekable and isinstance(f, io.FileIO) and f.tell() == 0 and os.fstat(f.fileno()).st_size > 0
+    except OSError:
+        return False
+
+
+def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regions: bool = True) -> None:
+    """``qevm.io.reader.drive``, through ``mmap`` windows when the input is ``mappable``: the parser then reads
+    the file in place (``Parser.use_buffer``) instead of copying it into its own buffer, and a run sink's
+    views point into the page cache: pages are written from there (one copy, as ``cp``) and a view stays
+    valid as long as it is referenced (``Writer`` jobs)."""
+    if parser.offset or parser.buffered() or not mappable(inp):
+        reader_drive(parser, inp, handle, skip_regions)
+        return
+    f = inp.file
+    size = os.fstat(f.fileno()).st_size
+    gran = mmap.ALLOCATIONGRANULARITY
+    fd = f.fileno()
+    window = _WINDOW
+    mapped_at = -1
+    mapped_end = 0
+    while True:
+        ev = parser.next_event()
+        if ev is NEED_DATA:
+            n = parser.skippable() if skip_regions else 0
+            if n:
+                parser.skip(n)
+                continue
+            off = parser.offset
+            if mapped_end >= size or off >= size:
+                parser.close()
+                continue
+            at = off - off % gran
+            if at == mapped_at:  # a record longer than the window: map more
+                window *= 2
+            mapped_at = at
+            mapped_end = min(size, at + window)
+            m = mmap.mmap(fd, mapped_end - at, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=at)
+            parser.use_buffer(m, at)
+            if mapped_end >= size:
+                parser.close()
+        elif ev is DONE:
+            return
+        else:
+            handle(ev)  # type: ignore[arg-type]
+
+
 def discard(path: str) -> None:
     """Remove a temporary output left by a failed write (nothing under the final name is touched)."""
     try:
@@ -497,9 +651,10 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
             fds[name] = fd
             os.ftruncate(fd, size)
             files[name] = BlockFile(name, size, fname)
-            return BlockSink(fd, size, ps)
+            return BlockSink(fd, size, ps, writer=writer)
 
         dfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        writer = Writer.for_input(inp)
         try:
             rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
             rf.attach(parser)
@@ -510,9 +665,13 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
             for sink in rf.sinks.values():
                 if sink is not None:
                     sink.flush()
+            if writer is not None:
+                writer.drain()
             for fd in fds.values():
                 os.fsync(fd)
         finally:
+            if writer is not None:
+                writer.close()
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
