@@ -508,45 +508,21 @@ def _first_pass(inp: Input, page_size: int | None) -> Analysis:
     return an
 
 
-def _write_core_direct(source: str, out_path: str, directory: str, overrides: dict[str, int] | None,
-                       snapshot: str | None, page_size: int | None) -> CoreResult | None:
-    """A seekable stream without a VMCOREINFO note: a counting first pass gives the memory map and the notes,
-    the second writes every page straight to its final offset.  None: use the staging path."""
-    first = open_input(source, snapshot)
-    try:
-        if not first.seekable:
-            return None
-        an = _first_pass(first, page_size)
-    finally:
-        first.close()
-    if not an.blocks:
-        raise UsageError(f"{source}: the stream carries no RAM: nothing to put in a core file")
-    if any(d.section.idstr == "vmcoreinfo" and d.struct is not None and to_json(d.struct).get("has_vmcoreinfo")
-           for d in an.devices):
-        return None  # the note's size comes from guest memory: known only after the pages
-    gmap = GuestMap.from_analysis(an, overrides)
-    loads = [r for r in gmap.ranges if r.size]
-    notes, e_machine, elf64, endian, ncpu = _arch_notes(an, gmap, loads)
-    head, mem_off, strtab_off = _elf_head(loads, notes, elf64, e_machine, endian)
-    segs: dict[str, list[tuple[int, int, int]]] = {}
-    off = mem_off
-    for r in loads:
-        segs.setdefault(r.block, []).append((r.offset, r.offset + r.size, off - r.offset))
-        off += r.size
-    ofd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
+def _pages_pass(source: str, snapshot: str | None, page_size: int | None, fd: int,
+                segs: dict[str, list[tuple[int, int, int]]]) -> None:
+    """One pass over the stream writing the pages of ``segs`` (block -> (start, end, file offset - start) each)
+    to ``fd`` (``_SegmentSink``); every other page is only parsed."""
     inp = open_input(source, snapshot)
     try:
-        os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
-        os.pwrite(ofd, head, 0)
         schema, trailer_page = trailer_schema(inp)
         parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
                         file_offset=inp.file_offset)
+        writer = Writer.for_input(inp)
 
         def open_block(name: str, size: int, ps: int) -> BlockSink | None:
-            return _SegmentSink(ofd, size, ps, segs[name], writer) if name in segs else None
+            return _SegmentSink(fd, size, ps, segs[name], writer) if name in segs else None
         rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
         rf.attach(parser)
-        writer = Writer.for_input(inp)
         try:
             drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
             for sink in rf.sinks.values():
@@ -557,18 +533,74 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
         finally:
             if writer is not None:
                 writer.close()
+    finally:
+        inp.close()
+
+
+def _read_guest(source: str, snapshot: str | None, page_size: int | None, loads: list[Range], directory: str,
+                addr: int, n: int) -> bytes | None:
+    """``n`` bytes of guest-physical memory from ``addr`` (None: not in one RAM range), by a pass that keeps only
+    the pages holding them (in a small temporary file)."""
+    for r in loads:
+        if r.addr <= addr and addr + n <= r.addr + r.size:
+            at = r.offset + addr - r.addr
+            lo = at - at % (1 << 20)  # page-aligned whatever the page size
+            try:
+                fd, path = tempfile.mkstemp(prefix=".qevm-core-", suffix=".note", dir=directory)
+                try:
+                    os.unlink(path)
+                    _pages_pass(source, snapshot, page_size, fd, {r.block: [(lo, at + n, -lo)]})
+                    data = os.pread(fd, n, at - lo)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise UsageError(f"cannot write a temporary file in {directory}: {e.strerror}") from None
+            return data + bytes(n - len(data))
+    return None
+
+
+def _write_core_direct(source: str, out_path: str, directory: str, overrides: dict[str, int] | None,
+                       snapshot: str | None, page_size: int | None) -> CoreResult | None:
+    """A seekable stream: a counting first pass gives the memory map and the notes (the guest's VMCOREINFO note,
+    whose size is in guest memory, from one more pass keeping only its pages), the last writes every page
+    straight to its final offset.  None: not seekable, use the staging path."""
+    first = open_input(source, snapshot)
+    try:
+        if not first.seekable:
+            return None
+        an = _first_pass(first, page_size)
+    finally:
+        first.close()
+    if not an.blocks:
+        raise UsageError(f"{source}: the stream carries no RAM: nothing to put in a core file")
+    gmap = GuestMap.from_analysis(an, overrides)
+    loads = [r for r in gmap.ranges if r.size]
+    notes, e_machine, elf64, endian, ncpu = _arch_notes(an, gmap, loads)
+    guest_note = _vmcoreinfo(an, lambda addr, n: _read_guest(source, snapshot, page_size, loads, directory, addr, n))
+    if guest_note:
+        notes += guest_note
+    head, mem_off, strtab_off = _elf_head(loads, notes, elf64, e_machine, endian)
+    segs: dict[str, list[tuple[int, int, int]]] = {}
+    off = mem_off
+    for r in loads:
+        segs.setdefault(r.block, []).append((r.offset, r.offset + r.size, off - r.offset))
+        off += r.size
+    ofd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
+    try:
+        os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
+        os.pwrite(ofd, head, 0)
+        _pages_pass(source, snapshot, page_size, ofd, segs)
         os.pwrite(ofd, _SHSTRTAB, strtab_off)
         os.fsync(ofd)
         os.close(ofd)
         ofd = -1
         os.replace(tmp, out_path)
         tmp = ""
-        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, ncpu, False,
+        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, ncpu, guest_note is not None,
                           strtab_off + len(_SHSTRTAB))
     except OSError as e:
         raise UsageError(f"cannot write {out_path}: {e.strerror}") from None
     finally:
-        inp.close()
         if ofd >= 0:
             os.close(ofd)
         if tmp:

@@ -103,9 +103,10 @@ class Writer:
             return None
         return cls()
 
-    def __init__(self, depth: int = 4) -> None:
+    def __init__(self, depth: int = 2) -> None:
         self._q: queue.Queue[tuple[int, list[memoryview], int, int] | None] = queue.Queue(depth)
         self._error: OSError | None = None
+        self.holder: BlockSink | None = None  # the sink with views not yet submitted
         self._thread = threading.Thread(target=self._loop, name="qevm-writer", daemon=True)
         self._thread.start()
 
@@ -191,6 +192,10 @@ class BlockSink:
         if w is not None:
             if self._buf:
                 self.flush()
+            if w.holder is not self:  # one sink at a time holds pending views (they keep their window mapped)
+                if w.holder is not None:
+                    w.holder._submit()
+                w.holder = self
             if self._views_end != addr:
                 self._submit()
                 self._views_at = addr
@@ -576,6 +581,7 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regi
             if mapped_end >= size:
                 parser.close()
         elif ev is DONE:
+            parser.use_buffer(b"", parser.offset)  # unmap the last window (the parser may outlive this call)
             return
         else:
             handle(ev)  # type: ignore[arg-type]
