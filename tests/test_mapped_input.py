@@ -1,17 +1,16 @@
 """Reading a regular file through mmap windows (``qevm.analysis.extract.drive``, ``Parser.use_buffer``) against
 reading it into the parser's own buffer (``qevm.io.reader.drive``), on every real stream: the same events and
 the same page records through the run sink, with windows small enough to cut records and device sections
-(a section longer than a window makes it grow).  And ``qevm extract`` writes the same files with and without
-its writer thread (XBZRLE pages read back what the queued writes put there)."""
+(a section longer than a window makes it grow).  What the consumers write from the windows is tested where
+they live (test_extract, test_core, test_redact)."""
 
 from __future__ import annotations
 
-import filecmp
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ALL_STREAMS, require_fixture, stream_id
+from conftest import ALL_STREAMS, stream_id
 
 import qevm.analysis.extract as extract_mod
 from qevm.format.events import Event, MappedRamData, RamTally
@@ -66,21 +65,3 @@ def test_mapped_windows_equal_reads(fixture: Path, unpacked, monkeypatch: pytest
         events, recs = _read(path, True)
         assert recs == want_recs, window
         assert events == want_events, window
-
-
-@pytest.mark.parametrize("name", ["xbzrle-7.2", "compress-7.2", "mapped-ram-10.0"])
-def test_extract_writer_thread_same_files(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qevm.analysis.extract import extract
-
-    stream = str(require_fixture(name))
-    monkeypatch.setattr(extract_mod, "_WINDOW", 256 << 10)
-    out = {}
-    for threaded in (True, False):
-        monkeypatch.setattr(extract_mod.Writer, "enabled", threaded)
-        out[threaded] = tmp_path / f"t{threaded}"
-        res = extract(stream, str(out[threaded]))
-        assert res.blocks
-    files = sorted(f.name for f in out[True].iterdir())
-    assert files == sorted(f.name for f in out[False].iterdir())
-    match, mismatch, errors = filecmp.cmpfiles(out[True], out[False], files, shallow=False)
-    assert not mismatch and not errors

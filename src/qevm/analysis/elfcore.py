@@ -7,8 +7,11 @@ table at the very end.  Notes per vCPU as target/i386/arch_dump.c writes them: N
 for every CPU, then the "QEMU" CPU-state note for every CPU, then the guest's VMCOREINFO note when the
 vmcoreinfo device recorded one.  x86 only so far.
 
-Guest RAM is first written to a sparse staging file next to the output (bounded memory), then the
-ranges are copied into place extent by extent, holes staying holes.
+From a regular file (read through mmap windows, ``qevm.analysis.extract.drive``): a counting pass gives the
+memory map and the notes (one more pass keeps the pages of the guest's VMCOREINFO note, when there is one),
+then every page goes straight to its final offset.  From a pipe: guest RAM is first written to a sparse
+staging file next to the output (bounded memory), then the ranges are copied into place extent by extent,
+holes staying holes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.analysis.extract import BlockSink, RamFiles, Writer, discard, drive, output_directory
+from qevm.analysis.extract import BlockSink, RamFiles, discard, drive, output_directory
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
@@ -442,10 +445,9 @@ class _SegmentSink(BlockSink):
     range the block backs (a page in two ranges, such as the ISA BIOS alias, is written to both; a page in
     none, such as the VGA window hole, is dropped)."""
 
-    def __init__(self, fd: int, size: int, page_size: int, segs: list[tuple[int, int, int]],
-                 writer: Writer | None = None) -> None:
+    def __init__(self, fd: int, size: int, page_size: int, segs: list[tuple[int, int, int]]) -> None:
         super().__init__(fd, size, page_size)
-        self.segs = [(lo, hi, BlockSink(fd, size, page_size, base, writer)) for lo, hi, base in segs]
+        self.segs = [(lo, hi, BlockSink(fd, size, page_size, base)) for lo, hi, base in segs]
 
     def _at(self, addr: int) -> list[BlockSink]:
         return [sk for lo, hi, sk in self.segs if lo <= addr < hi]
@@ -517,22 +519,15 @@ def _pages_pass(source: str, snapshot: str | None, page_size: int | None, fd: in
         schema, trailer_page = trailer_schema(inp)
         parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
                         file_offset=inp.file_offset)
-        writer = Writer.for_input(inp)
 
         def open_block(name: str, size: int, ps: int) -> BlockSink | None:
-            return _SegmentSink(fd, size, ps, segs[name], writer) if name in segs else None
+            return _SegmentSink(fd, size, ps, segs[name]) if name in segs else None
         rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
         rf.attach(parser)
-        try:
-            drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
-            for sink in rf.sinks.values():
-                if sink is not None:
-                    sink.flush()
-            if writer is not None:
-                writer.drain()
-        finally:
-            if writer is not None:
-                writer.close()
+        drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
+        for sink in rf.sinks.values():
+            if sink is not None:
+                sink.flush()
     finally:
         inp.close()
 

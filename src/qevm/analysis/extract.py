@@ -16,12 +16,10 @@ import io
 import json
 import mmap
 import os
-import queue
 import re
 import shutil
 import struct
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +43,7 @@ from qevm.io.reader import drive as reader_drive
 from qevm.io.sources import CHUNK, Input, open_input
 
 __all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "RamFiles", "ram_records",
-           "read_region", "output_directory", "discard", "drive", "mappable", "Writer"]
+           "read_region", "output_directory", "discard", "drive", "mappable"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 _FLUSH = 1 << 20
@@ -87,66 +85,6 @@ class BlockFile:
         return d
 
 
-class Writer:
-    """``pwritev`` jobs done in order by one background thread: the call releases the GIL, so a block's pages
-    are copied into its file while the parser reads the next records (the machine's second core).  A job's
-    views must stay valid until it is done (``mmap`` windows, see ``drive``: a view keeps its window
-    mapped).  The first write error is raised by the next ``submit`` or ``drain``."""
-
-    enabled = True  # False: callers write from the parsing thread (benchmarks compare both)
-
-    @classmethod
-    def for_input(cls, inp: Input) -> Writer | None:
-        """A writer when the input is read through ``mmap`` (``drive``: views stay valid) and a second CPU is
-        there to copy while the parser runs; else None."""
-        if not cls.enabled or not mappable(inp) or len(os.sched_getaffinity(0)) < 2:
-            return None
-        return cls()
-
-    def __init__(self, depth: int = 2) -> None:
-        self._q: queue.Queue[tuple[int, list[memoryview], int, int] | None] = queue.Queue(depth)
-        self._error: OSError | None = None
-        self.holder: BlockSink | None = None  # the sink with views not yet submitted
-        self._thread = threading.Thread(target=self._loop, name="qevm-writer", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        q = self._q
-        while True:
-            job = q.get()
-            try:
-                if job is None:
-                    return
-                if self._error is None:
-                    _pwritev_all(*job)
-            except OSError as e:
-                self._error = e
-            finally:
-                del job
-                q.task_done()
-
-    def _raise(self) -> None:
-        e = self._error
-        if e is not None:
-            self._error = None
-            raise e
-
-    def submit(self, fd: int, views: list[memoryview], at: int, total: int) -> None:
-        self._raise()
-        self._q.put((fd, views, at, total))
-
-    def drain(self) -> None:
-        """Wait until every job submitted is written."""
-        self._q.join()
-        self._raise()
-
-    def close(self) -> None:
-        """Stop the thread once the jobs submitted are done (their errors, if any, are dropped)."""
-        if self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join()
-
-
 class BlockSink:
     """One block's bytes in a file: pages written in place, zero pages left (or made) holes.
 
@@ -154,9 +92,9 @@ class BlockSink:
     written as zeros, over any other page it costs nothing."""
 
     __slots__ = ("fd", "size", "page_size", "dirty", "_buf", "_buf_at", "base", "counts", "_views", "_views_at",
-                 "_views_end", "writer")
+                 "_views_end")
 
-    def __init__(self, fd: int, size: int, page_size: int, base: int = 0, writer: Writer | None = None) -> None:
+    def __init__(self, fd: int, size: int, page_size: int, base: int = 0) -> None:
         self.fd = fd
         self.size = size
         self.page_size = page_size
@@ -167,7 +105,6 @@ class BlockSink:
         self.counts = {"normal": 0, "zero": 0, "xbzrle": 0, "compressed": 0}
         self._views: list[memoryview] = []
         self._views_at = self._views_end = -1
-        self.writer = writer  # runs of pages go through it (their views must outlive the call)
 
     def put_view(self, addr: int, view: memoryview) -> None:
         """Queue a page given as a view into a buffer that stays valid until ``flush_views()``; runs of
@@ -183,50 +120,21 @@ class BlockSink:
         self.dirty[i >> 3] |= 1 << (i & 7)
 
     def put_run(self, addr: int, views: list[memoryview]) -> None:
-        """Write pages at consecutive addresses from ``addr``, ``_IOV_MAX`` pages per ``pwritev``: now (views
-        into a buffer valid only during the call), or, when there is a ``writer``, as one job per ``_IOV_MAX``
-        pages at consecutive addresses (runs that continue each other are joined)."""
+        """Write pages at consecutive addresses from ``addr`` now (views into a buffer valid only during
+        the call), ``_IOV_MAX`` pages per ``pwritev``."""
+        if self._views or self._buf:
+            self.flush()
         ps = self.page_size
         n = len(views)
-        w = self.writer
-        if w is not None:
-            if self._buf:
-                self.flush()
-            if w.holder is not self:  # one sink at a time holds pending views (they keep their window mapped)
-                if w.holder is not None:
-                    w.holder._submit()
-                w.holder = self
-            if self._views_end != addr:
-                self._submit()
-                self._views_at = addr
-            self._views += views
-            self._views_end = addr + n * ps
-            if len(self._views) >= _IOV_MAX:
-                self._submit()
-        else:
-            if self._views or self._buf:
-                self.flush()
-            at = self.base + addr
-            for k in range(0, n, _IOV_MAX):
-                part = views[k:k + _IOV_MAX] if n > _IOV_MAX else views
-                total = len(part) * ps
-                _pwritev_all(self.fd, part, at, total)
-                at += total
+        at = self.base + addr
+        for k in range(0, n, _IOV_MAX):
+            part = views[k:k + _IOV_MAX]
+            total = len(part) * ps
+            w = os.pwritev(self.fd, part, at)
+            if w != total:  # a short write: the rest one by one
+                _pwrite_all(self.fd, b"".join(part)[w:], at + w)
+            at += total
         set_bits(self.dirty, addr // ps, n)
-
-    def _submit(self) -> None:
-        """Hand the pending views to the writer, ``_IOV_MAX`` per job."""
-        views = self._views
-        if views:
-            assert self.writer is not None
-            at = self.base + self._views_at
-            for k in range(0, len(views), _IOV_MAX):
-                part = views[k:k + _IOV_MAX]
-                total = sum(map(len, part))
-                self.writer.submit(self.fd, part, at, total)
-                at += total
-            self._views = []
-        self._views_at = self._views_end = -1
 
     def zero_run(self, addr: int, n: int) -> None:
         """``n`` zero pages (fill byte 0) from ``addr``: holes cost nothing, pages written before get zeros."""
@@ -236,10 +144,6 @@ class BlockSink:
                 self.zero(addr + k * self.page_size, 0)
 
     def flush_views(self) -> None:
-        if self.writer is not None:
-            self._submit()
-            self.writer.drain()  # what goes out next goes after the runs queued before
-            return
         views = self._views
         if views:
             at = self.base + self._views_at
@@ -334,12 +238,6 @@ class BlockSink:
         if len(page) != self.page_size:
             raise DecodeError(f"compressed page inflates to {len(page)} bytes, not {self.page_size}", offset)
         self.put(addr, page)
-
-
-def _pwritev_all(fd: int, views: list[memoryview], at: int, total: int) -> None:
-    n = os.pwritev(fd, views, at)
-    if n != total:  # a short write: the rest one by one
-        _pwrite_all(fd, b"".join(views)[n:], at + n)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, at: int) -> None:
@@ -548,8 +446,8 @@ def mappable(inp: Input) -> bool:
 def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regions: bool = True) -> None:
     """``qevm.io.reader.drive``, through ``mmap`` windows when the input is ``mappable``: the parser then reads
     the file in place (``Parser.use_buffer``) instead of copying it into its own buffer, and a run sink's
-    views point into the page cache: pages are written from there (one copy, as ``cp``) and a view stays
-    valid as long as it is referenced (``Writer`` jobs)."""
+    views point into the page cache: pages are written from there (one copy, as ``cp``).  Only one window
+    is mapped at a time (a view still referenced keeps its own window mapped)."""
     if parser.offset or parser.buffered() or not mappable(inp):
         reader_drive(parser, inp, handle, skip_regions)
         return
@@ -656,10 +554,9 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
             fds[name] = fd
             os.ftruncate(fd, size)
             files[name] = BlockFile(name, size, fname)
-            return BlockSink(fd, size, ps, writer=writer)
+            return BlockSink(fd, size, ps)
 
         dfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
-        writer = Writer.for_input(inp)
         try:
             rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
             rf.attach(parser)
@@ -670,13 +567,9 @@ def extract(source: str | Input, directory: str, *, block: str | None = None, sn
             for sink in rf.sinks.values():
                 if sink is not None:
                     sink.flush()
-            if writer is not None:
-                writer.drain()
             for fd in fds.values():
                 os.fsync(fd)
         finally:
-            if writer is not None:
-                writer.close()
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
