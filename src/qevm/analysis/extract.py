@@ -474,6 +474,8 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regi
             mapped_at = at
             mapped_end = min(size, at + window)
             m = mmap.mmap(fd, mapped_end - at, access=mmap.ACCESS_READ, offset=at)
+            if mapped_end < size:  # a file not in the page cache: its next window is read while this one is parsed
+                os.posix_fadvise(fd, mapped_end, _WINDOW, os.POSIX_FADV_WILLNEED)
             parser.use_buffer(m, at)
             if mapped_end >= size:
                 parser.close()
