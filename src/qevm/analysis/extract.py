@@ -477,10 +477,10 @@ def drive(parser: Parser, inp: Input, handle: Callable[[Event], None], skip_regi
             window = 2 * window if at == mapped_at else _WINDOW  # a record longer than the window: map more
             mapped_at = at
             mapped_end = min(size, at + window)
-            m = mmap.mmap(fd, mapped_end - at, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=at)
+            parser.use_buffer(b"", off)  # the last window goes first: one window mapped at a time
             if mapped_end < size:  # a file not in the page cache: its next window is read while this one is parsed
                 os.posix_fadvise(fd, mapped_end, _WINDOW, os.POSIX_FADV_WILLNEED)
-            parser.use_buffer(m, at)
+            parser.use_buffer(mmap.mmap(fd, mapped_end - at, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=at), at)
             if mapped_end >= size:
                 parser.close()
         elif ev is DONE:
