@@ -16,17 +16,29 @@ holes staying holes.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.analysis.extract import BlockSink, RamFiles, discard, drive, output_directory
+from qevm.analysis.extract import (
+    WINDOW,
+    BlockSink,
+    RamFiles,
+    discard,
+    drive,
+    map_window,
+    mappable,
+    output_directory,
+)
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
+from qevm.format.events import Event, RamBlock, RamFlag
 from qevm.format.parser import Parser
 from qevm.io.reader import Analysis, Device, trailer_schema
 from qevm.io.sources import Input, open_input
@@ -496,36 +508,106 @@ class _SegmentSink(BlockSink):
             sk.flush()
 
 
-def _first_pass(inp: Input, page_size: int | None) -> Analysis:
+_LOG_MAX = 1 << 16  # run-sink calls the counting pass records for the page pass to replay (48 bytes each)
+_PAGE, _ZERO = int(RamFlag.PAGE), int(RamFlag.ZERO)
+
+
+def _first_pass(inp: Input, page_size: int | None) -> tuple[Analysis, array[int] | None, list[str]]:
     """``read_stream(inp, page_size=page_size, strict=False)``, reading a regular file through ``mmap`` windows
-    (``qevm.analysis.extract.drive``): the pages are only counted, so this pass costs the parse alone."""
+    (``qevm.analysis.extract.drive``): the pages are only counted, so this pass costs the parse alone.  It also
+    logs the run sink's calls (kind, address, count, payload offset, length, stride, record offset, block
+    index each) when they are runs of data and zero pages only, at most ``_LOG_MAX`` of them, and no block is
+    mapped-ram or announced twice: the page pass then replays the log instead of parsing again (None: it
+    cannot)."""
     schema, trailer_page = trailer_schema(inp)
     parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
                     file_offset=inp.file_offset)
     an = Analysis(page_size=lambda: parser.page_size or 4096)
-    drive(parser, inp, an.handle)
+    log: array[int] | None = array("q")
+    names: list[str] = []
+    index: dict[str, int] = {}
+
+    def record(block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
+               stride: int, offset: int) -> None:
+        nonlocal log
+        if log is None:
+            return
+        if kind not in (_PAGE, _ZERO) or len(log) >= 8 * _LOG_MAX:
+            log = None
+            parser.run_sink = None
+            return
+        i = index.get(block)
+        if i is None:
+            i = index[block] = len(names)
+            names.append(block)
+        log.extend((kind, addr, count, parser.buffer_offset + pos, length, stride, offset, i))
+
+    def handle(ev: Event) -> None:
+        nonlocal log
+        if type(ev) is RamBlock:
+            assert isinstance(ev, RamBlock)
+            if ev.mapped is not None or (ev.name in an.blocks and an.blocks[ev.name].used_length != ev.used_length):
+                log = None
+                parser.run_sink = None
+        an.handle(ev)
+    parser.run_sink = record
+    drive(parser, inp, handle)
     an.size = parser.offset
     an.stream_page_size = parser.page_size
     an.decode_devices(strict=False)
-    return an
+    return an, log, names
+
+
+def _replay(inp: Input, log: array[int], names: list[str], sinks: dict[str, BlockSink | None]) -> None:
+    """The page pass from the counting pass's log: each logged run goes to ``RamFiles.run`` with a view of the
+    input mapped around it (``mmap`` windows as ``drive`` maps them), nothing is parsed again."""
+    fd = inp.file.fileno()
+    size = os.fstat(fd).st_size
+    rf = RamFiles(lambda name, size, ps: None, inp, lambda: 4096)
+    rf.sinks = sinks
+    gran = mmap.ALLOCATIONGRANULARITY
+    view = memoryview(b"")
+    at = end = 0
+    try:
+        for k in range(0, len(log), 8):
+            kind, addr, count, src, length, stride, offset, i = log[k:k + 8]
+            last = src + (count - 1) * stride + length
+            if src < at or last > end:
+                view.release()
+                at = src - src % gran
+                end = min(size, max(at + WINDOW, last))
+                view = memoryview(map_window(fd, at, end, size))
+            rf.run(names[i], kind, addr, count, view, src - at, length, stride, offset)
+    finally:
+        view.release()
 
 
 def _pages_pass(source: str, snapshot: str | None, page_size: int | None, fd: int,
-                segs: dict[str, list[tuple[int, int, int]]]) -> None:
+                segs: dict[str, list[tuple[int, int, int]]], replay: tuple[array[int], list[str], int] | None = None,
+                blocks: dict[str, int] | None = None) -> None:
     """One pass over the stream writing the pages of ``segs`` (block -> (start, end, file offset - start) each)
-    to ``fd`` (``_SegmentSink``); every other page is only parsed."""
+    to ``fd`` (``_SegmentSink``); every other page is only parsed.  ``replay``: the counting pass's log, its
+    block names and page size, with ``blocks`` (name -> size): the pages are written from the log, with no
+    parse."""
     inp = open_input(source, snapshot)
     try:
-        schema, trailer_page = trailer_schema(inp)
-        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
-                        file_offset=inp.file_offset)
+        if replay is not None and blocks is not None and mappable(inp):
+            log, names, ps = replay
+            sinks: dict[str, BlockSink | None] = {
+                name: _SegmentSink(fd, size, ps, segs[name]) if name in segs else None for name, size in blocks.items()}
+            _replay(inp, log, names, sinks)
+        else:
+            schema, trailer_page = trailer_schema(inp)
+            parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
+                            file_offset=inp.file_offset)
 
-        def open_block(name: str, size: int, ps: int) -> BlockSink | None:
-            return _SegmentSink(fd, size, ps, segs[name]) if name in segs else None
-        rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
-        rf.attach(parser)
-        drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
-        for sink in rf.sinks.values():
+            def open_block(name: str, size: int, ps: int) -> BlockSink | None:
+                return _SegmentSink(fd, size, ps, segs[name]) if name in segs else None
+            rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
+            rf.attach(parser)
+            drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
+            sinks = rf.sinks
+        for sink in sinks.values():
             if sink is not None:
                 sink.flush()
     finally:
@@ -563,7 +645,7 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
     try:
         if not first.seekable:
             return None
-        an = _first_pass(first, page_size)
+        an, log, names = _first_pass(first, page_size)
     finally:
         first.close()
     if not an.blocks:
@@ -584,7 +666,8 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
     try:
         os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
         os.pwrite(ofd, head, 0)
-        _pages_pass(source, snapshot, page_size, ofd, segs)
+        replay = (log, names, an.stream_page_size or 4096) if log is not None else None
+        _pages_pass(source, snapshot, page_size, ofd, segs, replay, {n: b.used_length for n, b in an.blocks.items()})
         os.pwrite(ofd, _SHSTRTAB, strtab_off)
         os.fsync(ofd)
         os.close(ofd)

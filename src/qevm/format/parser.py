@@ -297,6 +297,12 @@ class Parser:
         """Stream offset of the next unparsed byte."""
         return self._base + self._pos
 
+    @property
+    def buffer_offset(self) -> int:
+        """Stream offset of the buffer's first byte: a run sink's ``view[pos]`` is stream offset
+        ``buffer_offset + pos``."""
+        return self._base
+
     def buffered(self) -> int:
         return self._end - self._pos
 
