@@ -508,7 +508,7 @@ class _SegmentSink(BlockSink):
             sk.flush()
 
 
-_LOG_MAX = 1 << 16  # run-sink calls the counting pass records for the page pass to replay (48 bytes each)
+_LOG_MAX = 1 << 16  # run-sink calls the counting pass logs for the page pass to replay (64 bytes each: 4 MiB)
 _PAGE, _ZERO = int(RamFlag.PAGE), int(RamFlag.ZERO)
 
 
