@@ -62,7 +62,7 @@ def test_mapped_windows_equal_reads(fixture: Path, unpacked, monkeypatch: pytest
     path = unpacked(fixture)
     want_events, want_recs = _read(path, False)
     for window in (64 << 10, 8 << 20):
-        monkeypatch.setattr(extract_mod, "_WINDOW", window)
+        monkeypatch.setattr(extract_mod, "WINDOW", window)
         events, recs = _read(path, True)
         assert recs == want_recs, window
         assert events == want_events, window
