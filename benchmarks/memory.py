@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import shutil
         shutil.rmtree(out, ignore_errors=True)
+        errlog = out.parent / f"{out.name}.stderr"
+        if errlog.exists() and not errlog.stat().st_size:  # kept only when a command complained
+            errlog.unlink()
 
 
 if __name__ == "__main__":
