@@ -7,25 +7,40 @@ table at the very end.  Notes per vCPU as target/i386/arch_dump.c writes them: N
 for every CPU, then the "QEMU" CPU-state note for every CPU, then the guest's VMCOREINFO note when the
 vmcoreinfo device recorded one.  x86 only so far.
 
-Guest RAM is first written to a sparse staging file next to the output (bounded memory), then the
-ranges are copied into place extent by extent, holes staying holes.
+From a regular file (read through mmap windows, ``qevm.analysis.extract.drive``): a counting pass gives the
+memory map and the notes (one more pass keeps the pages of the guest's VMCOREINFO note, when there is one),
+then every page goes straight to its final offset.  From a pipe: guest RAM is first written to a sparse
+staging file next to the output (bounded memory), then the ranges are copied into place extent by extent,
+holes staying holes.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.analysis.extract import BlockSink, RamFiles, discard, output_directory
+from qevm.analysis.extract import (
+    WINDOW,
+    BlockSink,
+    RamFiles,
+    discard,
+    drive,
+    map_window,
+    mappable,
+    output_directory,
+)
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
+from qevm.format.events import Event, RamBlock, RamFlag
 from qevm.format.parser import Parser
-from qevm.io.reader import Analysis, Device, drive, read_stream, trailer_schema
+from qevm.io.reader import Analysis, Device, trailer_schema
 from qevm.io.sources import Input, open_input
 
 __all__ = ["CoreResult", "write_core", "x86_notes"]
@@ -493,25 +508,154 @@ class _SegmentSink(BlockSink):
             sk.flush()
 
 
+_LOG_MAX = 1 << 16  # run-sink calls the counting pass logs for the page pass to replay (64 bytes each: 4 MiB)
+_PAGE, _ZERO = int(RamFlag.PAGE), int(RamFlag.ZERO)
+
+
+def _first_pass(inp: Input, page_size: int | None) -> tuple[Analysis, array[int] | None, list[str]]:
+    """``read_stream(inp, page_size=page_size, strict=False)``, reading a regular file through ``mmap`` windows
+    (``qevm.analysis.extract.drive``): the pages are only counted, so this pass costs the parse alone.  It also
+    logs the run sink's calls (kind, address, count, payload offset, length, stride, record offset, block
+    index each) when they are runs of data and zero pages only, at most ``_LOG_MAX`` of them, and no block is
+    mapped-ram or announced twice: the page pass then replays the log instead of parsing again (None: it
+    cannot)."""
+    schema, trailer_page = trailer_schema(inp)
+    parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
+                    file_offset=inp.file_offset)
+    an = Analysis(page_size=lambda: parser.page_size or 4096)
+    log: array[int] | None = array("q")
+    names: list[str] = []
+    index: dict[str, int] = {}
+
+    def record(block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
+               stride: int, offset: int) -> None:
+        nonlocal log
+        if log is None:
+            return
+        if kind not in (_PAGE, _ZERO) or len(log) >= 8 * _LOG_MAX:
+            log = None
+            parser.run_sink = None
+            return
+        i = index.get(block)
+        if i is None:
+            i = index[block] = len(names)
+            names.append(block)
+        log.extend((kind, addr, count, parser.buffer_offset + pos, length, stride, offset, i))
+
+    def handle(ev: Event) -> None:
+        nonlocal log
+        if type(ev) is RamBlock:
+            assert isinstance(ev, RamBlock)
+            if ev.mapped is not None or (ev.name in an.blocks and an.blocks[ev.name].used_length != ev.used_length):
+                log = None
+                parser.run_sink = None
+        an.handle(ev)
+    parser.run_sink = record
+    drive(parser, inp, handle)
+    an.size = parser.offset
+    an.stream_page_size = parser.page_size
+    an.decode_devices(strict=False)
+    return an, log, names
+
+
+def _replay(inp: Input, log: array[int], names: list[str], sinks: dict[str, BlockSink | None]) -> None:
+    """The page pass from the counting pass's log: each logged run goes to ``RamFiles.run`` with a view of the
+    input mapped around it (``mmap`` windows as ``drive`` maps them), nothing is parsed again."""
+    fd = inp.file.fileno()
+    size = os.fstat(fd).st_size
+    rf = RamFiles(lambda name, size, ps: None, inp, lambda: 4096)
+    rf.sinks = sinks
+    gran = mmap.ALLOCATIONGRANULARITY
+    view = memoryview(b"")
+    at = end = 0
+    try:
+        for k in range(0, len(log), 8):
+            kind, addr, count, src, length, stride, offset, i = log[k:k + 8]
+            last = src + (count - 1) * stride + length
+            if src < at or last > end:
+                view.release()
+                at = src - src % gran
+                end = min(size, max(at + WINDOW, last))
+                view = memoryview(map_window(fd, at, end, size))
+            rf.run(names[i], kind, addr, count, view, src - at, length, stride, offset)
+    finally:
+        view.release()
+
+
+def _pages_pass(source: str, snapshot: str | None, page_size: int | None, fd: int,
+                segs: dict[str, list[tuple[int, int, int]]], replay: tuple[array[int], list[str], int] | None = None,
+                blocks: dict[str, int] | None = None) -> None:
+    """One pass over the stream writing the pages of ``segs`` (block -> (start, end, file offset - start) each)
+    to ``fd`` (``_SegmentSink``); every other page is only parsed.  ``replay``: the counting pass's log, its
+    block names and page size, with ``blocks`` (name -> size): the pages are written from the log, with no
+    parse."""
+    inp = open_input(source, snapshot)
+    try:
+        if replay is not None and blocks is not None and mappable(inp):
+            log, names, ps = replay
+            sinks: dict[str, BlockSink | None] = {
+                name: _SegmentSink(fd, size, ps, segs[name]) if name in segs else None for name, size in blocks.items()}
+            _replay(inp, log, names, sinks)
+        else:
+            schema, trailer_page = trailer_schema(inp)
+            parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
+                            file_offset=inp.file_offset)
+
+            def open_block(name: str, size: int, ps: int) -> BlockSink | None:
+                return _SegmentSink(fd, size, ps, segs[name]) if name in segs else None
+            rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
+            rf.attach(parser)
+            drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
+            sinks = rf.sinks
+        for sink in sinks.values():
+            if sink is not None:
+                sink.flush()
+    finally:
+        inp.close()
+
+
+def _read_guest(source: str, snapshot: str | None, page_size: int | None, loads: list[Range], directory: str,
+                addr: int, n: int) -> bytes | None:
+    """``n`` bytes of guest-physical memory from ``addr`` (None: not in one RAM range), by a pass that keeps only
+    the pages holding them (in a small temporary file)."""
+    for r in loads:
+        if r.addr <= addr and addr + n <= r.addr + r.size:
+            at = r.offset + addr - r.addr
+            lo = at - at % (1 << 20)  # page-aligned whatever the page size
+            try:
+                fd, path = tempfile.mkstemp(prefix=".qevm-core-", suffix=".note", dir=directory)
+                try:
+                    os.unlink(path)
+                    _pages_pass(source, snapshot, page_size, fd, {r.block: [(lo, at + n, -lo)]})
+                    data = os.pread(fd, n, at - lo)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise UsageError(f"cannot write a temporary file in {directory}: {e.strerror}") from None
+            return data + bytes(n - len(data))
+    return None
+
+
 def _write_core_direct(source: str, out_path: str, directory: str, overrides: dict[str, int] | None,
                        snapshot: str | None, page_size: int | None) -> CoreResult | None:
-    """A seekable stream without a VMCOREINFO note: a counting first pass gives the memory map and the notes,
-    the second writes every page straight to its final offset.  None: use the staging path."""
+    """A seekable stream: a counting first pass gives the memory map and the notes (the guest's VMCOREINFO note,
+    whose size is in guest memory, from one more pass keeping only its pages), the last writes every page
+    straight to its final offset.  None: not seekable, use the staging path."""
     first = open_input(source, snapshot)
     try:
         if not first.seekable:
             return None
-        an = read_stream(first, page_size=page_size, strict=False)
+        an, log, names = _first_pass(first, page_size)
     finally:
         first.close()
     if not an.blocks:
         raise UsageError(f"{source}: the stream carries no RAM: nothing to put in a core file")
-    if any(d.section.idstr == "vmcoreinfo" and d.struct is not None and to_json(d.struct).get("has_vmcoreinfo")
-           for d in an.devices):
-        return None  # the note's size comes from guest memory: known only after the pages
     gmap = GuestMap.from_analysis(an, overrides)
     loads = [r for r in gmap.ranges if r.size]
     notes, e_machine, elf64, endian, ncpu = _arch_notes(an, gmap, loads)
+    guest_note = _vmcoreinfo(an, lambda addr, n: _read_guest(source, snapshot, page_size, loads, directory, addr, n))
+    if guest_note:
+        notes += guest_note
     head, mem_off, strtab_off = _elf_head(loads, notes, elf64, e_machine, endian)
     segs: dict[str, list[tuple[int, int, int]]] = {}
     off = mem_off
@@ -519,34 +663,22 @@ def _write_core_direct(source: str, out_path: str, directory: str, overrides: di
         segs.setdefault(r.block, []).append((r.offset, r.offset + r.size, off - r.offset))
         off += r.size
     ofd, tmp = tempfile.mkstemp(prefix=".qevm-", suffix=".part", dir=directory)
-    inp = open_input(source, snapshot)
     try:
         os.ftruncate(ofd, strtab_off + len(_SHSTRTAB))
         os.pwrite(ofd, head, 0)
-        schema, trailer_page = trailer_schema(inp)
-        parser = Parser(schema=schema, page_size=page_size or trailer_page, count_pages=True, keep_raw=False,
-                        file_offset=inp.file_offset)
-
-        def open_block(name: str, size: int, ps: int) -> BlockSink | None:
-            return _SegmentSink(ofd, size, ps, segs[name]) if name in segs else None
-        rf = RamFiles(open_block, inp, lambda: parser.page_size or 4096)
-        rf.attach(parser)
-        drive(parser, inp, rf.chain(lambda ev: None), skip_regions=inp.seekable)
-        for sink in rf.sinks.values():
-            if sink is not None:
-                sink.flush()
+        replay = (log, names, an.stream_page_size or 4096) if log is not None else None
+        _pages_pass(source, snapshot, page_size, ofd, segs, replay, {n: b.used_length for n, b in an.blocks.items()})
         os.pwrite(ofd, _SHSTRTAB, strtab_off)
         os.fsync(ofd)
         os.close(ofd)
         ofd = -1
         os.replace(tmp, out_path)
         tmp = ""
-        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, ncpu, False,
+        return CoreResult(out_path, gmap.machine, 2 if elf64 else 1, e_machine, loads, ncpu, guest_note is not None,
                           strtab_off + len(_SHSTRTAB))
     except OSError as e:
         raise UsageError(f"cannot write {out_path}: {e.strerror}") from None
     finally:
-        inp.close()
         if ofd >= 0:
             os.close(ofd)
         if tmp:

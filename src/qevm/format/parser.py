@@ -256,6 +256,21 @@ class Parser:
             raise InvalidOperation("last_fed() beyond what is buffered")
         return memoryview(self._buf)[self._end - n:self._end]
 
+    def use_buffer(self, buf: Any, base: int) -> None:
+        """Parse from ``buf`` instead of the parser's own buffer: any object with bytearray's read side
+        (indexing, slicing, ``find``, the buffer protocol), such as an ``mmap`` window of the input file,
+        whose first byte is stream offset ``base`` and which holds the stream's bytes from there on.  Parsing
+        resumes at ``self.offset`` (which must lie in it) with no copy: the run sink's views then point into
+        ``buf``.  Give the next window the same way when the parser asks for data; do not mix with ``feed``
+        and ``get_buffer``."""
+        off = self.offset
+        if not base <= off <= base + len(buf):
+            raise InvalidOperation(f"use_buffer(): offset {off} is not inside the buffer given ({base}+{len(buf)})")
+        self._buf = buf
+        self._base = base
+        self._pos = off - base
+        self._end = len(buf)
+
     def _reserve(self, n: int) -> None:
         buf = self._buf
         if self._end + n <= len(buf):
