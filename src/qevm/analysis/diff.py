@@ -185,9 +185,7 @@ class PageLocations(PageTable):
             self._map = _Mapped(a)
         length = (count - 1) * stride + self.granule
         off = va - _BIAS + idx * stride
-        same = _whole(view).startswith(self._map.view(off, length), pos)  # one memcmp, A mapped, no copy
-        self._map.done(off, length)
-        return same
+        return _whole(view).startswith(self._map.view(off, length), pos)  # one memcmp
 
     def sink(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
              stride: int, offset: int) -> None:
@@ -260,43 +258,34 @@ class PageLocations(PageTable):
 
 
 class _Mapped:
-    """A located side's file mapped read-only, to compare the other side's pages with its own as they are
-    read; what was read through the mapping is dropped from this process's memory every ``_UNMAP_SPAN``
-    bytes (the page cache keeps it), so the mapping never counts as this process's memory."""
+    """A located side's file, to compare the other side's pages with its own as they are read: ``view``
+    reads a range into one reused buffer (``preadv``: measured here 1.6x faster than faulting the same
+    bytes in through a mapping of the file, and nothing of the file counts as this process's memory)."""
 
     def __init__(self, loc: PageLocations) -> None:
         self.path = loc.path
         self.fd = os.open(loc.path, os.O_RDONLY)
-        self.mm: mmap.mmap | None = None
-        self.mv = memoryview(b"")
         try:
             loc.check_unchanged(self.fd)
-            if loc.ident[2]:
-                self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-                self.mv = memoryview(self.mm)
         except BaseException:
             self.close()
             raise
-        self.lo, self.hi = 1 << 63, 0  # the range mapped in since the last _unmap
+        self.buf = bytearray(_WINDOW)
+        self.mv = memoryview(self.buf)
 
     def view(self, off: int, length: int) -> memoryview:
-        if off < 0 or off + length > len(self.mv):
+        """The file's bytes [off, off + length), valid until the next call."""
+        if length > len(self.buf):
+            self.mv.release()
+            self.buf = bytearray(length)
+            self.mv = memoryview(self.buf)
+        out = self.mv[:length]
+        if off < 0 or os.preadv(self.fd, [out], off) != length:
             raise DecodeError(f"{self.path} changed while it was compared")
-        return self.mv[off:off + length]
-
-    def done(self, off: int, length: int) -> None:
-        """[off, off + length) was read through the mapping."""
-        self.lo, self.hi = min(self.lo, off), max(self.hi, off + length)
-        if self.hi - self.lo >= _UNMAP_SPAN:
-            _unmap(self.mm, self.lo, self.hi)
-            self.lo, self.hi = 1 << 63, 0
+        return out
 
     def close(self) -> None:
         self.mv.release()
-        self.mv = memoryview(b"")
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -416,37 +405,40 @@ class PageVerdicts(PageTable):
         if self._map is None:
             self._map = _Mapped(self.against)
         m = self._map
-        head = theirs[:DIGEST]
-        if count > 1 and stride == key and theirs == head * count and _unpack_one(head)[0] > _FILLS:
-            # back to back on both sides: the 8-byte record words between the pages are compared too
-            # (equal when addresses and flags are); one memcmp for the run, page by page if it differs
-            off = _unpack_one(head)[0] - _BIAS + idx * key
-            length = (count - 1) * key + ps
-            same = whole.startswith(m.view(off, length), pos)
-            m.done(off, length)
-            if same:
-                t[i:i + n] = _SAME_SLOT * count
-                return
         zero = self._fill(0)
-        out = []
-        for k, va in enumerate(memoryview(theirs).cast("q").tolist()):
-            p = pos + k * stride
-            if va > _FILLS:
-                off = va - _BIAS + (idx + k) * key
-                other = m.view(off, ps)
-                if whole.startswith(other, p):
-                    out.append(_SAME)
+        out: list[int] = []
+        vals = memoryview(theirs).cast("q").tolist()
+        s = 0
+        while s < count:
+            va = vals[s]
+            e = s + 1
+            while e < count and vals[e] == va:
+                e += 1
+            if va > _FILLS and e - s > 1 and stride == key:
+                # back to back on both sides: one memcmp for the stretch (the 8-byte record words between
+                # the pages are compared too: equal when addresses and flags are), page by page if it differs
+                off = va - _BIAS + (idx + s) * key
+                if whole.startswith(m.view(off, (e - s - 1) * key + ps), pos + s * stride):
+                    out += [_SAME] * (e - s)
+                    s = e
+                    continue
+            for k in range(s, e):
+                p = pos + k * stride
+                if va > _FILLS:
+                    other = m.view(va - _BIAS + (idx + k) * key, ps)
+                    if whole.startswith(other, p):
+                        out.append(_SAME)
+                    else:
+                        mine0, theirs0 = whole.startswith(zero, p), other == zero
+                        out.append(_V_THEIRS if mine0 else _V_MINE if theirs0 else _V_CHANGED)
                 else:
-                    mine0, theirs0 = whole.startswith(zero, p), other == zero
-                    out.append(_V_THEIRS if mine0 else _V_MINE if theirs0 else _V_CHANGED)
-                m.done(off, ps)
-            else:
-                fill = va - 1 if va else 0
-                if whole.startswith(self._fill(fill), p):
-                    out.append(_SAME)
-                else:
-                    mine0 = whole.startswith(zero, p)
-                    out.append(_V_THEIRS if mine0 else _V_MINE if fill == 0 else _V_CHANGED)
+                    fill = va - 1 if va else 0
+                    if whole.startswith(self._fill(fill), p):
+                        out.append(_SAME)
+                    else:
+                        mine0 = whole.startswith(zero, p)
+                        out.append(_V_THEIRS if mine0 else _V_MINE if fill == 0 else _V_CHANGED)
+            s = e
         _pack_many(count)(t, i, *out)
 
 
@@ -642,16 +634,17 @@ def plain_file(source: str | Input, **open_kw: Any) -> bool:
         return _locatable(source, inp)
 
 
-def read_order(a: str | Input, b: str | Input, *, ram: bool = True,
-               pages: bool = False) -> tuple[bool, bool, bool]:
+def read_order(a: str | Input, b: str | Input, *, ram: bool = True, pages_a: bool = False,
+               pages_b: bool = False) -> tuple[bool, bool, bool]:
     """How to read two sides for a comparison: (locate A, locate B, read B first).
 
-    Plain files are located (``PageLocations``); when only B is one, B is read first, so that A is
-    compared with B's pages as it is read (``PageVerdicts``), just as B is compared with A's when only
-    A is a file or both are.  A pipe is read once either way; A stays the old side of the result."""
-    if not ram or pages:
+    Plain files are located (``PageLocations``; not a side read with ``pages``, one event per page);
+    when only B is, B is read first, so that A is compared with B's pages as it is read
+    (``PageVerdicts``), just as B is compared with A's when only A is a file or both are.  A pipe is
+    read once either way; A stays the old side of the result."""
+    if not ram:
         return False, False, False
-    la, lb = plain_file(a), plain_file(b)
+    la, lb = not pages_a and plain_file(a), not pages_b and plain_file(b)
     return la, lb, lb and not la
 
 
