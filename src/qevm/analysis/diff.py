@@ -105,6 +105,16 @@ class PageTable:
             raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}")
         t[i:i + DIGEST] = digest
 
+    def _slots(self, block: str, addr: int, count: int, offset: int) -> tuple[bytearray, int]:
+        """The table of ``block`` and the byte index of ``addr``'s slot, checked for ``count`` slots."""
+        t = self.tables.get(block)
+        if t is None:
+            raise DecodeError(f"page for RAM block {block!r}, which the stream never announced", offset)
+        i = addr // self.page_size * DIGEST
+        if i + count * DIGEST > len(t):
+            raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}", offset)
+        return t, i
+
     def sink(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
              stride: int, offset: int) -> None:
         """The parser's run sink (``Parser.run_sink``): digest a run of page records straight from the
@@ -136,12 +146,7 @@ class PageTable:
                 raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}", offset)
             t[i:i + count * DIGEST] = self.zero_digest(ps) * count  # runs are of fill byte 0
         elif kind == RamFlag.COMPRESS_PAGE:
-            n = int.from_bytes(view[pos:pos + 4], "big")
-            try:
-                page = zlib.decompress(view[pos + 4:pos + 4 + n])
-            except zlib.error as e:
-                raise DecodeError(f"compressed page does not inflate: {e}", offset) from None
-            self.put(block, addr, _digest(page))
+            self.put(block, addr, _digest(_inflate(view, pos, offset)))
         else:
             raise _NeedContent()
 
@@ -154,6 +159,23 @@ _FILLS = 256
 _WINDOW = 1 << 18  # bytes per memcmp when comparing two files' stretches (a cache-sized window)
 _UNMAP_SPAN = 4 << 20  # mapped file bytes dropped from the process's memory at a time
 _STRETCH_CHUNK = 4096  # slots looked at together for stretches of one value on both sides
+
+
+def _inflate(view: memoryview, pos: int, offset: int) -> bytes:
+    """The page of a COMPRESS_PAGE record whose length word is at ``view[pos]``."""
+    n = int.from_bytes(view[pos:pos + 4], "big")
+    try:
+        return zlib.decompress(view[pos + 4:pos + 4 + n])
+    except zlib.error as e:
+        raise DecodeError(f"compressed page does not inflate: {e}", offset) from None
+
+
+def _zero_slots(t: bytearray, i: int, count: int, view: memoryview, pos: int) -> None:
+    """``PageLocations``/``PageVerdicts`` slots of a run of ZERO records: fill byte + 1."""
+    if count == 1:
+        t[i:i + DIGEST] = _PACK_ONE(view[pos] + 1)
+    else:
+        t[i:i + count * DIGEST] = _ONE * count  # runs are of fill byte 0
 
 
 class _NotLocatable(Exception):
@@ -203,20 +225,12 @@ class PageLocations(PageTable):
     def sink(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
              stride: int, offset: int) -> None:
         ps = self.page_size
-        t = self.tables.get(block)
         if self.granule != ps or kind not in (_PAGE, _ZERO):
             raise _NotLocatable()
-        if t is None:
-            raise DecodeError(f"page for RAM block {block!r}, which the stream never announced", offset)
+        t, i = self._slots(block, addr, count, offset)
         idx = addr // ps
-        i = idx * DIGEST
-        if i + count * DIGEST > len(t):
-            raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}", offset)
         if kind == _ZERO:
-            if count == 1:
-                t[i:i + DIGEST] = _PACK_ONE(view[pos] + 1)
-            else:
-                t[i:i + count * DIGEST] = _ONE * count  # runs are of fill byte 0
+            _zero_slots(t, i, count, view, pos)
             return
         assert self.parser is not None
         key = ps + 8
@@ -418,26 +432,14 @@ class PageVerdicts(PageTable):
         if self.granule != ps or a.granule != ps:
             raise DecodeError(f"RAM block {block!r}: page sizes differ ({a.granule} and {ps}); cannot compare pages",
                               offset)
-        t = self.tables.get(block)
-        if t is None:
-            raise DecodeError(f"page for RAM block {block!r}, which the stream never announced", offset)
+        t, i = self._slots(block, addr, count, offset)
         idx = addr // ps
-        i = idx * DIGEST
-        if i + count * DIGEST > len(t):
-            raise DecodeError(f"page at 0x{addr:x} is beyond the end of RAM block {block!r}", offset)
         if kind == _PAGE:
             self._pages(block, t, idx, count, _whole(view), pos, stride)
         elif kind == _ZERO:
-            if count == 1:
-                t[i:i + DIGEST] = _PACK_ONE(view[pos] + 1)
-            else:
-                t[i:i + count * DIGEST] = _ONE * count  # runs are of fill byte 0
+            _zero_slots(t, i, count, view, pos)
         elif kind == RamFlag.COMPRESS_PAGE:
-            n = int.from_bytes(view[pos:pos + 4], "big")
-            try:
-                page = zlib.decompress(view[pos + 4:pos + 4 + n])
-            except zlib.error as e:
-                raise DecodeError(f"compressed page does not inflate: {e}", offset) from None
+            page = _inflate(view, pos, offset)
             if len(page) != ps:
                 raise DecodeError(f"compressed page inflates to {len(page)} bytes, not {ps}", offset)
             self._pages(block, t, idx, 1, page, 0, ps + 8)
