@@ -145,6 +145,12 @@ def test_xbzrle_compressed_and_arm_streams_equal_themselves() -> None:
             for args in (("-", str(p)), (str(p), "-")):
                 r = qevm("diff", *args, stdin=p.read_bytes())
                 assert r.returncode == 0, (name, args, r.stdout.decode()[-500:], r.stderr.decode())
+    # a side of compressed pages read from a pipe against a plain file: inflated and compared with the
+    # file's pages as it passes (PageVerdicts), the same result as both files (digests)
+    plain, comp = require_fixture("pc-7.2"), require_fixture("compress-7.2")
+    both = as_json(qevm("diff", "--json", str(plain), str(comp)))
+    piped = as_json(qevm("diff", "--json", str(plain), "-", stdin=comp.read_bytes()))
+    assert both["ram"]["blocks"] and piped == {**both, "b": "-"}
     # an XBZRLE side needs its earlier page content: from a pipe that is refused with one clear line
     p = require_fixture("xbzrle-7.2")
     r = qevm("diff", "-", str(p), stdin=p.read_bytes())
