@@ -7,7 +7,7 @@ the file first), best wall time wins, and prints them side by side with the page
 Targets: report <= 2x the time of info; the HTML < 5 MB.  ``--check`` exits 1 when one is missed.
 Also reports the detailed mode (``--pages``: record kinds per RAM region), which has no target.
 Two states (``qevm report A B``, A = big.mig, B = its edit ``big-edited.mig`` as benchmarks/diff.py builds it):
-the differences are ``qevm diff``'s, page digests taken in the report's one pass per stream; targets:
+the differences are ``qevm diff``'s, its page tables filled in the report's one pass per stream; targets:
 <= 2x ``qevm info A`` + ``qevm info B``, peak RSS <= 64 MB (RAM is never held); ``qevm diff A B`` is shown
 alongside.
 """

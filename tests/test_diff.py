@@ -13,13 +13,17 @@ from conftest import FIXTURES, require_fixture
 from qevm.analysis.diff import (
     BlockDiff,
     PageLocations,
+    PageTable,
+    PageVerdicts,
     _byte_ranges,
     _ram_diff,
     _split_at,
     _x86_lowmem,
     diff_states,
+    read_order,
     read_side,
 )
+from qevm.io.sources import open_input
 
 
 def qevm(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -137,6 +141,16 @@ def test_xbzrle_compressed_and_arm_streams_equal_themselves() -> None:
         res = diff_states(str(p), str(p))
         assert res.equal, (name, res.as_json())
         assert res.ram is not None and res.ram  # the RAM was really compared
+        if name != "xbzrle-7.2":  # a pipe on either side
+            for args in (("-", str(p)), (str(p), "-")):
+                r = qevm("diff", *args, stdin=p.read_bytes())
+                assert r.returncode == 0, (name, args, r.stdout.decode()[-500:], r.stderr.decode())
+    # a side of compressed pages read from a pipe against a plain file: inflated and compared with the
+    # file's pages as it passes (PageVerdicts), the same result as both files (digests)
+    plain, comp = require_fixture("pc-7.2"), require_fixture("compress-7.2")
+    both = as_json(qevm("diff", "--json", str(plain), str(comp)))
+    piped = as_json(qevm("diff", "--json", str(plain), "-", stdin=comp.read_bytes()))
+    assert both["ram"]["blocks"] and piped == {**both, "b": "-"}
     # an XBZRLE side needs its earlier page content: from a pipe that is refused with one clear line
     p = require_fixture("xbzrle-7.2")
     r = qevm("diff", "-", str(p), stdin=p.read_bytes())
@@ -230,15 +244,12 @@ def _ram(blocks: list[BlockDiff]) -> list[tuple[object, ...]]:
     return [(b.name, b.size, b.changed, b.appeared, b.disappeared, b.ranges) for b in blocks]
 
 
-def test_located_pages_compare_as_the_digests_do(tmp_path: Path) -> None:
-    """Two plain files are compared by where their pages lie (memcmp), not by digests: every way of
-    comparing (located, located while B is read against A, digested, one side of each) gives the same
-    pages, including a data page of zeros (counted as zero) and a zero page that got data."""
+def _edited_pair(tmp_path: Path) -> tuple[Path, Path, PageTable, tuple[int, int, int]]:
+    """A booted guest's stream and its edit: a data page zeroed, a zero page given data, a data page
+    changed (pc.ram addresses ``gone``, ``new``, ``changed``); with A's digest table."""
     a = require_fixture("diff-run-7.2")  # a booted guest: data and zero pages in pc.ram
     _, digested = read_side(str(a))
-    _, located = read_side(str(a), locate=True)
-    assert isinstance(located, PageLocations) and not isinstance(digested, PageLocations)
-    assert located.digests().tables == digested.tables  # the same digests, read back from the file
+    assert digested is not None
     ps = digested.granule
     slots = digested.tables["pc.ram"]
     zero = digested.zero_digest(ps)
@@ -252,6 +263,18 @@ def test_located_pages_compare_as_the_digests_do(tmp_path: Path) -> None:
              "--set-page", f"pc.ram:0x{new:x}=@{tmp_path / 'ones.bin'}",
              "--set-page", f"pc.ram:0x{changed:x}=@{tmp_path / 'ones.bin'}")
     assert r.returncode == 0, r.stderr.decode()
+    return a, b, digested, (gone, new, changed)
+
+
+def test_located_pages_compare_as_the_digests_do(tmp_path: Path) -> None:
+    """Two plain files are compared by where their pages lie (memcmp), not by digests: every way of
+    comparing (located, located while B is read against A, digested, one side of each) gives the same
+    pages, including a data page of zeros (counted as zero) and a zero page that got data."""
+    a, b, digested, (gone, new, changed) = _edited_pair(tmp_path)
+    _, located = read_side(str(a), locate=True)
+    assert isinstance(located, PageLocations) and not isinstance(digested, PageLocations)
+    assert located.digests().tables == digested.tables  # the same digests, read back from the file
+    ps = digested.granule
     _, la = read_side(str(a), locate=True)
     _, lb = read_side(str(b), locate=True)
     _, lb_against = read_side(str(b), locate=True, against=la)
@@ -266,3 +289,82 @@ def test_located_pages_compare_as_the_digests_do(tmp_path: Path) -> None:
         assert got == expect, (type(ta).__name__, type(tb).__name__)
     res = diff_states(str(a), str(b))
     assert _ram([x for x in res.ram or [] if x.differs]) == expect
+
+
+def test_every_way_of_reading_the_sides_gives_the_same_pages(tmp_path: Path) -> None:
+    """file/file, pipe/file, file/pipe, pipe/pipe, a gzip side, an opened side and a pipe read through the
+    CLI give the same RAM differences (a data page zeroed, a zero page given data, a changed page), with
+    A the old side however the sides are read; a side that is not a plain file is compared with the file
+    side's pages as it passes (``PageVerdicts``), not digested, and is read once."""
+    import gzip
+
+    a, b, digested, (gone, new, changed) = _edited_pair(tmp_path)
+    ps = digested.granule
+    size = digested.sizes["pc.ram"]
+    expect_ab = [("pc.ram", (size, size), 1, 1, 1,
+                  sorted([(gone, gone + ps, "disappeared"), (new, new + ps, "appeared"),
+                          (changed, changed + ps, "changed")]))]
+    expect_ba = [("pc.ram", (size, size), 1, 1, 1,
+                  sorted([(gone, gone + ps, "appeared"), (new, new + ps, "disappeared"),
+                          (changed, changed + ps, "changed")]))]
+    gz = {}
+    for p in (a, b):
+        gz[p] = tmp_path / (p.name + ".gz")
+        gz[p].write_bytes(gzip.compress(p.read_bytes(), compresslevel=1))
+    assert read_order(str(a), str(b)) == (True, True, False)
+    assert read_order(str(gz[a]), str(b)) == (False, True, True)  # B (the file) is read first
+    assert read_order(str(a), str(gz[b])) == (True, False, False)
+    assert read_order(str(gz[a]), str(gz[b])) == (False, False, False)
+
+    def ram(x: str | Path, y: str | Path, opened: bool = False) -> list[tuple[object, ...]]:
+        if not opened:
+            res = diff_states(str(x), str(y))
+        else:  # sides given as opened inputs: read once, by handle
+            with open_input(str(x)) as ix, open_input(str(y)) as iy:
+                res = diff_states(ix if x != a and x != b else str(x), iy if y != a and y != b else str(y))
+        return _ram([blk for blk in res.ram or [] if blk.differs])
+
+    for x, y, expect in ((a, b, expect_ab), (b, a, expect_ba)):
+        assert ram(x, y) == expect  # file / file
+        assert ram(gz[x], y) == expect  # compressed / file: A compared with B's pages as it is read
+        assert ram(x, gz[y]) == expect  # file / compressed
+        assert ram(gz[x], gz[y]) == expect  # neither a plain file: digests
+        assert ram(gz[x], y, opened=True) == expect
+        assert ram(x, gz[y], opened=True) == expect
+    # the verdicts table really is what compares the non-file side
+    _, la = read_side(str(a), locate=True)
+    _, vb = read_side(str(gz[b]), against=la)
+    assert isinstance(vb, PageVerdicts)
+    assert _ram([x for x in _ram_diff(la, vb, ps) if x.differs]) == expect_ab
+    _, lb = read_side(str(b), locate=True)
+    _, va = read_side(str(gz[a]), against=lb)
+    assert isinstance(va, PageVerdicts)
+    assert _ram([x for x in _ram_diff(va, lb, ps) if x.differs]) == expect_ab
+    _, ve = read_side(str(gz[b]), against=la, pages=True)  # one event per page: the same verdicts
+    assert isinstance(ve, PageVerdicts) and ve.tables == vb.tables
+    # a compressed page (QEMU 7.2's multi-thread compression) is inflated and compared the same way
+    import zlib
+
+    from qevm.format.events import RamFlag
+
+    vc = PageVerdicts(la)
+    vc.granule = vc.page_size = ps
+    vc.add_block("pc.ram", size)
+    loc = memoryview(la.tables["pc.ram"]).cast("q")
+    k = changed // ps  # a data page of A, located in A's file
+    page = a.read_bytes()[loc[k] - (1 << 62) + k * (ps + 8):][:ps]
+    for data, verdict in ((page, -1), (b"\x5a" * ps, -2), (bytes(ps), -4)):
+        rec = len(zlib.compress(data)).to_bytes(4, "big") + zlib.compress(data)
+        vc.sink("pc.ram", int(RamFlag.COMPRESS_PAGE), changed, 1, memoryview(rec), 0, len(rec), 0, 0)
+        assert memoryview(vc.tables["pc.ram"]).cast("q")[k] == verdict  # same, changed, data only in A
+    vc.release()
+    # through the CLI, a real pipe on either side or both (process substitution: /dev/fd/N)
+    direct = as_json(qevm("diff", "--json", str(a), str(b)))
+    assert as_json(qevm("diff", "--json", "-", str(b), stdin=a.read_bytes())) == {**direct, "a": "-"}
+    assert as_json(qevm("diff", "--json", str(a), "-", stdin=b.read_bytes())) == {**direct, "b": "-"}
+    r = subprocess.run(["bash", "-c", f'{sys.executable} -m qevm.cli.main diff --json <(cat "$0") <(cat "$1")',
+                        str(a), str(b)], capture_output=True, timeout=600)
+    both = as_json(r)
+    assert both["ram"] == direct["ram"] and both["sections"] == direct["sections"]
+    blk = next(x for x in direct["ram"]["blocks"] if x["block"] == "pc.ram")
+    assert (blk["pages_changed"], blk["pages_appeared"], blk["pages_disappeared"]) == (1, 1, 1)

@@ -214,3 +214,44 @@ def test_two_state_report_of_xbzrle_streams(tmp_path: Path) -> None:
     assert "0 changed fields" in r.stderr.decode()
     mine = _diff_doc(page)
     assert mine["equal"] and mine["ram"] == {"page_size": 4096, "blocks": []}
+
+
+def test_two_state_report_reads_the_sides_as_qevm_diff_does(tmp_path: Path) -> None:
+    """Without the per-record map, ``qevm report A B`` reads the sides in ``qevm diff``'s order with its
+    page tables (a plain file located, a compressed side compared with it as it passes): the same
+    differences as ``qevm diff`` (a data page zeroed, a zero page given data, a changed page), either way."""
+    import gzip
+
+    from qevm.analysis import report
+    from qevm.analysis.diff import PageLocations, PageVerdicts, diff_states
+
+    a = require_fixture("diff-run-7.2")
+    b = a.with_name("diff-run-7.2.b.mig")
+    gz = tmp_path / "a.mig.gz"
+    gz.write_bytes(gzip.compress(a.read_bytes(), compresslevel=1))
+    seen: list[type] = []
+    gather = report._gather
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        out = gather(*args, **kw)
+        seen.append(type(out[2]))
+        return out
+
+    report._gather = spy  # type: ignore[assignment]
+    try:
+        for x, y in ((a, b), (gz, b), (b, gz)):
+            seen.clear()
+            page = tmp_path / "p.html"
+            report.write_report([str(x), str(y)], str(page), pages=False)
+            mine = _diff_doc(page)
+            for sec in mine["sections"]:
+                sec.pop("fields_total")
+            for blk in mine["ram"]["blocks"]:
+                blk.pop("ranges_total")
+            mine.pop("fields_total")
+            assert mine == diff_states(str(x), str(y)).as_json()
+            assert not mine["equal"] and mine["ram"]["blocks"]
+            # the plain file is read first and the other side compared with it (no digests)
+            assert seen == ([PageLocations, PageLocations] if x == a else [PageLocations, PageVerdicts])
+    finally:
+        report._gather = gather  # type: ignore[assignment]

@@ -6,7 +6,8 @@ document), the section table, a RAM map per block and the decoded device tree wi
 pages: how many times the pages of a cell were sent across the passes over memory (from the
 parser's pass bitmaps, so the counting fast path keeps its speed) and, with ``pages=True``, how many
 records of each kind (zero / data / XBZRLE / compressed) the cell received.  For two states the
-differences are ``qevm diff``'s (``qevm.analysis.diff``: the page digests are taken in the same pass
+differences are ``qevm diff``'s (``qevm.analysis.diff``, read in the order it reads them: the page
+table -- file locations, verdicts against the other side, or digests -- is filled in the same pass
 that gathers the RAM map, so each stream is still read once and RAM is never held);
 ``qevm.analysis.report_html`` renders the documents and that diff side by side.
 """
@@ -17,7 +18,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from qevm.analysis.diff import PageTable, StateDiff, add_side_notes, diff_analyses, read_side
+from qevm.analysis.diff import PageTable, StateDiff, add_side_notes, diff_analyses, read_order, read_side
 from qevm.analysis.document import info_document
 from qevm.codec.vmsd import NULL, Field, Opaque, Struct, encode_struct
 from qevm.errors import UsageError
@@ -157,13 +158,20 @@ def collect(source: str | Input, *, pages: bool | None = None, name: str | None 
     return _gather(source, pages, name, False, read_opts)[0]
 
 
-def _gather(source: str | Input, pages: bool | None, name: str | None, ram_digests: bool,
-            read_opts: dict[str, Any]) -> tuple[dict[str, Any], Analysis, PageTable | None]:
-    """The report document, the analysis and, with ``ram_digests``, the page-digest table
-    ``qevm.analysis.diff`` compares (filled in the same pass, so two states are still read once each)."""
+def _detail(source: str | Input, pages: bool | None) -> bool:
     if pages is None:
         size = source.size if isinstance(source, Input) else (os.path.getsize(source) if source != "-" else None)
-        pages = size is not None and size <= DETAIL_LIMIT
+        return size is not None and size <= DETAIL_LIMIT
+    return pages
+
+
+def _gather(source: str | Input, pages: bool | None, name: str | None, ram_digests: bool,
+            read_opts: dict[str, Any], locate: bool = False,
+            against: PageTable | None = None) -> tuple[dict[str, Any], Analysis, PageTable | None]:
+    """The report document, the analysis and, with ``ram_digests``, the page table ``qevm.analysis.diff``
+    compares (filled in the same pass, so two states are still read once each; ``locate``, ``against``:
+    as ``qevm.analysis.diff.read_side`` takes them, in the order ``read_order`` gives)."""
+    pages = _detail(source, pages)
     made: list[tuple[HeatTracker, _RamWatch]] = []
 
     def hooks() -> tuple[_RamWatch, HeatTracker]:  # once per pass (an XBZRLE side is read twice)
@@ -173,7 +181,8 @@ def _gather(source: str | Input, pages: bool | None, name: str | None, ram_diges
 
     table: PageTable | None = None
     if ram_digests:
-        an, table = read_side(source, ram=True, hooks=hooks, pages=bool(pages), **read_opts)
+        an, table = read_side(source, ram=True, hooks=hooks, pages=bool(pages), locate=locate, against=against,
+                              **read_opts)
     else:
         watch, tracker = hooks()
         an = read_stream(source, on_event=watch, pages=bool(pages), tracker=tracker, **read_opts)
@@ -314,7 +323,17 @@ def write_report(sources: list[str], out_path: str, *, pages: bool | None = None
     if not os.path.isdir(directory):
         raise UsageError(f"output directory {directory} does not exist")
     two = len(sources) == 2
-    sides = [_gather(s, pages, s, two, read_opts) for s in sources]
+    if two:  # read as ``qevm diff`` reads them (``read_order``): a plain file first, the other against it
+        a, b = sources
+        la, lb, b_first = read_order(a, b, pages_a=_detail(a, pages), pages_b=_detail(b, pages))
+        if b_first:
+            side_b = _gather(b, pages, b, True, read_opts, locate=lb)
+            sides = [_gather(a, pages, a, True, read_opts, locate=la, against=side_b[2]), side_b]
+        else:
+            side_a = _gather(a, pages, a, True, read_opts, locate=la)
+            sides = [side_a, _gather(b, pages, b, True, read_opts, locate=lb, against=side_a[2])]
+    else:
+        sides = [_gather(sources[0], pages, sources[0], False, read_opts)]
     docs = [side[0] for side in sides]
     diff = None
     if two:
