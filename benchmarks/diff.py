@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import compile_once  # noqa: E402
+
 TIME_BIN = shutil.which("time", path="/usr/bin:/bin")
 DIFF_VS_DUMPS = 1.5
 MAX_RSS_MB = 64.0
@@ -89,6 +92,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    compile_once()
     a, b = ensure_pair()
     cmds: dict[str, tuple[list[str], bool]] = {
         "qevm dump A": (qevm_cmd("dump", str(a)), False),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import io
 import json
+import mmap
 import os
 import re
 import struct
@@ -51,7 +52,8 @@ from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
 from qevm.io.base import CHUNK, Input, atomic_output
 from qevm.io.compression import compressing
-from qevm.io.reader import drive, trailer_schema
+from qevm.io.mapped import WINDOW, drive, map_window
+from qevm.io.reader import trailer_schema
 from qevm.io.sources import open_input
 
 __all__ = [
@@ -133,14 +135,15 @@ def _write_chunks(chunks: Iterable[Chunk], out: Any, fd: int | None = None) -> i
             data = b"".join(c)
             out.write(data)
             n += len(data)
+        del c  # its buffers may be views of a mapped window: unmapped once dropped
     return n
 
 
 def _writev(fd: int, bufs: list[bytes | memoryview]) -> int:
     total = 0
     for k in range(0, len(bufs), 1024):  # IOV_MAX
-        part = [memoryview(b) for b in bufs[k:k + 1024]]
-        want = sum(len(b) for b in part)
+        part = bufs[k:k + 1024]
+        want = sum(map(len, part))
         done = os.writev(fd, part)
         while done < want:  # a short write: finish the rest plainly
             rest = b"".join(part)[done:]
@@ -437,13 +440,44 @@ def _read_slots(f: Any, slots: list[memoryview], at: int) -> int:
     return done
 
 
+class _PageWindows:
+    """The page regions of a mapped-ram file read in place: ``view(at, n)`` is a view of ``n`` bytes from file
+    offset ``at`` in an ``mmap`` window (``qevm.io.mapped.map_window``, ``WINDOW`` bytes or the run's length).  A
+    window stays mapped while a view of it is referenced (the caller drops each list of buffers once written)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self._view = memoryview(b"")
+        self._at = self._end = 0
+
+    def view(self, at: int, n: int) -> memoryview | None:
+        """None when the file ends before ``at + n``."""
+        if at + n > self.size:
+            return None
+        if at < self._at or at + n > self._end:
+            self._view = memoryview(b"")  # the last window goes first
+            gran = mmap.ALLOCATIONGRANULARITY
+            start = at - at % gran
+            self._end = min(self.size, max(start + WINDOW, at + n))
+            self._at = start
+            self._view = memoryview(map_window(self.fd, start, self._end, self.size))
+        return self._view[at - self._at:at - self._at + n]
+
+
 def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                   stats: ConvertResult | None) -> Iterator[list[bytes | memoryview]]:
     """PAGE records for the set bits of every block's bitmap, ZERO records for the others, as lists
-    of buffers for ``writev``; a list is valid only until the next one is asked for (its buffer is reused)."""
+    of buffers for ``writev``; a list is valid only until the next one is asked for (its buffer is reused).
+
+    From a plain file the pages are views of the file's page cache (``_PageWindows``) between their packed
+    record heads: written out with one copy, as ``cp`` copies.  Other seekable inputs are read into a buffer
+    (``_read_slots``)."""
     f = inp.file
+    windows = _PageWindows(f.fileno()) if isinstance(f, io.FileIO) else None
     scratch = bytearray()  # reused: each yielded list is valid until the next one is asked for
-    run_max = max(1, (4 << 20) // ps)
+    # a run: one writev of IOV_MAX buffers (head, page, head, page...) from the page cache, 4 MiB from a buffer
+    run_max = max(1, 512 if windows is not None else (4 << 20) // ps)
     cont_page = int(RamFlag.PAGE | RamFlag.CONTINUE)
     cont_zero = int(RamFlag.ZERO | RamFlag.CONTINUE)
     for b in blocks:
@@ -462,27 +496,46 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
                 k0 = i + 1
                 first = False
             if present:
-                # the records laid out in one reused buffer: heads packed, then the pages read into their
-                # slots with one preadv (one contiguous write per run, no per-page buffers)
                 n = j - k0
-                stride = ps + 8
                 at = base + i * ps
-                if len(scratch) < (j - i) * stride:
-                    scratch = bytearray((j - i) * stride)
-                slots: list[memoryview] = []
-                if k0 > i:  # the named first record's page
-                    first_page = memoryview(scratch)[n * stride:n * stride + ps]
-                    vec.append(first_page)
-                    slots.append(first_page)
-                mv = memoryview(scratch)[:n * stride]
-                if n:
-                    _put_words(mv, stride, range(k0 * ps | cont_page, j * ps, ps))
-                    slots += [mv[p:p + ps] for p in range(8, n * stride, stride)]
-                    vec.append(mv)
-                got = _read_slots(f, slots, at)
-                if got < (j - i) * ps:
-                    raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page "
-                                      f"0x{(i + got // ps) * ps:x}", at + got, f"ram/{b.name}")
+                if windows is not None:
+                    src = windows.view(at, (j - i) * ps)
+                    if src is None:
+                        raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page "
+                                          f"0x{(i + max(0, windows.size - at) // ps) * ps:x}",
+                                          max(at, windows.size), f"ram/{b.name}")
+                    if k0 > i:  # the named first record's page
+                        vec.append(src[:ps])
+                    if n:
+                        heads = array.array("Q", range(k0 * ps | cont_page, j * ps, ps))
+                        if sys.byteorder == "little":
+                            heads.byteswap()
+                        hv = memoryview(heads).cast("B")
+                        iov: list[bytes | memoryview] = [hv] * (2 * n)
+                        iov[0::2] = [hv[p:p + 8] for p in range(0, 8 * n, 8)]
+                        off = (k0 - i) * ps
+                        iov[1::2] = [src[p:p + ps] for p in range(off, off + n * ps, ps)]
+                        vec += iov
+                else:
+                    # the records laid out in one reused buffer: heads packed, then the pages read into their
+                    # slots with one preadv (one contiguous write per run, no per-page buffers)
+                    stride = ps + 8
+                    if len(scratch) < (j - i) * stride:
+                        scratch = bytearray((j - i) * stride)
+                    slots: list[memoryview] = []
+                    if k0 > i:  # the named first record's page
+                        first_page = memoryview(scratch)[n * stride:n * stride + ps]
+                        vec.append(first_page)
+                        slots.append(first_page)
+                    mv = memoryview(scratch)[:n * stride]
+                    if n:
+                        _put_words(mv, stride, range(k0 * ps | cont_page, j * ps, ps))
+                        slots += [mv[p:p + ps] for p in range(8, n * stride, stride)]
+                        vec.append(mv)
+                    got = _read_slots(f, slots, at)
+                    if got < (j - i) * ps:
+                        raise DecodeError(f"mapped-ram block {b.name!r}: the file ends inside page "
+                                          f"0x{(i + got // ps) * ps:x}", at + got, f"ram/{b.name}")
                 pages += j - i
             else:
                 vec.append(struct.pack(">" + "QB" * (j - k0),
