@@ -14,6 +14,10 @@ filesystem, with a warm page cache; GNU ``time`` gives CPU time and peak RSS:
 * ``mapped-ram to stream``     qevm convert OUT.mapped OUT.mig --to stream
 * ``to qcow2 snapshot``        qevm convert STREAM NEW.qcow2 --name big --size 1G
 
+``--before SRC`` adds the two mapped-ram conversions of an older tree (its ``src/``) to the same round-robin;
+``--only a,b`` runs those operations (and cp).  Measured qevm commands compile their modules once
+(``run.compile_once``).
+
 Targets (issue 12): each within 1.5x of cp's wall time; peak RSS <= 64 MB.  Prints a table (or ``--json``);
 ``--check`` makes the exit status 1 when a target is missed.  The outputs are removed afterwards.
 """
@@ -32,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import compile_once  # noqa: E402
+
 TIME_BIN = shutil.which("time", path="/usr/bin:/bin")
 VS_CP = 1.5
 MAX_RSS_MB = 64.0
@@ -75,7 +82,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--before", type=Path, help="a source tree (its src/) of an older qevm: its two mapped-ram "
+                    "conversions run in the same round-robin, labelled (before)")
+    ap.add_argument("--only", help="comma-separated operations to run (cp always runs)")
     args = ap.parse_args()
+    compile_once()
     stream: Path = args.stream
     if not stream.exists():
         raise SystemExit(f"{stream} missing: run benchmarks/run.py once to build it")
@@ -94,14 +105,23 @@ def main() -> int:
         ("to qcow2 snapshot", [*qevm, str(stream), str(work / "new.qcow2"), "--name", "big", "--size", "1G"],
          work / "new.qcow2"),
     ]
+    if args.before is not None:
+        old_qevm = ["env", f"PYTHONPATH={args.before.resolve()}", *qevm]
+        ops += [("to mapped-ram (before)", [*old_qevm, str(stream), str(work / "old.mapped"), "--to", "mapped-ram"],
+                 work / "old.mapped"),
+                ("mapped-ram to stream (before)", [*old_qevm, str(mapped), str(work / "old.mig"), "--to", "stream"],
+                 work / "old.mig")]
+    to_mapped = next(argv for op, argv, _ in ops if op == "to mapped-ram")
+    if args.only:
+        keep = {"cp", *args.only.split(",")}
+        ops = [op for op in ops if op[0] in keep]
     best: dict[str, tuple[float, float, float]] = {}
     try:
         log(f"stream {stream} ({stream.stat().st_size / 1e9:.2f} GB); warming the page cache")
         subprocess.run(["cat", str(stream)], stdout=subprocess.DEVNULL, check=True)
         for i in range(args.runs):
             for name, argv, out in ops:
-                if name == "mapped-ram to stream" and not mapped.exists():
-                    to_mapped = next(argv for op, argv, _ in ops if op == "to mapped-ram")
+                if name.startswith("mapped-ram to stream") and not mapped.exists():
                     subprocess.run(to_mapped, env=env, check=True, stdout=subprocess.DEVNULL)
                 wall, cpu, rss = run_once(argv, env)
                 log(f"run {i + 1}/{args.runs} {name:22s} {wall:7.2f}s  cpu {cpu:6.2f}s  rss {rss:6.1f} MB")
@@ -119,7 +139,7 @@ def main() -> int:
         wall, cpu, rss = best[name]
         row = {"op": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss, 1),
                "vs_cp": round(wall / cp_wall, 2)}
-        if not name.startswith("cp") and name != "python copy":
+        if not name.startswith("cp") and name != "python copy" and not name.endswith("(before)"):
             row["ok"] = wall <= VS_CP * cp_wall and rss <= MAX_RSS_MB
             ok = ok and bool(row["ok"])
         rows.append(row)

@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import compile_once  # noqa: E402
+
 TIME_BIN = shutil.which("time", path="/usr/bin:/bin")
 DIFF_VS_DUMPS = 1.5
 MAX_RSS_MB = 64.0
@@ -94,6 +97,7 @@ def main() -> int:
                     help="another qevm tree (its src/ is used): its diff rows are timed in the same rounds, "
                          "marked (before)")
     args = ap.parse_args()
+    compile_once()
     a, b = ensure_pair()
     src = REPO / "src"
 

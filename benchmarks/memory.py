@@ -28,6 +28,7 @@ from run import (  # noqa: E402
     Cmd,
     Result,
     cache_root,
+    compile_once,
     ensure_peer,
     measure,
     print_table,
@@ -100,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     ns = ap.parse_args(argv)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    # Python modules are compiled once, as in an installed qevm (an environment with PYTHONDONTWRITEBYTECODE
-    # would compile every module at every start: ~0.07 s per command); the cache stays out of the source tree
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(cache_root() / "pycache"))
+    compile_once()
     file = (ns.file or cache_root() / "bench" / "big.mig").resolve()
     if not file.exists():
         print(f"{file} missing: build it with python3 benchmarks/run.py --build-only", file=sys.stderr)

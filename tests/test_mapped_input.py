@@ -1,4 +1,4 @@
-"""Reading a regular file through mmap windows (``qevm.analysis.extract.drive``, ``Parser.use_buffer``) against
+"""Reading a regular file through mmap windows (``qevm.io.mapped.drive``, ``Parser.use_buffer``) against
 reading it into the parser's own buffer (``qevm.io.reader.drive``), on every real stream: the same events and
 the same page records through the run sink, with windows small enough to cut records and device sections
 (a section longer than a window makes it grow).  What the consumers write from the windows is tested where
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import ALL_STREAMS, require_fixture, stream_id
 
-import qevm.analysis.extract as extract_mod
+import qevm.io.mapped as mapped_mod
 from qevm.format.events import Event, MappedRamData, RamTally
 from qevm.format.parser import Parser
 from qevm.io.reader import drive as reader_drive
@@ -48,8 +48,8 @@ def _read(path: Path, mapped: bool) -> tuple[list[Any], list[tuple[Any, ...]]]:
             elif type(ev) is not MappedRamData:  # region bytes come in other chunks (or are seeked over)
                 events.append(ev)
         if mapped:
-            assert extract_mod.mappable(inp)
-            extract_mod.drive(p, inp, handle)
+            assert mapped_mod.mappable(inp)
+            mapped_mod.drive(p, inp, handle)
         else:
             reader_drive(p, inp, handle)
         return [*events, counts, p.passes.passes, p.offset], recs
@@ -62,7 +62,7 @@ def test_mapped_windows_equal_reads(fixture: Path, unpacked, monkeypatch: pytest
     path = unpacked(fixture)
     want_events, want_recs = _read(path, False)
     for window in (64 << 10, 8 << 20):
-        monkeypatch.setattr(extract_mod, "WINDOW", window)
+        monkeypatch.setattr(mapped_mod, "WINDOW", window)
         events, recs = _read(path, True)
         assert recs == want_recs, window
         assert events == want_events, window

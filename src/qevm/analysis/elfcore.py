@@ -7,7 +7,7 @@ table at the very end.  Notes per vCPU as target/i386/arch_dump.c writes them: N
 for every CPU, then the "QEMU" CPU-state note for every CPU, then the guest's VMCOREINFO note when the
 vmcoreinfo device recorded one.  x86 only so far.
 
-From a regular file (read through mmap windows, ``qevm.analysis.extract.drive``): a counting pass gives the
+From a regular file (read through mmap windows, ``qevm.io.mapped.drive``): a counting pass gives the
 memory map and the notes (one more pass keeps the pages of the guest's VMCOREINFO note, when there is one),
 then every page goes straight to its final offset.  From a pipe: guest RAM is first written to a sparse
 staging file next to the output (bounded memory), then the ranges are copied into place extent by extent,
@@ -25,21 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from qevm.analysis.extract import (
-    WINDOW,
-    BlockSink,
-    RamFiles,
-    discard,
-    drive,
-    map_window,
-    mappable,
-    output_directory,
-)
+from qevm.analysis.extract import BlockSink, RamFiles, discard, output_directory
 from qevm.analysis.guestmap import GuestMap, MapError, Range
 from qevm.codec.vmsd import to_json
 from qevm.errors import DecodeError, UsageError
 from qevm.format.events import Event, RamBlock, RamFlag
 from qevm.format.parser import Parser
+from qevm.io.mapped import WINDOW, drive, map_window, mappable
 from qevm.io.reader import Analysis, Device, trailer_schema
 from qevm.io.sources import Input, open_input
 
@@ -514,7 +506,7 @@ _PAGE, _ZERO = int(RamFlag.PAGE), int(RamFlag.ZERO)
 
 def _first_pass(inp: Input, page_size: int | None) -> tuple[Analysis, array[int] | None, list[str]]:
     """``read_stream(inp, page_size=page_size, strict=False)``, reading a regular file through ``mmap`` windows
-    (``qevm.analysis.extract.drive``): the pages are only counted, so this pass costs the parse alone.  It also
+    (``qevm.io.mapped.drive``): the pages are only counted, so this pass costs the parse alone.  It also
     logs the run sink's calls (kind, address, count, payload offset, length, stride, record offset, block
     index each) when they are runs of data and zero pages only, at most ``_LOG_MAX`` of them, and no block is
     mapped-ram or announced twice: the page pass then replays the log instead of parsing again (None: it

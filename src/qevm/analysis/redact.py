@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-from qevm.analysis.extract import discard, drive, output_directory, ram_records, read_region
+from qevm.analysis.extract import discard, output_directory, ram_records, read_region
 from qevm.analysis.guestmap import GuestMap
 from qevm.codec.wire import be64, cstr
 from qevm.errors import UsageError
 from qevm.format.events import Event, MappedRamData, RamBlock, RamFlag, RamPage, RamTally
 from qevm.format.parser import Parser
+from qevm.io.mapped import drive
 from qevm.io.reader import read_stream, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
 
