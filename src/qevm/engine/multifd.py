@@ -56,7 +56,7 @@ from qevm.format.multifd import (
     page_count,
 )
 from qevm.format.records import RamFlag
-from qevm.io.convert import _bit_runs
+from qevm.io.convert import bit_runs
 from qevm.migration.channels import Channel, FdChannel, Incoming, SocketChannel, TransportError, open_outgoing
 from qevm.migration.ratelimit import RateLimiter
 
@@ -625,7 +625,7 @@ class MappedRamLoad:
             return  # the loader refuses unknown blocks on its own
         ps = self.m.page_size
         npages = self.m.npages
-        runs = [(a, e - a) for a, e, present in _bit_runs(bitmap, npages, 256) if present]
+        runs = [(a, e - a) for a, e, present in bit_runs(bitmap, npages, 256) if present]
         self.pages += sum(n for _, n in runs)
         ram = memoryview(self.m.ram)
         err: list[BaseException] = []

@@ -43,7 +43,7 @@ from qevm.format.events import (
 )
 from qevm.format.records import RamFlag, SectionKind, ram_record_head
 from qevm.format.selfdesc import DEBUG_MIGRATION_IDSTR, encode_debug_payload
-from qevm.io.convert import _vmdesc_with_caps, _with_caps
+from qevm.io.convert import vmdesc_with_caps, with_caps
 from qevm.migration.ratelimit import RateLimiter
 from qevm.vmstate.jsonout import vmdesc_json
 
@@ -385,7 +385,7 @@ class SaveSession:
     def header(self) -> None:
         cfg = Configuration(0, MACHINE_TYPE, [])
         if self.capabilities:
-            cfg = _with_caps(cfg, self.capabilities)
+            cfg = with_caps(cfg, self.capabilities)
         self.out.write(FileHeader(0).encode() + cfg.encode())
 
     def _ram_chunk(self, kind: SectionKind, body: Callable[[], Any]) -> None:
@@ -429,7 +429,7 @@ class SaveSession:
         if self.m.debug_migration is not None:
             embed_vmdesc(evs)
         if self.capabilities and isinstance(evs[-1], VmDescription):
-            evs[-1] = _vmdesc_with_caps(evs[-1], self.capabilities)
+            evs[-1] = vmdesc_with_caps(evs[-1], self.capabilities)
         for ev in evs:
             if in_postcopy and isinstance(ev, (EndOfFile, VmDescription)):
                 continue

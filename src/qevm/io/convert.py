@@ -66,6 +66,9 @@ __all__ = [
     "stream_info",
     "vm_clock_of",
     "find_vm_clock",
+    "with_caps",
+    "vmdesc_with_caps",
+    "bit_runs",
 ]
 
 FORMATS = ("stream", "mapped-ram", "qcow2")
@@ -243,7 +246,7 @@ def _caps_body(caps: list[str]) -> bytes:
     return be32(len(caps)) + b"".join(cstr(c) for c in caps)
 
 
-def _with_caps(cfg: Configuration, caps: list[str]) -> Configuration:
+def with_caps(cfg: Configuration, caps: list[str]) -> Configuration:
     """``cfg`` with its capabilities subsection replaced (dropped when ``caps`` is empty); a new
     subsection goes where QEMU puts it (after target-page-bits, before uuid)."""
     subs = [s for s in cfg.subsections if s.name != _CAPS]
@@ -255,7 +258,7 @@ def _with_caps(cfg: Configuration, caps: list[str]) -> Configuration:
     return Configuration(cfg.offset, cfg.machine, subs)
 
 
-def _vmdesc_with_caps(ev: VmDescription, caps: list[str]) -> VmDescription:
+def vmdesc_with_caps(ev: VmDescription, caps: list[str]) -> VmDescription:
     """The vmdesc trailer with its description of the configuration's capabilities subsection
     matching ``caps`` (readers such as analyze-migration.py parse the configuration by it).  QEMU
     7.2 does not describe the configuration at all: then nothing changes."""
@@ -330,7 +333,7 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
         assert isinstance(ev, Event)
         if isinstance(ev, Configuration):
             caps = [c for c in ev.capabilities if c != "mapped-ram"]
-            out.append(_with_caps(ev, caps).encode())
+            out.append(with_caps(ev, caps).encode())
         elif isinstance(ev, RamBlock):
             if ev.mapped is not None:
                 mb = _MappedBlock(ev.name, ev.used_length, ev.mapped)
@@ -343,7 +346,7 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
         elif isinstance(ev, MappedRamData):
             pass
         elif isinstance(ev, VmDescription):
-            out.append(_vmdesc_with_caps(ev, caps).encode())
+            out.append(vmdesc_with_caps(ev, caps).encode())
         elif isinstance(ev, SectionHeader):
             if ev.section.handler == "ram":
                 ram_sid = ev.section.section_id
@@ -374,7 +377,7 @@ def sequential_chunks(inp: Input, stats: ConvertResult | None = None) -> Iterato
                           "cannot be placed", parser.offset, "ram")
 
 
-def _bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, bool]]:
+def bit_runs(bm: bytes, npages: int, run_max: int) -> Iterator[tuple[int, int, bool]]:
     """(first page, end page, present) runs of a little-endian bitmap, at most ``run_max`` long."""
     # bit i of the little-endian integer is page i: its binary digits reversed, page 0 first
     bits = bin(int.from_bytes(bm, "little"))[:1:-1].ljust(len(bm) * 8, "0")[:npages].ljust(npages, "0")
@@ -464,7 +467,7 @@ def _mapped_pages(inp: Input, blocks: list[_MappedBlock], ps: int,
         base = b.header.pages_offset - inp.file_offset
         first = True
         pages = zeros = 0
-        for i, j, present in _bit_runs(b.bitmap, npages, run_max):
+        for i, j, present in bit_runs(b.bitmap, npages, run_max):
             vec: list[bytes | memoryview] = []
             k0 = i
             if first:  # the block's first record names it
@@ -656,10 +659,10 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
             if "mapped-ram" in caps:
                 raise UsageError(f"{inp.name} is already a mapped-ram stream")
             new_caps[:] = [*caps, "mapped-ram"]
-            put(_with_caps(ev, new_caps).encode())
+            put(with_caps(ev, new_caps).encode())
             return
         if isinstance(ev, VmDescription):
-            put(_vmdesc_with_caps(ev, new_caps).encode())
+            put(vmdesc_with_caps(ev, new_caps).encode())
             return
         if isinstance(ev, SectionHeader):
             in_ram = ev.section.handler == "ram"
