@@ -46,6 +46,7 @@ from qevm.format.events import (
     VmDescription,
 )
 from qevm.format.memory import RamImage
+from qevm.format.multifd import mapped_ram_header
 from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
@@ -74,8 +75,6 @@ __all__ = [
 FORMATS = ("stream", "mapped-ram", "qcow2")
 COMPRESSIONS = ("gzip", "xz", "zstd")
 
-#: QEMU aligns each block's page region to 1 MiB (for O_DIRECT), format.md §4.1
-MAPPED_RAM_ALIGN = 1 << 20
 _CAPS = "configuration/capabilities"
 _SUFFIXES = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
 
@@ -677,11 +676,9 @@ def write_mapped_ram(inp: Input, fd: int, stats: ConvertResult | None = None) ->
                 ram = _MappedRam(fd, ps)
                 parser.run_sink = ram.run  # every page record from now on (the fast twin of RamPage events)
             entry = RamBlock(ev.offset, ev.name, ev.used_length, None, ev.addr, None).encode()
-            hdr_at = pos + len(entry)
-            bitmap_at = hdr_at + 28
-            bitmap_size = (ev.used_length // ps + 63) // 64 * 8
-            pages_at = -(-(bitmap_at + bitmap_size) // MAPPED_RAM_ALIGN) * MAPPED_RAM_ALIGN
-            put(entry + MappedRamHeader(1, ps, bitmap_at, pages_at).encode())
+            hdr = mapped_ram_header(pos + len(entry), ev.used_length, ps)
+            bitmap_at, pages_at = hdr.bitmap_offset, hdr.pages_offset
+            put(entry + hdr.encode())
             flush()
             pos = pages_at + ev.used_length
             if ev.name in regions:
