@@ -55,6 +55,7 @@ from qevm.format.multifd import (
     packet_len,
     page_count,
 )
+from qevm.format.pagebits import set_bits
 from qevm.format.records import RamFlag
 from qevm.io.convert import bit_runs
 from qevm.migration.channels import Channel, FdChannel, Incoming, SocketChannel, TransportError, open_outgoing
@@ -302,13 +303,13 @@ class SendChannels:
         ps = self.ps
         n = len(normal) * ps
         self._take(n)
-        for start, end in _runs(normal, ps):
+        runs = list(_runs(normal, ps))
+        for start, end in runs:
             os.pwritev(mp.fd, data[start:end], mp.pages_offset + normal[start])
         bm = mp.bitmap
         with mp.lock:
-            for off in normal:
-                p = off // ps
-                bm[p >> 3] |= 1 << (p & 7)
+            for start, end in runs:
+                set_bits(bm, normal[start] // ps, end - start)
             for off in zeros:
                 p = off // ps
                 bm[p >> 3] &= ~(1 << (p & 7)) & 0xFF
