@@ -61,6 +61,12 @@ _BITS_ALIGN = 32  # send_bitmap_bits pads buffers to 4 * sizeof(long)
 _EOS = encode_block_record(BlockFlag.EOS)
 _DBM_EOS = encode_dbitmap_record(DirtyBitmapFlag.EOS)
 
+
+def _zero(data: bytes) -> bool:
+    """All bytes zero (one C-level count instead of ``any``'s step per byte)."""
+    return data.count(0) == len(data)
+
+
 Write = Callable[[bytes], None]
 #: QEMU 7.2's MigrationStats members, in its order
 _DISK_STATS = ("transferred", "remaining", "total", "duplicate", "skipped", "normal", "normal-bytes",
@@ -139,7 +145,7 @@ class BlockSaver:
     def _send(self, write: Write, sector: int, data: bytes) -> None:
         assert self.disk is not None
         flags = BlockFlag.DEVICE_BLOCK
-        if self.zero_blocks and not any(data):
+        if self.zero_blocks and _zero(data):
             flags |= BlockFlag.ZERO_BLOCK
             rec = encode_block_record(flags, sector, self.disk.name)
         else:
@@ -362,8 +368,8 @@ class LiveLoader:
             for p in range(0, n, step):
                 k = min(step, n - p)
                 piece = data[p:p + k] if data is not None else None
-                if piece is None or not any(piece):
-                    if any(disk.read(offset + p, k)):
+                if piece is None or _zero(bytes(piece)):
+                    if not _zero(disk.read(offset + p, k)):
                         disk.write(offset + p, bytes(k))
                     else:
                         disk.mark_dirty(offset + p, k)
