@@ -67,7 +67,6 @@ class DirtyBitmapStartFlag(IntFlag):
 
 #: block-migration records carry the sector number above the flags: sector << 9 | flags
 BLOCK_SECTOR_BITS = 9
-_BLOCK_FLAG_BITS = BLOCK_SECTOR_BITS
 
 
 @dataclass(slots=True)
@@ -192,7 +191,7 @@ def encode_block_record(flags: int, value: int = 0, device: str | None = None,
     of a DEVICE_BLOCK, the percentage of a PROGRESS), then for DEVICE_BLOCK the device name and,
     unless ZERO_BLOCK, the BLOCK_CHUNK bytes (``data`` padded with zeros to the full chunk, as the
     wire always carries one)."""
-    head = be64(value << _BLOCK_FLAG_BITS | flags)
+    head = be64(value << BLOCK_SECTOR_BITS | flags)
     if not flags & BlockFlag.DEVICE_BLOCK:
         return head
     assert device is not None
@@ -206,7 +205,7 @@ def encode_block_record(flags: int, value: int = 0, device: str | None = None,
 
 def _block(cur: Cursor, st: LiveState) -> tuple[str, dict[str, Any], bool]:
     w = cur.be64()
-    flags, sector = w & ((1 << _BLOCK_FLAG_BITS) - 1), w >> _BLOCK_FLAG_BITS
+    flags, sector = w & ((1 << BLOCK_SECTOR_BITS) - 1), w >> BLOCK_SECTOR_BITS
     kind = "eos"
     info: dict[str, Any] = {"flags": flags}
     if flags & BlockFlag.DEVICE_BLOCK:
