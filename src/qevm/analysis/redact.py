@@ -168,7 +168,8 @@ class _Redactor:
 def _keep_offsets(source: str, snapshot: str | None, ranges: list[tuple[int, int]],
                   overrides: dict[str, int] | None) -> dict[str, list[tuple[int, int]]]:
     """Guest-physical ranges as (block, offset range) pairs, from a first read of the stream."""
-    an = read_stream(open_input(source, snapshot), strict=False)
+    with open_input(source, snapshot) as inp:
+        an = read_stream(inp, strict=False)
     gmap = GuestMap.from_analysis(an, overrides)
     out: dict[str, list[tuple[int, int]]] = {}
     for start, end in ranges:
