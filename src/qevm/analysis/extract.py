@@ -288,7 +288,6 @@ class RamFiles:
         self.page_size = page_size
         self.sinks: dict[str, BlockSink | None] = {}
         self.mapped: dict[str, tuple[int, int, int, bytes]] = {}  # block -> (pages start, page size, used, bitmap)
-        self._block: str | None = None  # the block CONTINUE records refer to (tally scanning)
 
     def attach(self, parser: Parser) -> None:
         """Take every page record from ``parser``'s run sink (its counting lane, ``count_pages=True``): the
