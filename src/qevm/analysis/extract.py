@@ -31,7 +31,6 @@ from qevm.format.events import (
     MappedRamData,
     RamBlock,
     RamFlag,
-    RamPage,
 )
 from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import Parser
@@ -197,32 +196,6 @@ class BlockSink:
         data = os.pread(self.fd, self.page_size, self.base + addr) if self._is_dirty(addr) else b""
         return data + bytes(self.page_size - len(data))
 
-    def apply(self, ev: RamPage) -> None:
-        ps = self.page_size
-        addr = ev.addr
-        if addr % ps or addr + ps > self.size:
-            raise DecodeError(f"page at 0x{addr:x} lies outside RAM block {ev.block!r} "
-                              f"(0x{self.size:x} bytes)", ev.offset)
-        kind = ev.flags & ~RamFlag.CONTINUE
-        if kind == RamFlag.PAGE:
-            self.counts["normal"] += 1
-            buf = self._buf
-            if self._buf_at >= 0 and self._buf_at + len(buf) == addr and len(buf) < _FLUSH:
-                buf += ev.payload
-                i = addr // ps
-                self.dirty[i >> 3] |= 1 << (i & 7)
-            else:
-                self.put(addr, ev.payload)
-        elif kind == RamFlag.ZERO:
-            self.counts["zero"] += 1
-            self.zero(addr, ev.payload[0])
-        elif kind == RamFlag.XBZRLE:
-            self.counts["xbzrle"] += 1
-            self.xbzrle(addr, ev.payload[3:], ev.offset)
-        elif kind == RamFlag.COMPRESS_PAGE:
-            self.counts["compressed"] += 1
-            self.inflate(addr, ev.payload[4:], ev.offset)
-
     def xbzrle(self, addr: int, delta: bytes | memoryview, offset: int) -> None:
         page = bytearray(self.get(addr))
         apply_delta(page, bytes(delta), offset)
@@ -291,7 +264,7 @@ class RamFiles:
 
     def attach(self, parser: Parser) -> None:
         """Take every page record from ``parser``'s run sink (its counting lane, ``count_pages=True``): the
-        fast twin of handing every ``RamPage`` event to ``handle``."""
+        only way pages reach this object (``handle`` takes the other events)."""
         parser.run_sink = self.run
 
     def run(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
@@ -324,34 +297,17 @@ class RamFiles:
             sink.inflate(addr, view[pos + 4:pos + length], offset)
 
     def chain(self, other: Callable[[Event], None]) -> Callable[[Event], None]:
-        """A handler giving RAM pages to this object only (the hot path) and every other event to both
-        ``other`` and this object.  Page counts are then in each sink's ``counts``."""
-        sinks = self.sinks
+        """A handler giving every event to both ``other`` and this object (the pages come to ``run``, see
+        ``attach``).  Page counts are then in each sink's ``counts``."""
 
         def handle(ev: Event) -> None:
-            if type(ev) is RamPage:
-                page = ev
-                sink = sinks.get(page.block)
-                if sink is not None:
-                    sink.apply(page)
-                elif page.block not in sinks:
-                    raise DecodeError(f"page for RAM block {page.block!r}, which the stream never announced",
-                                      page.offset)
-                return
             other(ev)
             self.handle(ev)
         return handle
 
     def handle(self, ev: Event) -> None:
         t = type(ev)
-        if t is RamPage:
-            assert isinstance(ev, RamPage)
-            sink = self.sinks.get(ev.block)
-            if sink is not None:
-                sink.apply(ev)
-            elif ev.block not in self.sinks:
-                raise DecodeError(f"page for RAM block {ev.block!r}, which the stream never announced", ev.offset)
-        elif t is RamBlock:
+        if t is RamBlock:
             assert isinstance(ev, RamBlock)
             if ev.name in self.sinks:
                 sink = self.sinks[ev.name]
