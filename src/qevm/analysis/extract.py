@@ -35,6 +35,7 @@ from qevm.format.events import (
 from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import Parser
 from qevm.format.xbzrle import apply_delta
+from qevm.io.base import IOV_MAX, pwritev_all
 from qevm.io.mapped import drive
 from qevm.io.reader import Analysis, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
@@ -44,7 +45,6 @@ __all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 _FLUSH = 1 << 20
-_IOV_MAX = 1024
 _B64 = struct.Struct(">Q").unpack_from
 _CONT = int(RamFlag.CONTINUE)
 _PAGE, _ZERO, _XBZRLE, _COMPRESS = int(RamFlag.PAGE), int(RamFlag.ZERO), int(RamFlag.XBZRLE), int(RamFlag.COMPRESS_PAGE)
@@ -106,7 +106,7 @@ class BlockSink:
     def put_view(self, addr: int, view: memoryview) -> None:
         """Queue a page given as a view into a buffer that stays valid until ``flush_views()``; runs of
         contiguous pages go out in one ``pwritev``."""
-        if self._views_end != addr or len(self._views) >= _IOV_MAX:
+        if self._views_end != addr or len(self._views) >= IOV_MAX:
             self.flush_views()
             if self._buf:
                 self.flush()
@@ -118,20 +118,11 @@ class BlockSink:
 
     def put_run(self, addr: int, views: list[memoryview]) -> None:
         """Write pages at consecutive addresses from ``addr`` now (views into a buffer valid only during
-        the call), ``_IOV_MAX`` pages per ``pwritev``."""
+        the call), ``IOV_MAX`` pages per ``pwritev``."""
         if self._views or self._buf:
             self.flush()
-        ps = self.page_size
-        n = len(views)
-        at = self.base + addr
-        for k in range(0, n, _IOV_MAX):
-            part = views[k:k + _IOV_MAX]
-            total = len(part) * ps
-            w = os.pwritev(self.fd, part, at)
-            if w != total:  # a short write: the rest one by one
-                _pwrite_all(self.fd, b"".join(part)[w:], at + w)
-            at += total
-        set_bits(self.dirty, addr // ps, n)
+        pwritev_all(self.fd, views, self.base + addr)
+        set_bits(self.dirty, addr // self.page_size, len(views))
 
     def zero_run(self, addr: int, n: int) -> None:
         """``n`` zero pages (fill byte 0) from ``addr``: holes cost nothing, pages written before get zeros."""
@@ -143,12 +134,7 @@ class BlockSink:
     def flush_views(self) -> None:
         views = self._views
         if views:
-            at = self.base + self._views_at
-            total = self._views_end - self._views_at
-            n = os.pwritev(self.fd, views, at)
-            if n != total:  # a short write: the rest one by one
-                rest = b"".join(views)[n:]
-                _pwrite_all(self.fd, rest, at + n)
+            pwritev_all(self.fd, views, self.base + self._views_at)
             self._views = []
         self._views_at = self._views_end = -1
 
