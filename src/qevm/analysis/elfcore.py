@@ -483,9 +483,8 @@ class _SegmentSink(BlockSink):
 
     def put(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         ps = self.page_size
-        for i in range(0, len(data), ps):
-            for sk in self._at(addr + i):
-                sk.put(addr + i, data[i:i + ps])
+        for sk, first, end in self._spans(addr, -(-len(data) // ps)):
+            sk.put(addr + first * ps, data[first * ps:end * ps])
 
     def zero(self, addr: int, fill: int) -> None:
         for sk in self._at(addr):

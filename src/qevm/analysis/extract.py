@@ -31,11 +31,11 @@ from qevm.format.events import (
     MappedRamData,
     RamBlock,
     RamFlag,
-    RamPage,
 )
 from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import Parser
 from qevm.format.xbzrle import apply_delta
+from qevm.io.base import IOV_MAX, pwritev_all
 from qevm.io.mapped import drive
 from qevm.io.reader import Analysis, trailer_schema
 from qevm.io.sources import CHUNK, Input, open_input
@@ -45,7 +45,6 @@ __all__ = ["BlockFile", "ExtractResult", "extract", "safe_names", "BlockSink", "
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 _FLUSH = 1 << 20
-_IOV_MAX = 1024
 _B64 = struct.Struct(">Q").unpack_from
 _CONT = int(RamFlag.CONTINUE)
 _PAGE, _ZERO, _XBZRLE, _COMPRESS = int(RamFlag.PAGE), int(RamFlag.ZERO), int(RamFlag.XBZRLE), int(RamFlag.COMPRESS_PAGE)
@@ -107,7 +106,7 @@ class BlockSink:
     def put_view(self, addr: int, view: memoryview) -> None:
         """Queue a page given as a view into a buffer that stays valid until ``flush_views()``; runs of
         contiguous pages go out in one ``pwritev``."""
-        if self._views_end != addr or len(self._views) >= _IOV_MAX:
+        if self._views_end != addr or len(self._views) >= IOV_MAX:
             self.flush_views()
             if self._buf:
                 self.flush()
@@ -119,20 +118,11 @@ class BlockSink:
 
     def put_run(self, addr: int, views: list[memoryview]) -> None:
         """Write pages at consecutive addresses from ``addr`` now (views into a buffer valid only during
-        the call), ``_IOV_MAX`` pages per ``pwritev``."""
+        the call), ``IOV_MAX`` pages per ``pwritev``."""
         if self._views or self._buf:
             self.flush()
-        ps = self.page_size
-        n = len(views)
-        at = self.base + addr
-        for k in range(0, n, _IOV_MAX):
-            part = views[k:k + _IOV_MAX]
-            total = len(part) * ps
-            w = os.pwritev(self.fd, part, at)
-            if w != total:  # a short write: the rest one by one
-                _pwrite_all(self.fd, b"".join(part)[w:], at + w)
-            at += total
-        set_bits(self.dirty, addr // ps, n)
+        pwritev_all(self.fd, views, self.base + addr)
+        set_bits(self.dirty, addr // self.page_size, len(views))
 
     def zero_run(self, addr: int, n: int) -> None:
         """``n`` zero pages (fill byte 0) from ``addr``: holes cost nothing, pages written before get zeros."""
@@ -144,12 +134,7 @@ class BlockSink:
     def flush_views(self) -> None:
         views = self._views
         if views:
-            at = self.base + self._views_at
-            total = self._views_end - self._views_at
-            n = os.pwritev(self.fd, views, at)
-            if n != total:  # a short write: the rest one by one
-                rest = b"".join(views)[n:]
-                _pwrite_all(self.fd, rest, at + n)
+            pwritev_all(self.fd, views, self.base + self._views_at)
             self._views = []
         self._views_at = self._views_end = -1
 
@@ -196,32 +181,6 @@ class BlockSink:
         self.flush()
         data = os.pread(self.fd, self.page_size, self.base + addr) if self._is_dirty(addr) else b""
         return data + bytes(self.page_size - len(data))
-
-    def apply(self, ev: RamPage) -> None:
-        ps = self.page_size
-        addr = ev.addr
-        if addr % ps or addr + ps > self.size:
-            raise DecodeError(f"page at 0x{addr:x} lies outside RAM block {ev.block!r} "
-                              f"(0x{self.size:x} bytes)", ev.offset)
-        kind = ev.flags & ~RamFlag.CONTINUE
-        if kind == RamFlag.PAGE:
-            self.counts["normal"] += 1
-            buf = self._buf
-            if self._buf_at >= 0 and self._buf_at + len(buf) == addr and len(buf) < _FLUSH:
-                buf += ev.payload
-                i = addr // ps
-                self.dirty[i >> 3] |= 1 << (i & 7)
-            else:
-                self.put(addr, ev.payload)
-        elif kind == RamFlag.ZERO:
-            self.counts["zero"] += 1
-            self.zero(addr, ev.payload[0])
-        elif kind == RamFlag.XBZRLE:
-            self.counts["xbzrle"] += 1
-            self.xbzrle(addr, ev.payload[3:], ev.offset)
-        elif kind == RamFlag.COMPRESS_PAGE:
-            self.counts["compressed"] += 1
-            self.inflate(addr, ev.payload[4:], ev.offset)
 
     def xbzrle(self, addr: int, delta: bytes | memoryview, offset: int) -> None:
         page = bytearray(self.get(addr))
@@ -288,11 +247,10 @@ class RamFiles:
         self.page_size = page_size
         self.sinks: dict[str, BlockSink | None] = {}
         self.mapped: dict[str, tuple[int, int, int, bytes]] = {}  # block -> (pages start, page size, used, bitmap)
-        self._block: str | None = None  # the block CONTINUE records refer to (tally scanning)
 
     def attach(self, parser: Parser) -> None:
         """Take every page record from ``parser``'s run sink (its counting lane, ``count_pages=True``): the
-        fast twin of handing every ``RamPage`` event to ``handle``."""
+        only way pages reach this object (``handle`` takes the other events)."""
         parser.run_sink = self.run
 
     def run(self, block: str, kind: int, addr: int, count: int, view: memoryview, pos: int, length: int,
@@ -325,34 +283,17 @@ class RamFiles:
             sink.inflate(addr, view[pos + 4:pos + length], offset)
 
     def chain(self, other: Callable[[Event], None]) -> Callable[[Event], None]:
-        """A handler giving RAM pages to this object only (the hot path) and every other event to both
-        ``other`` and this object.  Page counts are then in each sink's ``counts``."""
-        sinks = self.sinks
+        """A handler giving every event to both ``other`` and this object (the pages come to ``run``, see
+        ``attach``).  Page counts are then in each sink's ``counts``."""
 
         def handle(ev: Event) -> None:
-            if type(ev) is RamPage:
-                page = ev
-                sink = sinks.get(page.block)
-                if sink is not None:
-                    sink.apply(page)
-                elif page.block not in sinks:
-                    raise DecodeError(f"page for RAM block {page.block!r}, which the stream never announced",
-                                      page.offset)
-                return
             other(ev)
             self.handle(ev)
         return handle
 
     def handle(self, ev: Event) -> None:
         t = type(ev)
-        if t is RamPage:
-            assert isinstance(ev, RamPage)
-            sink = self.sinks.get(ev.block)
-            if sink is not None:
-                sink.apply(ev)
-            elif ev.block not in self.sinks:
-                raise DecodeError(f"page for RAM block {ev.block!r}, which the stream never announced", ev.offset)
-        elif t is RamBlock:
+        if t is RamBlock:
             assert isinstance(ev, RamBlock)
             if ev.name in self.sinks:
                 sink = self.sinks[ev.name]

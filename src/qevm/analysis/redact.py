@@ -18,9 +18,9 @@ from typing import IO
 
 from qevm.analysis.extract import discard, output_directory, ram_records, read_region
 from qevm.analysis.guestmap import GuestMap
-from qevm.codec.wire import be64, cstr
+from qevm.codec.wire import be64
 from qevm.errors import UsageError
-from qevm.format.events import Event, MappedRamData, RamBlock, RamFlag, RamPage, RamTally
+from qevm.format.events import Event, MappedRamData, RamBlock, RamFlag, RamTally
 from qevm.format.parser import Parser
 from qevm.io.mapped import drive
 from qevm.io.reader import read_stream, trailer_schema
@@ -77,7 +77,7 @@ class _Redactor:
         return any(a <= addr < b for a, b in self.keep.get(block, ()))
 
     def tally(self, ev: RamTally) -> None:
-        """A run of page records (counting parser, borrowed bytes): the fast twin of one ``RamPage`` at a time."""
+        """A run of page records (the parser counts pages: every page record comes in one; borrowed bytes)."""
         assert ev.raw is not None
         raw = memoryview(ev.raw)
         ps = self.page_size()
@@ -110,25 +110,7 @@ class _Redactor:
             assert isinstance(ev, RamTally)
             self.tally(ev)
             return
-        if t is RamPage:
-            assert isinstance(ev, RamPage)
-            if self._kept(ev.block, ev.addr):
-                self.result.pages_kept += 1
-                self.out.write(ev.encode())
-                return
-            self.result.pages_removed += 1
-            cont = ev.flags & RamFlag.CONTINUE
-            head = be64(ev.addr | (RamFlag.PAGE if self.fill else RamFlag.ZERO) | cont)
-            if not cont:
-                head += cstr(ev.block)
-            if self.fill:
-                ps = self.page_size()
-                if len(self._pattern) != ps:
-                    self._pattern = bytes((self.fill,)) * ps
-                self.out.write(head + self._pattern)
-            else:
-                self.out.write(head + b"\x00")
-        elif t is MappedRamData:
+        if t is MappedRamData:
             assert isinstance(ev, MappedRamData)
             self._mapped(ev)
         elif t is RamBlock:
@@ -168,7 +150,8 @@ class _Redactor:
 def _keep_offsets(source: str, snapshot: str | None, ranges: list[tuple[int, int]],
                   overrides: dict[str, int] | None) -> dict[str, list[tuple[int, int]]]:
     """Guest-physical ranges as (block, offset range) pairs, from a first read of the stream."""
-    an = read_stream(open_input(source, snapshot), strict=False)
+    with open_input(source, snapshot) as inp:
+        an = read_stream(inp, strict=False)
     gmap = GuestMap.from_analysis(an, overrides)
     out: dict[str, list[tuple[int, int]]] = {}
     for start, end in ranges:

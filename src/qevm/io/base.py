@@ -10,7 +10,7 @@ from typing import Any
 
 from qevm.errors import UsageError
 
-__all__ = ["Input", "CHUNK", "atomic_output"]
+__all__ = ["Input", "CHUNK", "atomic_output", "pwritev_all"]
 
 #: how much the reader asks a file for at a time
 CHUNK = 1 << 20
@@ -38,6 +38,24 @@ class Input:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+IOV_MAX = 1024  # buffers one pwritev takes (Linux)
+
+
+def pwritev_all(fd: int, views: list[Any], at: int) -> None:
+    """Write the bytes-like ``views`` one after the other from offset ``at`` of ``fd``: ``IOV_MAX`` of them per
+    ``pwritev``, the rest of a short write by ``pwrite``."""
+    for k in range(0, len(views), IOV_MAX):
+        part = views[k:k + IOV_MAX]
+        total = sum(map(len, part))
+        n = os.pwritev(fd, part, at)
+        if n != total:
+            rest = memoryview(b"".join(part))[n:]
+            while rest:
+                w = os.pwrite(fd, rest, at + n)
+                rest = rest[w:]
+                n += w
+        at += total
 
 class atomic_output:  # noqa: N801 - used as a context manager like open()
     """A file written under a temporary name next to ``path`` and renamed to ``path`` only when the

@@ -50,7 +50,7 @@ from qevm.format.multifd import mapped_ram_header
 from qevm.format.pagebits import any_bits, set_bits
 from qevm.format.parser import DONE, NEED_DATA, Parser
 from qevm.format.records import MAGIC, Command, RamFlag, SectionKind, ram_record_head
-from qevm.io.base import CHUNK, Input, atomic_output
+from qevm.io.base import CHUNK, Input, atomic_output, pwritev_all
 from qevm.io.compression import compressing
 from qevm.io.mapped import drive
 from qevm.io.reader import trailer_schema
@@ -534,14 +534,7 @@ class _MappedRam(RamImage):
 
     def flush(self) -> None:
         if self._run:
-            off = self._base[self._run_block] + self._run_addr
-            for k in range(0, len(self._run), 1024):  # IOV_MAX
-                part = self._run[k:k + 1024]
-                want = len(part) * self.page_size
-                done = os.pwritev(self._fd, part, off)
-                if done < want:
-                    os.pwrite(self._fd, b"".join(part)[done:], off + done)
-                off += want
+            pwritev_all(self._fd, self._run, self._base[self._run_block] + self._run_addr)
             self._run = []
 
     def read(self, block: str, addr: int, length: int | None = None) -> bytes:
@@ -595,14 +588,7 @@ class _MappedRam(RamImage):
                 views = [view[p:p + ps] for p in range(pos, pos + count * stride, stride)]
                 if self._zero not in views:  # a data page of zeros stays a hole: one at a time below
                     self.flush()
-                    at = self._base[block] + addr
-                    for k in range(0, count, 1024):  # IOV_MAX
-                        part = views[k:k + 1024]
-                        want = len(part) * ps
-                        done = os.pwritev(self._fd, part, at)
-                        if done < want:
-                            os.pwrite(self._fd, b"".join(part)[done:], at + done)
-                        at += want
+                    pwritev_all(self._fd, views, self._base[block] + addr)
                     set_bits(bm, i, count)
                     return
             elif not any_bits(bm, i, count):  # zero pages (fill 0) where nothing was written: holes
