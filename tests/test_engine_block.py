@@ -9,9 +9,7 @@ import asyncio
 import contextlib
 import json
 import random
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +17,9 @@ from typing import Any
 import pytest
 from conftest import require_binary, require_fixture
 from test_engine import MIB, VM, assert_continues, incoming_port, qevm_cli, run, vms
+from test_engine import work as work  # the fixture, shared
 
 DISK = 16 * MIB
-
-
-@pytest.fixture
-def work() -> Any:
-    d = Path(tempfile.mkdtemp(prefix="qb-"))  # short: unix socket paths are limited to 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _raw_disk(path: Path, size: int = DISK, seed: int = 7) -> None:
