@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -107,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{file} missing: build it with python3 benchmarks/run.py --build-only", file=sys.stderr)
         return 2
     out = Path(tempfile.mkdtemp(prefix="qevm-bench-mem-", dir=ns.out))
+    errlog = out.parent / f"{out.name}.stderr"
     try:
         cmds = commands(file, ensure_peer(), out, ns.before.resolve() if ns.before else None)
         if ns.only:
             keep = set(ns.only.split(","))
             cmds = [c for c in cmds if c.key in keep]
-        errlog = out.parent / f"{out.name}.stderr"
         results = measure(cmds, ["warm"], ns.runs, errlog, file)
         res = {r.key: r for r in results}
         tg = targets(res) if {"cp", "extract", "peer_x", "core", "redact", "rewrite"} <= set(res) else []
@@ -128,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'ok  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']} {t['unit']}")
         return 1 if ns.check and not all(t["ok"] for t in tg) else 0
     finally:
-        import shutil
         shutil.rmtree(out, ignore_errors=True)
-        errlog = out.parent / f"{out.name}.stderr"
         if errlog.exists() and not errlog.stat().st_size:  # kept only when a command complained
             errlog.unlink()
 

@@ -11,7 +11,6 @@ relative path -> what the file is and the status a scan must give it (None when 
 from __future__ import annotations
 
 import gzip
-import lzma
 import os
 import random
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import DATA, FIXTURES
+from crafted import read_bytes
 from test_containers import libvirt_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,10 +42,6 @@ class Entry:
     machine: str | None = None
 
 
-def _stream(p: Path) -> bytes:
-    return lzma.decompress(p.read_bytes()) if p.suffix == ".xz" else p.read_bytes()
-
-
 def build_fleet(out: Path, copies: int = 100, seed: int = 14) -> dict[str, Entry]:
     """Build the fleet under ``out`` (which must not exist or be empty)."""
     rng = random.Random(seed)
@@ -62,7 +58,7 @@ def build_fleet(out: Path, copies: int = 100, seed: int = 14) -> dict[str, Entry
     machines = {"small-pc-7.2": "pc-i440fx-7.2", "pc-10.0-small": "pc-i440fx-10.0"}
     originals: dict[str, bytes] = {}
     for name, src in SMALL.items():
-        data = _stream(src)
+        data = read_bytes(src)
         originals[name] = data
         first = put(f"streams/{name}.mig", data, Entry("original", "ok", machines[name]))
         for i in range(copies):  # hardlinks, and every tenth a real copy

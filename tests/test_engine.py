@@ -196,11 +196,16 @@ def qevm_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
                           timeout=120)
 
 
-def check_stream(path: Path, *, peers: bool = True) -> dict[str, Any]:
-    """qevm dump decodes the stream; QEMU's analyze-migration.py (7.2 and 10.0) parses it."""
+def dump_doc(path: Path) -> dict[str, Any]:
+    """``qevm dump``'s document of a stream (the command must succeed)."""
     r = qevm_cli("dump", str(path))
     assert r.returncode == 0, r.stderr.decode()
-    doc = json.loads(r.stdout)
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def check_stream(path: Path, *, peers: bool = True) -> dict[str, Any]:
+    """qevm dump decodes the stream; QEMU's analyze-migration.py (7.2 and 10.0) parses it."""
+    doc = dump_doc(path)
     names = [s["name"] for s in doc["sections"]]
     assert names == ["ram", "timer", "cpu", "serial", "globalstate"]
     assert doc["configuration"]["machine"] == "qevm-demo-1.0"

@@ -7,27 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import require_binary, require_fixture
-from test_engine import MIB, VM, assert_continues, incoming_port, qevm_cli, run, vms
+from test_engine import MIB, VM, assert_continues, dump_doc, incoming_port, run, vms
+from test_engine import work as work  # the fixture, shared
 
 DISK = 16 * MIB
-
-
-@pytest.fixture
-def work() -> Any:
-    d = Path(tempfile.mkdtemp(prefix="qb-"))  # short: unix socket paths are limited to 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _raw_disk(path: Path, size: int = DISK, seed: int = 7) -> None:
@@ -45,12 +36,6 @@ def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
 def _identical(a: Path, b: Path) -> None:
     r = _qemu_img("compare", str(a), str(b))
     assert r.returncode == 0 and "Images are identical." in r.stdout, r.stdout + r.stderr
-
-
-def _dump(path: Path) -> dict[str, Any]:
-    r = qevm_cli("dump", str(path))
-    assert r.returncode == 0, r.stderr.decode()
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 async def _bitmaps(vm: VM) -> list[dict[str, Any]]:
@@ -177,7 +162,7 @@ def test_block_migration_qcow2_through_a_file(work: Path) -> None:
     _identical(src_img, dst_img)
     r = _qemu_img("check", str(dst_img))
     assert r.returncode == 0 and "No errors were found on the image." in r.stdout, r.stdout
-    doc = _dump(mig)
+    doc = dump_doc(mig)
     names = [s["name"] for s in doc["sections"]]
     assert names == ["block", "ram", "timer", "cpu", "serial", "globalstate"]
     block = doc["sections"][0]
@@ -209,7 +194,7 @@ def test_incremental_block_migration_skips_unallocated(work: Path) -> None:
 
     run(main())
     _identical(src_img, dst_img)
-    block = _dump(mig)["sections"][0]
+    block = dump_doc(mig)["sections"][0]
     assert block["name"] == "block" and block["records"]["block"] == 2
 
 
@@ -296,7 +281,7 @@ def test_qemu_72_loads_an_engine_block_stream(work: Path) -> None:
     mig = work / "blk.mig"
     mig.write_bytes(out)
     assert saver.blocks_sent > 8, "the dirty pass sent blocks again"
-    assert [s["name"] for s in _dump(mig)["sections"]] == ["block"]
+    assert [s["name"] for s in dump_doc(mig)["sections"]] == ["block"]
 
     _, stdout = _qemu72_load(work, mig, dst_img, [])
     assert b"Completed 100 %" in stdout
@@ -427,7 +412,7 @@ def test_qemu_72_loads_an_engine_dirty_bitmap_stream(work: Path) -> None:
     m.close()
     mig = work / "dbm.mig"
     mig.write_bytes(out)
-    assert [s["name"] for s in _dump(mig)["sections"]] == ["dirty-bitmap"]
+    assert [s["name"] for s in dump_doc(mig)["sections"]] == ["dirty-bitmap"]
     qemu_disk = work / "q.raw"
     qemu_disk.write_bytes(bytes(64 * MIB))
     names = sorted(want)
@@ -529,7 +514,7 @@ def test_dirty_bitmaps_with_mapping_through_a_file(work: Path) -> None:
 
     state: dict[str, Any] = {}
     run(main())
-    doc = _dump(mig)
+    doc = dump_doc(mig)
     dbm = [s for s in doc["sections"] if s["name"] == "dirty-bitmap"]
     assert len(dbm) == 1 and dbm[0]["records"]["start"] == 1 and dbm[0]["records"]["complete"] == 1
     assert dbm[0]["records"]["bits"] >= 1

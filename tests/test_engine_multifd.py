@@ -28,6 +28,7 @@ from test_engine import (  # noqa: E402
     MIB,
     VM,
     assert_continues,
+    dump_doc,
     qevm_cli,
     run,
     vms,
@@ -98,12 +99,6 @@ async def _pair(work: Path) -> AsyncIterator[tuple[VM, VM]]:
         yield src, dst
 
 
-def _stream_records(path: Path) -> dict[str, Any]:
-    r = qevm_cli("dump", str(path))
-    assert r.returncode == 0, r.stderr.decode()
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
-
-
 async def _migrate_multifd(work: Path, channels: int, *, via_tap: bool = False, bandwidth: int = 24 * MIB) -> None:
     ram = "32M" if bandwidth < 1 << 30 else "96M"
     fill = () if bandwidth < 1 << 30 else ("--fill", "1.0")
@@ -156,7 +151,7 @@ async def _migrate_multifd(work: Path, channels: int, *, via_tap: bool = False, 
         # each channel decoded on the way: its id, one SYNC packet per MULTIFD_FLUSH of the main stream
         assert sorted(s["channel"] for s in side) == list(range(channels)) and {s["kind"] for s in side} == {"multifd"}
         assert sum(s["pages"] + s["zero_pages"] for s in side) >= 32 * MIB // 4096
-        dump = _stream_records(rec)
+        dump = dump_doc(rec)
         assert [s["name"] for s in dump["sections"]] == ["ram", "timer", "cpu", "serial", "globalstate"]
         pages = dump["sections"][0]["ram"]
         assert pages["multifd_flushes"] >= 3, pages  # START, and every pass over RAM, END included
@@ -204,7 +199,7 @@ def test_mapped_ram_file(work: Path) -> None:
             assert info["status"] == "completed", info
             assert info["ram"]["multifd-bytes"] > 0 and info["ram"]["dirty-sync-count"] >= 2
             digest = (await src.cmd("x-qevm-query-machine", {"digest": True}))["ram-sha256"]
-        doc = _stream_records(live)
+        doc = dump_doc(live)
         assert doc["configuration"]["capabilities"] == ["mapped-ram"], doc["configuration"]
         assert [s["name"] for s in doc["sections"]] == ["ram", "timer", "cpu", "serial", "globalstate"]
 
@@ -466,7 +461,7 @@ def test_qemu10_channels_decode(tmp_path: Path) -> None:
     sc, notes = doc["tap"]["side_channels"], doc["tap"]["notes"]
     assert {c["kind"] for c in sc} == {"multifd"} and sorted(c["channel"] for c in sc) == [0, 1], sc
     assert not notes, notes
-    flushes = _stream_records(rec)["sections"][0]["ram"]["multifd_flushes"]
+    flushes = dump_doc(rec)["sections"][0]["ram"]["multifd_flushes"]
     assert flushes >= 2 and all(c["syncs"] == flushes for c in sc), (flushes, sc)
     ram = reply["ram"]
     assert sum(c["pages"] for c in sc) == ram["normal"] and sum(c["zero_pages"] for c in sc) == ram["duplicate"], (

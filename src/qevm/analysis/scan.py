@@ -235,7 +235,7 @@ def _describe(row: dict[str, Any], an: Analysis) -> None:
 
 def device_name(idstr: str) -> str:
     """A section's device name without its bus address: ``0000:00:02.0/e1000e`` -> ``e1000e``."""
-    return idstr.rsplit("/", 1)[-1] if "/" in idstr else idstr
+    return idstr.rsplit("/", 1)[-1]
 
 
 def _compat(row: dict[str, Any], res: CompatResult) -> None:

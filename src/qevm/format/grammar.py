@@ -305,16 +305,12 @@ class Sections:
             if kind == SectionKind.FULL and e.life is Life.LOADED:
                 # Two registrations under one name (QEMU 7.2 writes one FULL "slirp" instance 0 per user
                 # netdev): the loader finds the first for both and the id moves; a correct source does this.
-                self._release(e)
-                e.section_id = section_id
-                self.holders.setdefault(section_id, []).append(e)
+                self._take(e, section_id)
                 e.records += 1
                 return Resolved(e, [])
             odd.append((Oddity.ID_CHANGED, f"section {idstr!r} instance {instance_id} comes back as id "
                                            f"{section_id}, was {e.section_id}"))
-            self._release(e)
-            e.section_id = section_id
-            self.holders.setdefault(section_id, []).append(e)
+            self._take(e, section_id)
         others = [o for o in self.holders[section_id] if o is not e]
         if others:
             o = others[0]
@@ -347,7 +343,10 @@ class Sections:
         e.records += 1
         return Resolved(e, odd)
 
-    def _release(self, e: SectionEntry) -> None:
+    def _take(self, e: SectionEntry, section_id: int) -> None:
+        """The entry gives up its current id and holds ``section_id`` instead."""
         hs = self.holders.get(e.section_id)
         if hs is not None:
             hs[:] = [o for o in hs if o is not e]
+        e.section_id = section_id
+        self.holders.setdefault(section_id, []).append(e)
