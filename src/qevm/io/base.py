@@ -57,6 +57,7 @@ def pwritev_all(fd: int, views: list[Any], at: int) -> None:
                 n += w
         at += total
 
+
 class atomic_output:  # noqa: N801 - used as a context manager like open()
     """A file written under a temporary name next to ``path`` and renamed to ``path`` only when the
     ``with`` block completes; removed on any error.  ``-`` is standard output (written directly)."""
